@@ -1140,3 +1140,675 @@ def load_detr_weights(model: SG2HOI, state_dict_or_path, verbose=True):
         for s in skipped:
             print("  skipped", s)
     return loaded, skipped
+
+
+# ------------------------------------------------------------------------------------------------ Data: one internal form
+# Every loader returns (records, meta). A record is one image in ORIGINAL pixels:
+#   {"file": path, "image_id": id, "width": W, "height": H, "boxes": float32 (N, 4) xyxy, "labels": int64 (N,) 0-based,
+#    "rels": int64 (R, 3) [subject index, object index, predicate 0-based]        (scene-graph datasets)
+#    "hois": int64 (K, 3) [subject index, object index or -1, verb 0-based]}     (HOI datasets)
+# meta holds the vocabularies: {"task", "entity_names" | "object_names", "predicate_names" | "verb_names", ...}.
+# Conventions converted here, once: COCO xywh -> xyxy, 1-based VG labels/predicates -> 0-based, COCO-91 category ids
+# -> COCO-80 indices, HICO verbs 1..117 -> 0..116, V-COCO verbs stay 0..28 and object_id -1 stays -1.
+
+VOCAB_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vocab.json")
+
+
+def load_vocab(path=VOCAB_FILE):
+    """The real vocabularies (VG150, COCO-80, HICO-DET, V-COCO) shipped in vocab.json."""
+    with open(path) as f:
+        return json.load(f)
+
+
+class DataError(ValueError):
+    """Bad input: the message names the file, the record and the field."""
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: malformed or truncated JSON ({e})") from None
+
+
+def _image_size(path):
+    """(width, height) from the image header (PIL reads it without decoding the pixels)."""
+    from PIL import Image  # torchvision's dependency
+
+    if not os.path.exists(path):
+        raise DataError(f"{path}: image file not found")
+    with Image.open(path) as im:
+        return im.size
+
+
+def _clean_boxes(boxes, width, height, where, skips):
+    """Clamp xyxy boxes to the image; return a keep mask of the non-degenerate ones (x2 > x1 and y2 > y1)."""
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    if not np.isfinite(boxes).all():
+        raise DataError(f"{where}: field 'bbox' holds a non-finite value")
+    boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
+    boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    skips["degenerate boxes dropped"] = skips.get("degenerate boxes dropped", 0) + int((~keep).sum())
+    return boxes, keep
+
+
+def _reindex(pairs, keep, skips, what):
+    """Drop the relations / HOIs whose boxes were dropped; renumber the rest (index -1 = no object stays)."""
+    new_index = np.cumsum(keep) - 1
+    pairs = np.asarray(pairs, np.int64).reshape(-1, 3)
+    ok = keep[pairs[:, 0]] & ((pairs[:, 1] < 0) | keep[np.maximum(pairs[:, 1], 0)])
+    skips[f"{what} on dropped boxes"] = skips.get(f"{what} on dropped boxes", 0) + int((~ok).sum())
+    pairs = pairs[ok]
+    out = pairs.copy()
+    out[:, 0] = new_index[pairs[:, 0]]
+    out[:, 1] = np.where(pairs[:, 1] < 0, -1, new_index[np.maximum(pairs[:, 1], 0)])
+    return out
+
+
+def _check_indices(pairs, num_boxes, where, field_names):
+    pairs = np.asarray(pairs, np.int64).reshape(-1, 3)
+    for j, (s, o, _) in enumerate(pairs.tolist()):
+        if not 0 <= s < num_boxes or not -1 <= o < num_boxes:
+            raise DataError(f"{where}: entry {j} has {field_names} = ({s}, {o}) but the image has {num_boxes} boxes")
+
+
+def report_skips(name, skips):
+    for what, n in skips.items():
+        if n:
+            print(f"[{name}] {what}: {n}")
+
+
+# ---------------------------------------------------------------- VG150, RelTR's COCO-style JSON (primary path)
+
+
+def load_vg_json(root, split, check_images=True):
+    """VG150 in RelTR's layout: root/{train,val,test}.json (COCO detection JSON) + root/rel.json + root/images/.
+
+    rel.json[split][str(image_id)] = [[subject, object, predicate 1..50], ...], indices into the image's annotations
+    in file order. Degenerate boxes are dropped with their relations (RelTR drops the boxes without re-indexing,
+    which silently shifts labels: we re-index); images without relations are skipped (SGB's filter_empty_rels)."""
+    ann_path, rel_path = os.path.join(root, f"{split}.json"), os.path.join(root, "rel.json")
+    coco, rels_all = _read_json(ann_path), _read_json(rel_path)
+    if split not in rels_all:
+        raise DataError(f"{rel_path}: no key {split!r} (has {sorted(rels_all)})")
+    for key in ("images", "annotations", "categories"):
+        if key not in coco:
+            raise DataError(f"{ann_path}: missing top-level field {key!r}")
+    categories = sorted(coco["categories"], key=lambda c: c["id"])
+    cat_index = {c["id"]: i for i, c in enumerate(categories)}
+    predicate_names = [n for n in rels_all.get("rel_categories", []) if n != "__background__"]
+    anns = {}
+    for a in coco["annotations"]:
+        anns.setdefault(a["image_id"], []).append(a)
+    records, skips = [], {}
+    for im in coco["images"]:
+        where = f"{ann_path}: image {im.get('id')}"
+        rels = rels_all[split].get(str(im["id"]), [])
+        if not rels:
+            skips["images without relations skipped"] = skips.get("images without relations skipped", 0) + 1
+            continue
+        objs = anns.get(im["id"], [])
+        for j, a in enumerate(objs):
+            if a.get("category_id") not in cat_index:
+                raise DataError(f"{where}, annotation {j}: field 'category_id' = {a.get('category_id')!r} "
+                                f"is not a category of the file")
+        xywh = np.array([a["bbox"] for a in objs], np.float32).reshape(-1, 4)
+        boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
+        boxes, keep = _clean_boxes(boxes, im["width"], im["height"], where, skips)
+        rels = np.asarray(rels, np.int64).reshape(-1, 3)
+        _check_indices(rels, len(objs), f"{rel_path}: {split}/{im['id']}", "[subject, object]")
+        if ((rels[:, 2] < 1) | (rels[:, 2] > max(len(predicate_names), 1))).any() and predicate_names:
+            raise DataError(f"{rel_path}: {split}/{im['id']}: predicate outside 1..{len(predicate_names)}")
+        rels = rels - np.array([0, 0, 1])  # predicates 1..50 -> 0..49
+        rels = _reindex(rels, keep, skips, "relations")
+        if len(rels) == 0:
+            skips["images without relations skipped"] = skips.get("images without relations skipped", 0) + 1
+            continue
+        path = os.path.join(root, "images", im["file_name"])
+        if check_images and not os.path.exists(path):
+            raise DataError(f"{where}: image file {path} not found")
+        records.append(dict(file=path, image_id=im["id"], width=im["width"], height=im["height"], boxes=boxes[keep],
+                            labels=np.array([cat_index[a["category_id"]] for a in objs], np.int64)[keep], rels=rels))
+    report_skips(f"VG {split}", skips)
+    meta = dict(task="sgg", entity_names=[c["name"] for c in categories], predicate_names=predicate_names)
+    return records, meta
+
+
+# ---------------------------------------------------------------- VG150, the Neural-Motifs / SGB HDF5 (optional)
+
+VG_CORRUPTED = {1592, 1722, 4616, 4617}
+
+
+def load_vg_h5(root, split, num_val_im=5000, check_images=True):
+    """VG150 from VG-SGG-with-attri.h5 + VG-SGG-dicts-with-attri.json + image_data.json (SGB's load_graphs).
+
+    split values in the file: 0 = train (train and val), 2 = test; val = the first num_val_im train images.
+    Boxes are int (cx, cy, w, h) at longest side 1024, decoded as SGB does and scaled to the original image."""
+    try:
+        import h5py  # optional extra
+    except ImportError:
+        raise ImportError("load_vg_h5 needs h5py (pip install h5py); or use the RelTR JSON with load_vg_json") \
+            from None
+    dicts = _read_json(os.path.join(root, "VG-SGG-dicts-with-attri.json"))
+    info = [x for x in _read_json(os.path.join(root, "image_data.json")) if x["image_id"] not in VG_CORRUPTED]
+    entity_names = [dicts["idx_to_label"][str(i)] for i in range(1, len(dicts["idx_to_label"]) + 1)]
+    predicate_names = [dicts["idx_to_predicate"][str(i)] for i in range(1, len(dicts["idx_to_predicate"]) + 1)]
+    h5_path = os.path.join(root, "VG-SGG-with-attri.h5")
+    with h5py.File(h5_path, "r") as h5:
+        data = {k: h5[k][:] for k in ("split", "img_to_first_box", "img_to_last_box", "img_to_first_rel",
+                                      "img_to_last_rel", "labels", "boxes_1024", "relationships", "predicates")}
+    if len(info) != len(data["split"]):
+        raise DataError(f"{h5_path}: {len(data['split'])} images but image_data.json lists {len(info)} "
+                        f"(after removing the 4 corrupted ones)")
+    mask = data["split"] == (2 if split == "test" else 0)
+    mask &= (data["img_to_first_box"] >= 0) & (data["img_to_first_rel"] >= 0)
+    index = np.where(mask)[0]
+    if split == "val":
+        index = index[:num_val_im]
+    elif split == "train":
+        index = index[num_val_im:]
+    records = []
+    for i in index:
+        a, b = data["img_to_first_box"][i], data["img_to_last_box"][i]
+        boxes = data["boxes_1024"][a:b + 1].astype(np.int32).copy()
+        boxes[:, :2] = boxes[:, :2] - boxes[:, 2:] / 2  # float written back into int32: truncated, as SGB
+        boxes[:, 2:] = boxes[:, :2] + boxes[:, 2:]
+        w, h = info[i]["width"], info[i]["height"]
+        boxes = boxes.astype(np.float32) / 1024 * max(w, h)
+        boxes[:, 0::2] = boxes[:, 0::2].clip(0, w - 1)
+        boxes[:, 1::2] = boxes[:, 1::2].clip(0, h - 1)
+        ra, rb = data["img_to_first_rel"][i], data["img_to_last_rel"][i]
+        rels = np.column_stack([data["relationships"][ra:rb + 1] - a, data["predicates"][ra:rb + 1, 0] - 1])
+        path = os.path.join(root, "images", f"{info[i]['image_id']}.jpg")
+        if check_images and not os.path.exists(path):
+            raise DataError(f"{h5_path}: image {info[i]['image_id']}: file {path} not found")
+        records.append(dict(file=path, image_id=int(info[i]["image_id"]), width=w, height=h, boxes=boxes,
+                            labels=data["labels"][a:b + 1, 0].astype(np.int64) - 1, rels=rels.astype(np.int64)))
+    return records, dict(task="sgg", entity_names=entity_names, predicate_names=predicate_names)
+
+
+# ---------------------------------------------------------------- HICO-DET and V-COCO, the QPIC / CDN JSON
+
+
+def _load_hoia(root, ann_file, image_dir, train, num_verbs, verb_base, allow_no_object, check_images):
+    """Shared reader of the PPDM/QPIC "HOIA" JSON (a list of {file_name, annotations, hoi_annotation})."""
+    vocab = load_vocab()
+    coco_ids = {c["id"]: i for i, c in enumerate(vocab["coco80"])}
+    path = os.path.join(root, "annotations", ann_file)
+    data = _read_json(path)
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of images, got {type(data).__name__}")
+    records, skips = [], {}
+    for n, img in enumerate(data):
+        where = f"{path}: record {n} ({img.get('file_name', '?')})"
+        for key in ("file_name", "annotations", "hoi_annotation"):
+            if key not in img:
+                raise DataError(f"{where}: missing field {key!r}")
+        objs, hois = img["annotations"], img["hoi_annotation"]
+        for j, a in enumerate(objs):
+            if a.get("category_id") not in coco_ids:
+                raise DataError(f"{where}, annotation {j}: field 'category_id' = {a.get('category_id')!r} "
+                                f"is not a COCO category id")
+        triples = np.array([[h["subject_id"], h["object_id"], h["category_id"] - verb_base] for h in hois],
+                           np.int64).reshape(-1, 3)
+        bad = (triples[:, 0] < 0) | (triples[:, 0] >= len(objs)) | (triples[:, 1] >= len(objs)) | \
+              (triples[:, 1] < (-1 if allow_no_object else 0))
+        if bad.any():
+            if train:  # QPIC skips these training images (the released file has some)
+                skips["images with out-of-range subject/object ids skipped"] = \
+                    skips.get("images with out-of-range subject/object ids skipped", 0) + 1
+                continue
+            j = int(np.where(bad)[0][0])
+            raise DataError(f"{where}, hoi_annotation {j}: field 'subject_id'/'object_id' = "
+                            f"({triples[j, 0]}, {triples[j, 1]}) but the image has {len(objs)} boxes")
+        if ((triples[:, 2] < 0) | (triples[:, 2] >= num_verbs)).any():
+            j = int(np.where((triples[:, 2] < 0) | (triples[:, 2] >= num_verbs))[0][0])
+            raise DataError(f"{where}, hoi_annotation {j}: field 'category_id' = {hois[j]['category_id']} "
+                            f"is not a verb id")
+        file = os.path.join(root, "images", image_dir, img["file_name"])
+        width, height = _image_size(file) if check_images else (img.get("width", 1e9), img.get("height", 1e9))
+        boxes, keep = _clean_boxes([a["bbox"] for a in objs], width, height, where, skips)
+        triples = _reindex(triples, keep, skips, "HOIs")
+        records.append(dict(file=file, image_id=img.get("img_id", n), width=width, height=height, boxes=boxes[keep],
+                            labels=np.array([coco_ids[a["category_id"]] for a in objs], np.int64)[keep],
+                            hois=triples))
+    report_skips(ann_file, skips)
+    return records
+
+
+def rare_triplets_from_training(records, threshold=10):
+    """QPIC's rare set: (subject label, object label, verb) triplets with fewer than `threshold` training HOIs."""
+    counts = {}
+    for r in records:
+        for s, o, v in r["hois"].tolist():
+            if o >= 0:
+                trip = (int(r["labels"][s]), int(r["labels"][o]), int(v))
+                counts[trip] = counts.get(trip, 0) + 1
+    return sorted(t for t, c in counts.items() if c < threshold), counts
+
+
+def load_hico(root, split, check_images=True):
+    """HICO-DET in the QPIC layout: root/annotations/{trainval,test}_hico.json, corre_hico.npy; root/images/."""
+    train = split == "train"
+    records = _load_hoia(root, "trainval_hico.json" if train else "test_hico.json",
+                         "train2015" if train else "test2015", train, 117, 1, False, check_images)
+    vocab = load_vocab()
+    corre_path = os.path.join(root, "annotations", "corre_hico.npy")
+    correct_mat = np.load(corre_path) if os.path.exists(corre_path) else _hico_correct_mat(vocab)
+    if correct_mat.shape != (117, 80):
+        raise DataError(f"{corre_path}: shape {correct_mat.shape}, expected (117, 80) [verb, COCO-80 object]")
+    meta = dict(task="hoi", dataset="hico", object_names=[c["name"] for c in vocab["coco80"]],
+                verb_names=vocab["hico_verbs"], correct_mat=correct_mat, person_label=0)
+    return records, meta
+
+
+def _hico_correct_mat(vocab):
+    m = np.zeros((117, 80), np.float32)
+    for v, o in vocab["hico_hois"]:
+        m[v, o] = 1
+    return m
+
+
+def load_vcoco(root, split, check_images=True):
+    """V-COCO in the QPIC layout: root/annotations/{trainval,test}_vcoco.json, corre_vcoco.npy; root/images/.
+
+    Verbs are the 29 action_role classes (0-based); object_id -1 = no role object (agent-only actions, or the
+    object is absent). The model gets an 81st object class for "no object" (QPIC)."""
+    train = split == "train"
+    records = _load_hoia(root, "trainval_vcoco.json" if train else "test_vcoco.json",
+                         "train2014" if train else "val2014", train, 29, 0, True, check_images)
+    vocab = load_vocab()
+    corre_path = os.path.join(root, "annotations", "corre_vcoco.npy")
+    correct_mat = np.load(corre_path) if os.path.exists(corre_path) else np.array(vocab["corre_vcoco"], np.float32)
+    if correct_mat.shape != (29, 80):
+        raise DataError(f"{corre_path}: shape {correct_mat.shape}, expected (29, 80) [verb, COCO-80 object]")
+    correct_mat = np.concatenate([correct_mat, np.ones((29, 1))], 1)  # the "no object" column (QPIC)
+    meta = dict(task="hoi", dataset="vcoco", object_names=[c["name"] for c in vocab["coco80"]] + ["no object"],
+                verb_names=[v["name"] for v in vocab["vcoco_verbs"]], correct_mat=correct_mat, person_label=0,
+                verbs=vocab["vcoco_verbs"], actions=vocab["vcoco_actions"])
+    return records, meta
+
+
+def vcoco_ground_truth(record, verbs, actions):
+    """A V-COCO record -> the input of eval.vcoco_role_ap: actions (N, A) and role_ids (N, A, 2).
+
+    The QPIC JSON keeps only positive labels, so every person counts as annotated (0 = does not do the action);
+    the official numbers need vsrl_eval's own files, which also mark unannotated persons (-1)."""
+    N, A = len(record["labels"]), len(actions)
+    act, role_ids = np.zeros((N, A), np.int64), np.full((N, A, 2), -1, np.int64)
+    names = [a["name"] for a in actions]
+    for s, o, v in record["hois"].tolist():
+        a = names.index(verbs[v]["action"])
+        act[s, a] = 1
+        if verbs[v]["role"] is not None:
+            r = actions[a]["roles"].index(verbs[v]["role"]) - 1
+            role_ids[s, a, r] = o
+    return dict(boxes=record["boxes"], labels=record["labels"], actions=act, role_ids=role_ids)
+
+
+# ---------------------------------------------------------------- Toy scenes, written in the three real formats
+# Small images with a person and eight other objects drawn as distinct shapes and colours. Each person takes part
+# in one "scenario": a few relations between the person and an object, from which the HOIs follow as in the
+# paper's motivation (e.g. fly kite = kite above person + person holding the kite; sit at table = person sitting on
+# a chair + person in front of the table). Class names are real VG150 / COCO / HICO-DET / V-COCO names, so the toy
+# files are tiny instances of the real formats and the default run goes through the real loaders.
+
+TOY_ENTITIES = ["person", "kite", "horse", "chair", "bike", "umbrella", "dog", "cup", "table"]  # VG150 names
+TOY_COCO = {"bike": "bicycle", "table": "dining table"}  # VG150 name -> COCO name where they differ
+TOY_COLORS = {"person": (200, 40, 40), "kite": (240, 200, 0), "horse": (120, 70, 20), "chair": (40, 80, 200),
+              "bike": (30, 30, 30), "umbrella": (150, 40, 200), "dog": (230, 130, 40), "cup": (40, 170, 60),
+              "table": (110, 110, 110)}
+TOY_SIZES = {"person": (14, 34), "kite": (16, 16), "horse": (40, 24), "chair": (16, 24), "bike": (32, 18),
+             "umbrella": (30, 14), "dog": (20, 12), "cup": (8, 10), "table": (44, 20)}  # (w, h) in pixels
+
+# scenario: (weight in train, weight in test, object, relations, HICO verbs, V-COCO verbs). Relations are
+# (subject, predicate, object) with "P" = the person and "O" = the object. Weights set the long tail; the two
+# rare HOIs (walk bicycle, sit_at dining table) get a few training instances and more in the test split.
+TOY_SCENARIOS = {
+    "fly_kite": (3.0, 3.0, "kite", [("O", "above", "P"), ("P", "holding", "O")], ["fly"], ["hold_obj", "stand"]),
+    "hold_kite": (1.0, 1.0, "kite", [("P", "holding", "O")], ["hold"], ["hold_obj", "stand"]),
+    "ride_horse": (2.0, 2.0, "horse", [("P", "riding", "O"), ("P", "on", "O")], ["ride"], ["ride_instr"]),
+    "near_horse": (1.0, 1.0, "horse", [("P", "near", "O")], ["no_interaction"], ["stand"]),
+    "ride_bike": (2.0, 2.0, "bike", [("P", "riding", "O"), ("P", "on", "O")], ["ride", "sit_on"], ["ride_instr"]),
+    "walk_bike": (0.03, 0.4, "bike", [("P", "holding", "O"), ("P", "near", "O")], ["walk"], ["hold_obj", "walk"]),
+    "sit_chair": (2.0, 2.0, "chair", [("P", "sitting on", "O")], ["sit_on"], ["sit_instr"]),
+    "hold_umbrella": (2.0, 2.0, "umbrella", [("O", "above", "P"), ("P", "holding", "O")], ["hold", "stand_under"],
+                      ["hold_obj", "stand"]),
+    "under_umbrella": (0.5, 0.5, "umbrella", [("O", "above", "P")], ["stand_under"], ["stand"]),
+    "walk_dog": (1.5, 1.5, "dog", [("P", "holding", "O"), ("O", "near", "P")], ["walk"], ["hold_obj", "walk"]),
+    "near_dog": (1.5, 1.5, "dog", [("O", "near", "P")], ["no_interaction"], ["stand"]),
+    "look_dog": (0.4, 0.4, "dog", [("P", "looking at", "O"), ("O", "near", "P")], ["no_interaction"],
+                 ["look_obj", "stand"]),
+    "drink_cup": (1.0, 1.0, "cup", [("P", "holding", "O"), ("O", "in front of", "P")], ["drink_with", "hold"],
+                  ["drink_instr", "hold_obj", "stand"]),
+    "hold_cup": (1.0, 1.0, "cup", [("P", "holding", "O")], ["hold"], ["hold_obj", "stand"]),
+    "at_table": (1.5, 1.5, "table", [("P", "in front of", "O")], ["no_interaction"], ["stand"]),
+    "sit_at_table": (0.03, 0.4, "table", [("P", "in front of", "O")], ["sit_at"], ["sit_instr"]),
+}
+# object-object extras: (weight in train, weight in test, subject, predicate, object); the last two occur only in
+# the test split, so their triplets are zero-shot.
+TOY_EXTRAS = [(1.0, 1.0, "cup", "on", "table"), (0.3, 0.3, "dog", "under", "chair"),
+              (0.3, 0.3, "dog", "behind", "chair"), (0.0, 0.3, "dog", "under", "table"),
+              (0.0, 0.3, "cup", "on", "chair")]
+TOY_PREDICATES = ["near", "holding", "above", "on", "riding", "sitting on", "in front of", "under", "behind",
+                  "looking at"]
+
+
+def _draw(canvas, name, x, y, variant=0):
+    """Paint entity `name` with its top-left corner at (x, y) on an (H, W, 3) uint8 canvas; returns its box."""
+    w, h = TOY_SIZES[name]
+    if name == "person" and variant == 1:  # seated: shorter
+        h = 26
+    H, W = canvas.shape[:2]
+    x, y = int(np.clip(x, 0, W - w)), int(np.clip(y, 0, H - h))
+    c = np.array(TOY_COLORS[name], np.uint8)
+    yy, xx = np.mgrid[0:h, 0:w]
+    if name == "person":  # head disc + body + legs
+        m = ((xx - w / 2) ** 2 + (yy - 4) ** 2 <= 16) | ((yy >= 8) & (np.abs(xx - w / 2) <= 4)) | \
+            ((yy >= h - 10) & ((np.abs(xx - w / 2 + 3) <= 1.5) | (np.abs(xx - w / 2 - 3) <= 1.5)))
+    elif name == "kite":
+        m = np.abs(xx - w / 2) / (w / 2) + np.abs(yy - h / 2) / (h / 2) <= 1
+    elif name == "horse":
+        m = ((yy >= 4) & (yy <= 14)) | ((yy > 14) & ((xx % 12) < 3)) | ((xx >= w - 8) & (yy < 8))
+    elif name == "chair":
+        m = (xx < 4) | ((yy >= 12) & (yy <= 15)) | ((yy > 15) & ((xx >= w - 3) | (xx < 3)))
+    elif name == "bike":
+        m = ((xx - 7) ** 2 + (yy - 11) ** 2 <= 40) & ((xx - 7) ** 2 + (yy - 11) ** 2 >= 16) | \
+            ((xx - w + 7) ** 2 + (yy - 11) ** 2 <= 40) & ((xx - w + 7) ** 2 + (yy - 11) ** 2 >= 16) | \
+            ((yy >= 3) & (yy <= 5) & (xx > 6) & (xx < w - 6))
+    elif name == "umbrella":
+        m = ((xx - w / 2) ** 2 / (w / 2) ** 2 + (yy - h) ** 2 / h ** 2 <= 1) & (yy < h - 2) | \
+            ((np.abs(xx - w / 2) <= 1) & (yy >= h - 3))
+    elif name == "dog":
+        m = ((xx - 8) ** 2 / 64 + (yy - 7) ** 2 / 16 <= 1) | ((xx - w + 4) ** 2 + (yy - 4) ** 2 <= 12) | \
+            ((yy > 9) & ((xx % 8) < 2))
+    elif name == "cup":
+        m = (xx >= 1) & (xx <= w - 2) | ((yy >= 3) & (yy <= 6))
+    else:  # table
+        m = (yy <= 4) | ((yy > 4) & ((xx < 3) | (xx >= w - 3)))
+    canvas[y:y + h, x:x + w][m] = c
+    return [float(x), float(y), float(x + w), float(y + h)]
+
+
+def _line(canvas, p, q, color=(20, 20, 20)):
+    """A one-pixel line (a kite string, a leash, an umbrella handle)."""
+    n = int(max(abs(q[0] - p[0]), abs(q[1] - p[1]))) + 1
+    xs = np.linspace(p[0], q[0], n).round().astype(int).clip(0, canvas.shape[1] - 1)
+    ys = np.linspace(p[1], q[1], n).round().astype(int).clip(0, canvas.shape[0] - 1)
+    canvas[ys, xs] = color
+
+
+def _place_scenario(canvas, rng, name, x0, ground):
+    """Draw one scenario in the slot starting at x0 with its feet on `ground`; returns entities and relations."""
+    obj = TOY_SCENARIOS[name][2]
+    pw, ph = TOY_SIZES["person"]
+    ow, oh = TOY_SIZES[obj]
+    px = x0 + rng.integers(0, 6)
+    ents, draw = {}, []  # draw order matters for occlusion
+    if name in ("fly_kite", "hold_umbrella", "under_umbrella"):
+        oy = ground - ph - oh - (rng.integers(8, 20) if name == "fly_kite" else rng.integers(0, 3))
+        ox = px + pw / 2 - ow / 2 + (rng.integers(4, 14) if name == "fly_kite" else 0)
+        draw = [("person", px, ground - ph, 0), (obj, ox, oy, 0)]
+    elif name in ("hold_kite", "hold_cup", "walk_bike"):
+        draw = [("person", px, ground - ph, 0), (obj, px + pw - 3, ground - ph + 14 if obj != "bike" else ground - oh, 0)]
+    elif name == "drink_cup":
+        draw = [("person", px, ground - ph, 0), (obj, px + pw // 2 - 1, ground - ph + 3, 0)]
+    elif name in ("ride_horse", "ride_bike"):
+        draw = [(obj, px - (ow - pw) // 2, ground - oh, 0), ("person", px, ground - oh - ph + 12, 0)]
+    elif name in ("near_horse", "near_dog", "walk_dog", "look_dog"):
+        side = rng.integers(14, 24)
+        draw = [("person", px, ground - ph, 0), (obj, px + pw + side, ground - oh, 0)]
+    elif name in ("sit_chair", "sit_at_table"):
+        draw = [("chair", px, ground - TOY_SIZES["chair"][1], 0), ("person", px + 3, ground - 34, 1)]
+        if name == "sit_at_table":
+            draw.append(("table", px + 12, ground - oh, 0))
+    elif name == "at_table":
+        draw = [("table", px, ground - oh, 0), ("person", px + 14, ground - ph + 4, 0)]
+    for ent, x, y, variant in draw:
+        ents[ent if ent != "chair" or obj == "chair" else "chair_extra"] = _draw(canvas, ent, x, y, variant)
+    if name == "sit_at_table":  # the chair is the object of "sitting on"; the table the object of the HOI
+        ents["chair"] = ents.pop("chair_extra")
+    p, o = ents["person"], ents[obj]
+    hand = (p[2] - 2, p[1] + 16)
+    if name == "fly_kite":
+        _line(canvas, hand, ((o[0] + o[2]) / 2, o[3]))
+    elif name == "hold_umbrella":
+        _line(canvas, (hand[0] - 4, hand[1]), ((o[0] + o[2]) / 2, o[3]))
+    elif name == "walk_dog":
+        _line(canvas, hand, (o[0] + 1, o[1] + 4))
+    elif name == "look_dog":  # eyes on the dog's side
+        canvas[int(p[1]) + 3, int(p[2]) - 5:int(p[2]) - 3] = 255
+    rels = [(s, r, o_) for s, r, o_ in TOY_SCENARIOS[name][3]]
+    if name == "sit_at_table":
+        rels = rels + [("P", "sitting on", "chair")]
+    return ents, rels
+
+
+def toy_scene(rng, split, size=128):
+    """One image: a background, one or two person scenarios and maybe an object-object extra.
+
+    Returns (uint8 (H, W, 3) image, entities [(name, box)], relations [(s, o, predicate)], HOIs
+    [(person, object, HICO verb)], V-COCO actions [(person, object or -1, V-COCO verb)])."""
+    canvas = np.empty((size, size, 3), np.uint8)
+    canvas[:] = rng.integers(200, 246, size=3, dtype=np.uint8)
+    canvas[:] = np.clip(canvas.astype(np.int16) + rng.integers(-8, 9, size=(size, size, 1)), 0, 255).astype(np.uint8)
+    col = 1 if split == "test" else 0
+    names = list(TOY_SCENARIOS)
+    weights = np.array([TOY_SCENARIOS[n][col] for n in names])
+    n_people = 1 if rng.random() < 0.55 else 2
+    extra_w = np.array([e[col] for e in TOY_EXTRAS])
+    has_extra = n_people == 1 and rng.random() < 0.5
+    slots = [4, 66] if n_people == 2 or has_extra else [int(rng.integers(4, 60))]
+    entities, rels, hois, actions = [], [], [], []
+    for k in range(n_people):
+        scen = names[rng.choice(len(names), p=weights / weights.sum())]
+        ground = int(rng.integers(size - 40, size - 2))
+        ents, scen_rels = _place_scenario(canvas, rng, scen, slots[k], ground)
+        base = len(entities)
+        entities += list(ents.items())
+        index = {("P" if n == "person" else "O" if n == TOY_SCENARIOS[scen][2] else n): base + i
+                 for i, n in enumerate(ents)}
+        for s, r, o in scen_rels:
+            rels.append((index[s], index[o], r))
+        obj = index["O"]
+        hois += [(index["P"], obj, v) for v in TOY_SCENARIOS[scen][4]]
+        actions += [(index["P"], -1 if v in ("stand", "walk") else obj, v) for v in TOY_SCENARIOS[scen][5]]
+    if has_extra:
+        sub, pred, obj = TOY_EXTRAS[rng.choice(len(TOY_EXTRAS), p=extra_w / extra_w.sum())][2:]
+        ground = int(rng.integers(size - 30, size - 2))
+        x = slots[1] + int(rng.integers(0, 8))
+        base_box = _draw(canvas, obj, x, ground - TOY_SIZES[obj][1])
+        sw, sh = TOY_SIZES[sub]
+        if pred == "on":
+            sub_box = _draw(canvas, sub, x + 6, base_box[1] - sh + (4 if obj == "chair" else 0) + (8 if obj == "chair" else 0))
+        elif pred == "under":
+            sub_box = _draw(canvas, sub, x + 4, ground - sh)
+            base_box = _draw(canvas, obj, x, ground - TOY_SIZES[obj][1])  # the object stays on top
+        else:  # behind: drawn first, then the occluding object again
+            sub_box = _draw(canvas, sub, x + 8, ground - sh - 3)
+            base_box = _draw(canvas, obj, x, ground - TOY_SIZES[obj][1])
+        b = len(entities)
+        entities += [(obj, base_box), (sub, sub_box)]
+        rels.append((b + 1, b, pred))
+    return canvas, entities, rels, hois, actions
+
+
+def write_toy_datasets(root, num_train=3000, num_test=500, size=128, seed=0):
+    """Generate the toy scenes and write them as VG150 (RelTR JSON), HICO-DET and V-COCO (QPIC JSON) datasets.
+
+    Three disjoint image sets (the datasets never share an image, as in the paper). Returns the root."""
+    import torchvision.io
+
+    vocab = load_vocab()
+    vg_index = {n: i + 1 for i, n in enumerate(vocab["vg150_objects"])}  # 1-based VG150 ids
+    pred_index = {n: i + 1 for i, n in enumerate(vocab["vg150_predicates"])}
+    coco_id = {c["name"]: c["id"] for c in vocab["coco80"]}
+    hico_verb = {n: i + 1 for i, n in enumerate(vocab["hico_verbs"])}
+    vcoco_verb = {v["name"]: i for i, v in enumerate(vocab["vcoco_verbs"])}
+    rng = np.random.default_rng(seed)
+    splits = [("train", num_train), ("test", num_test)]
+
+    def save(canvas, path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torchvision.io.write_png(torch.from_numpy(canvas).permute(2, 0, 1).contiguous(), path, compression_level=1)
+
+    # VG150-style split: relations
+    vg = os.path.join(root, "vg")
+    rel_json = {"rel_categories": ["__background__"] + vocab["vg150_predicates"]}
+    categories = [{"supercategory": n, "id": i + 1, "name": n} for i, n in enumerate(vocab["vg150_objects"])]
+    image_id, ann_id = 0, 0
+    for split, n in splits + [("val", num_test // 5)]:
+        coco = {"images": [], "annotations": [], "categories": categories}
+        rel_json[split] = {}
+        for _ in range(n):
+            image_id += 1
+            canvas, ents, rels, _, _ = toy_scene(rng, "test" if split != "train" else "train", size)
+            save(canvas, os.path.join(vg, "images", f"{image_id}.png"))
+            coco["images"].append({"file_name": f"{image_id}.png", "height": size, "width": size, "id": image_id})
+            for name, (x1, y1, x2, y2) in ents:
+                ann_id += 1
+                coco["annotations"].append({"bbox": [x1, y1, x2 - x1, y2 - y1], "category_id": vg_index[name],
+                                            "image_id": image_id, "id": ann_id, "area": (x2 - x1) * (y2 - y1),
+                                            "iscrowd": 0, "segmentation": None})
+            rel_json[split][str(image_id)] = [[s, o, pred_index[r]] for s, o, r in rels]
+        with open(os.path.join(vg, f"{split}.json"), "w") as f:
+            json.dump(coco, f)
+    with open(os.path.join(vg, "rel.json"), "w") as f:
+        json.dump(rel_json, f)
+
+    # HICO-DET-style and V-COCO-style splits: HOIs
+    for dataset, (dir_train, dir_test), prefix in (("hico", ("train2015", "test2015"), "HICO_{}2015_{:08d}.png"),
+                                                   ("vcoco", ("train2014", "val2014"), "COCO_{}2014_{:012d}.png")):
+        ds_root = os.path.join(root, dataset)
+        os.makedirs(os.path.join(ds_root, "annotations"), exist_ok=True)
+        for split, n in splits:
+            images = []
+            for k in range(n):
+                canvas, ents, _, hois, actions = toy_scene(rng, split, size)
+                tag = "train" if split == "train" else ("test" if dataset == "hico" else "val")
+                file_name = prefix.format(tag, k + 1)
+                save(canvas, os.path.join(ds_root, "images", dir_train if split == "train" else dir_test, file_name))
+                anns = [{"bbox": box, "category_id": coco_id[TOY_COCO.get(name, name)]} for name, box in ents]
+                if dataset == "hico":
+                    hoi_ann = [{"subject_id": s, "object_id": o, "category_id": hico_verb[v]} for s, o, v in hois]
+                else:
+                    hoi_ann = [{"subject_id": s, "object_id": o, "category_id": vcoco_verb[v]} for s, o, v in actions]
+                images.append({"file_name": file_name, "annotations": anns, "hoi_annotation": hoi_ann})
+            ann = {"hico": ("trainval_hico.json", "test_hico.json"),
+                   "vcoco": ("trainval_vcoco.json", "test_vcoco.json")}[dataset][split != "train"]
+            with open(os.path.join(ds_root, "annotations", ann), "w") as f:
+                json.dump(images, f)
+        corre = _hico_correct_mat(vocab) if dataset == "hico" else np.array(vocab["corre_vcoco"], np.float32)
+        np.save(os.path.join(ds_root, "annotations", f"corre_{dataset}.npy"), corre)
+    with open(os.path.join(root, "DONE"), "w") as f:
+        f.write(json.dumps(dict(num_train=num_train, num_test=num_test, size=size, seed=seed)))
+    return root
+
+
+def ensure_toy_datasets(root, **kwargs):
+    """Generate the toy datasets once; reuse them if `root/DONE` says they were made with the same settings."""
+    settings = dict(dict(num_train=3000, num_test=500, size=128, seed=0), **kwargs)
+    done = os.path.join(root, "DONE")
+    if os.path.exists(done):
+        with open(done) as f:
+            if json.load(f) == settings:
+                return root
+    return write_toy_datasets(root, **settings)
+
+
+# ---------------------------------------------------------------- Transforms and batching
+from torchvision import tv_tensors  # noqa: E402
+from torchvision.transforms import v2  # noqa: E402
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def make_transforms(train, image_size=800, max_size=1333, multi_scale=True):
+    """The paper's augmentation (Sec. IV-D, as QPIC): flip with p = 0.5, brightness and contrast; for real data a
+    multi-scale resize of the shorter side (480..image_size, step 32, longer side <= max_size, as DETR); test:
+    shorter side = image_size. Boxes travel as tv_tensors.BoundingBoxes so every geometric step moves them."""
+    steps = []
+    if train:
+        steps += [v2.RandomHorizontalFlip(0.5), v2.ColorJitter(brightness=0.4, contrast=0.4)]
+        sizes = list(range(min(480, image_size), image_size + 1, 32)) if multi_scale else [image_size]
+        steps += [v2.RandomShortestSize(min_size=sizes, max_size=max_size)]
+    else:
+        steps += [v2.Resize(image_size, max_size=max_size if max_size > image_size else None)]
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return v2.Compose(steps)
+
+
+class DetectionDataset(torch.utils.data.Dataset):
+    """Records -> (image (3, H, W) normalised, target). target = record's fields as tensors + size, orig_size,
+    image_id and, when a teacher is given, "clip": the CLIP image embedding of Eq. 5.
+
+    teacher: None, a dict {file: (text_dim,) tensor} (precomputed with clip_image_teacher), or a (C, text_dim) table
+    of class text embeddings: then the target is the normalised mean embedding of the image's object classes, the
+    stand-in teacher for the toy scenes (whose "CLIP" would describe exactly those objects)."""
+
+    def __init__(self, records, meta, transforms, teacher=None):
+        self.records, self.meta, self.transforms, self.teacher = records, meta, transforms, teacher
+        self.task = meta["task"]
+        self.key = "rels" if self.task == "sgg" else "hois"
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        r = self.records[i]
+        try:
+            image = torchvision.io.decode_image(r["file"], mode=torchvision.io.ImageReadMode.RGB)
+        except (RuntimeError, OSError) as e:
+            raise DataError(f"{r['file']}: cannot read image of record {r['image_id']} ({e})") from None
+        h, w = image.shape[-2:]
+        boxes = tv_tensors.BoundingBoxes(torch.as_tensor(r["boxes"]).reshape(-1, 4), format="XYXY", canvas_size=(h, w))
+        image, boxes = self.transforms(tv_tensors.Image(image), boxes)
+        # a geometric transform may shrink boxes to nothing: drop them and keep the relation indices right
+        keep = ((boxes[:, 2] - boxes[:, 0]) >= 1) & ((boxes[:, 3] - boxes[:, 1]) >= 1)
+        pairs = torch.as_tensor(r[self.key]).reshape(-1, 3)
+        if not keep.all():
+            pairs = torch.as_tensor(_reindex(pairs.numpy(), keep.numpy(), {}, self.key))
+        labels = torch.as_tensor(r["labels"])[keep]
+        target = {"boxes": boxes[keep].as_subclass(torch.Tensor).float(), "labels": labels, self.key: pairs,
+                  "size": torch.tensor(image.shape[-2:]), "orig_size": torch.tensor([h, w]), "image_id": r["image_id"]}
+        if isinstance(self.teacher, dict):
+            target["clip"] = self.teacher.get(r["file"])
+        elif self.teacher is not None and len(labels):
+            target["clip"] = F.normalize(self.teacher[labels].mean(0), dim=0)
+        return image.as_subclass(torch.Tensor), target
+
+
+def collate(batch):
+    """Pad images to the batch's largest height and width (bottom / right) with a padding mask (DETR)."""
+    images, targets = zip(*batch)
+    H, W = max(im.shape[1] for im in images), max(im.shape[2] for im in images)
+    out = images[0].new_zeros(len(images), 3, H, W)
+    mask = torch.ones(len(images), H, W, dtype=torch.bool)
+    for i, im in enumerate(images):
+        out[i, :, : im.shape[1], : im.shape[2]] = im
+        mask[i, : im.shape[1], : im.shape[2]] = False
+    return out, mask, list(targets)
+
+
+def load_dataset(kind, root, split, check_images=True):
+    """kind: vg | vg_h5 | hico | vcoco -> (records, meta)."""
+    loaders = {"vg": load_vg_json, "vg_h5": load_vg_h5, "hico": load_hico, "vcoco": load_vcoco}
+    if kind not in loaders:
+        raise ValueError(f"unknown dataset kind {kind!r}; choose one of {sorted(loaders)}")
+    return loaders[kind](root, split, check_images=check_images)
+
+
+def config_from_meta(cfg: Config, sgg_meta=None, hoi_meta=None) -> Config:
+    """Set the class counts and names of `cfg` from the datasets' vocabularies."""
+    updates = {}
+    if sgg_meta:
+        updates.update(num_entity_classes=len(sgg_meta["entity_names"]), entity_names=sgg_meta["entity_names"],
+                       num_predicates=len(sgg_meta["predicate_names"]), predicate_names=sgg_meta["predicate_names"])
+    if hoi_meta:
+        updates.update(num_hoi_objects=len(hoi_meta["object_names"]), hoi_object_names=hoi_meta["object_names"],
+                       num_verbs=len(hoi_meta["verb_names"]), verb_names=hoi_meta["verb_names"])
+    return dataclasses.replace(cfg, **updates)

@@ -1,0 +1,360 @@
+"""eval.py: the metrics SG2HOI+ reports (Sec. IV-C), computed as the field's reference evaluators do.
+
+Three pure metric functions (numpy in, dict out), usable on anyone's predictions:
+  sgdet_metrics  - VG150 SGDet R@K, mR@K, no-graph-constraint, zero-shot, head/body/tail
+                   (KaihuaTang/Scene-Graph-Benchmark.pytorch sgg_eval.py, Scarecrow0/SGTR)
+  hico_map       - HICO-DET mAP Full / Rare / Non-rare, Default and Known-Object (hitachi-rd-cv/qpic hico_eval.py,
+                   Known-Object as the official ho-rcnn eval_one.m)
+  vcoco_role_ap  - V-COCO agent AP and role AP, Scenarios 1 and 2 (s-gupta/v-coco vsrl_eval.py)
+The exact rules (and their quirks, which we keep on purpose) are in each docstring.
+Then: inference over a checkpoint's test splits, the paper's tables, timing, pictures (CLI at the bottom).
+
+    python eval.py --ckpt runs/toy/ckpt.pt                # Tables I-IV on the checkpoint's test splits
+    python eval.py --predictions preds.pt --ckpt ...      # evaluate saved predictions
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+
+IOU_THRESHOLD = 0.5  # every benchmark, tested as >= 0.5
+
+
+# ------------------------------------------------------------------------------------------------ IoU (+1 pixel convention)
+
+
+def iou_matrix(a, b):
+    """(N, 4), (M, 4) xyxy -> (N, M) IoU with the inclusive-pixel convention of every reference evaluator:
+    w = min(x2) - max(x1) + 1, area = (x2 - x1 + 1)(y2 - y1 + 1), in float32."""
+    a = np.asarray(a, np.float32).reshape(-1, 4)
+    b = np.asarray(b, np.float32).reshape(-1, 4)
+    iw = np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]) + 1
+    ih = np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]) + 1
+    inter = np.clip(iw, 0, None) * np.clip(ih, 0, None)
+    area_a = (a[:, 2] - a[:, 0] + 1) * (a[:, 3] - a[:, 1] + 1)
+    area_b = (b[:, 2] - b[:, 0] + 1) * (b[:, 3] - b[:, 1] + 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return inter / (area_a[:, None] + area_b[None, :] - inter)
+
+
+def qpic_iou_matrix(a, b):
+    """QPIC's compute_IOU: as iou_matrix, but 0 whenever the boxes do not overlap by more than zero pixels
+    *without* the +1 (its test `max(x1) >= min(x2)`), which zeroes boxes overlapping by at most one pixel."""
+    a = np.asarray(a, np.float32).reshape(-1, 4)
+    b = np.asarray(b, np.float32).reshape(-1, 4)
+    iou = iou_matrix(a, b)
+    no_overlap = (np.maximum(a[:, None, 0], b[None, :, 0]) >= np.minimum(a[:, None, 2], b[None, :, 2])) | \
+                 (np.maximum(a[:, None, 1], b[None, :, 1]) >= np.minimum(a[:, None, 3], b[None, :, 3]))
+    return np.where(no_overlap, 0.0, iou).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------ VG150 SGDet
+
+
+def _relation_hits(gt, pred_triplets, pred_boxes_s, pred_boxes_o):
+    """(P, R) bool: prediction p hits GT relation r (same three labels, both IoUs >= 0.5). Not one-to-one."""
+    rels = np.asarray(gt["rels"]).reshape(-1, 3)
+    labels, boxes = np.asarray(gt["labels"]), np.asarray(gt["boxes"], np.float32)
+    gt_trip = np.stack([labels[rels[:, 0]], rels[:, 2], labels[rels[:, 1]]], 1)  # (R, 3) = (s, p, o)
+    same = (pred_triplets[:, None, :] == gt_trip[None]).all(-1)  # (P, R)
+    if not same.any():
+        return same
+    return same & (iou_matrix(pred_boxes_s, boxes[rels[:, 0]]) >= IOU_THRESHOLD) \
+                & (iou_matrix(pred_boxes_o, boxes[rels[:, 1]]) >= IOU_THRESHOLD)
+
+
+def sgdet_metrics(gts, preds, num_predicates, ks=(20, 50, 100), zeroshot_triplets=None, longtail=None):
+    """VG150 SGDet recall metrics, as Scene-Graph-Benchmark (SGB) and SGTR compute them.
+
+    gts[i]   = {"boxes": (N, 4) xyxy pixels, "labels": (N,), "rels": (R, 3) [subject, object, predicate 1..C]}
+    preds[i] = {"boxes": (M, 4), "labels": (M,), "scores": (M,), "rel_pairs": (Q, 2) indices into boxes, ranked
+                best first, "rel_scores": (Q, C + 1), column 0 = no relation}
+    zeroshot_triplets: rows (subject label, object label, predicate), SGB's column order.
+    longtail: {"head": [...], "body": [...], "tail": [...]} predicate ids.
+
+    Rules (metrics.md section 3):
+      * graph constraint: one triplet per pair, predicate 1 + argmax(rel_scores[:, 1:]) (first max wins), pairs
+        in the order given (the evaluator does not re-sort);
+      * no graph constraint: every (pair, predicate >= 1) scored (s_sub * s_obj) * p in float32, ranked with
+        np.argsort(-scores.ravel()), the first 100 kept; ngR@K uses prefixes of them;
+      * a hit needs all three labels equal and subject and object IoU >= 0.5 (+1 convention); a GT relation hit
+        by many predictions counts once; one prediction may hit several GT relations (duplicates);
+      * R@K per image = |GT hit by the first K| / |GT|, mean over images; images without GT relations, and
+        images with GT but no predicted pair, are skipped (SGB's early return);
+      * mR@K: per predicate, the mean over the images containing it of (hits / count) in that image; then the
+        mean over all num_predicates (absent predicates count 0);
+      * zR@K: over GT relations whose (subject label, object label, predicate) is zero-shot, the mean over the
+        images that have at least one;
+      * head/body/tail: the per-predicate recalls behind mR@K averaged inside each group (SGTR).
+    Returns fractions (not percentages)."""
+    ks = tuple(sorted(ks))
+    zs = {tuple(int(x) for x in row) for row in np.asarray(zeroshot_triplets).reshape(-1, 3)} \
+        if zeroshot_triplets is not None else set()
+    modes = ("", "ng")
+    recall = {m: {k: [] for k in ks} for m in modes}
+    zrecall = {m: {k: [] for k in ks} for m in modes}
+    per_pred = {m: {k: [[] for _ in range(num_predicates + 1)] for k in ks} for m in modes}
+    for gt, pred in zip(gts, preds):
+        rels = np.asarray(gt["rels"]).reshape(-1, 3)
+        pairs = np.asarray(pred["rel_pairs"]).reshape(-1, 2)
+        if len(rels) == 0 or len(pairs) == 0:
+            continue
+        boxes, labels = np.asarray(pred["boxes"], np.float32), np.asarray(pred["labels"])
+        rel_scores = np.asarray(pred["rel_scores"], np.float32)
+        # graph constraint: the given order
+        gc_pred = 1 + rel_scores[:, 1:].argmax(1)
+        # no graph constraint: (pair, predicate) candidates, top 100
+        pair_scores = np.asarray(pred["scores"], np.float32)[pairs].prod(1)
+        overall = pair_scores[:, None] * rel_scores[:, 1:]
+        top = np.argsort(-overall.ravel())[:100]
+        ng_pairs, ng_pred = pairs[top // num_predicates], top % num_predicates + 1
+        gt_labels = np.asarray(gt["labels"])
+        zs_mask = np.array([(gt_labels[s], gt_labels[o], p) in zs for s, o, p in rels.tolist()], bool)
+        for mode, (pp, pr) in zip(modes, ((pairs, gc_pred), (ng_pairs, ng_pred))):
+            trip = np.stack([labels[pp[:, 0]], pr, labels[pp[:, 1]]], 1)
+            hits = _relation_hits(gt, trip, boxes[pp[:, 0]], boxes[pp[:, 1]])  # (P, R)
+            for k in ks:
+                hit = hits[:k].any(0)  # (R,)
+                recall[mode][k].append(hit.mean())
+                for p in np.unique(rels[:, 2]):
+                    sel = rels[:, 2] == p
+                    per_pred[mode][k][p].append(hit[sel].mean())
+                if zs_mask.any():
+                    zrecall[mode][k].append(hit[zs_mask].mean())
+    out = {}
+    for mode in modes:
+        for k in ks:
+            rec = recall[mode][k]
+            out[f"{mode}R@{k}"] = float(np.mean(rec)) if rec else 0.0
+            per = np.array([np.mean(v) if v else 0.0 for v in per_pred[mode][k][1:]])
+            out[f"{mode}mR@{k}"] = float(per.mean())
+            if zeroshot_triplets is not None:
+                z = zrecall[mode][k]
+                out[f"{mode}zR@{k}"] = float(np.mean(z)) if z else 0.0
+            for group, ids in (longtail or {}).items():
+                out[f"{mode}mR@{k}_{group}"] = float(np.mean([per[i - 1] for i in ids])) if len(ids) else 0.0
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ HICO-DET
+
+
+def eleven_point_ap(rec, prec):
+    """11-point interpolated AP of QPIC's voc_ap and the official VOCevaldet_bboxpair.m. The thresholds are
+    np.arange(0., 1.1, 0.1): 0.30000000000000004, 0.6000000000000001 and 0.7000000000000001 sit just above
+    their decimal value, so a recall of exactly 0.3, 0.6 or 0.7 does not reach them (kept on purpose)."""
+    ap = 0.0
+    for t in np.arange(0.0, 1.1, 0.1):
+        p = 0.0 if np.sum(rec >= t) == 0 else np.max(prec[rec >= t])
+        ap += p / 11.0
+    return ap
+
+
+def _hico_image_detections(gt, pred, correct_mat, max_hois=100):
+    """One image -> list of (triplet, score, tp) for its top-100 detections, in QPIC's visit order."""
+    boxes, labels = np.asarray(pred["boxes"], np.float32), np.asarray(pred["labels"])
+    sub_ids, obj_ids = np.asarray(pred["sub_ids"]), np.asarray(pred["obj_ids"])
+    verb_scores = np.asarray(pred["verb_scores"], np.float32)
+    P, V = verb_scores.shape
+    scores = verb_scores * np.asarray(correct_mat, np.float32)[:, labels[obj_ids]].T  # (P, V), masked -> 0
+    flat = scores.ravel()  # pair-major: index p * V + v
+    order = np.argsort(-flat, kind="stable")[:max_hois]  # Python's stable list.sort(reverse=True)
+    det_p, det_v, det_s = order // V, order % V, flat[order]
+    det_sub, det_obj = sub_ids[det_p], obj_ids[det_p]
+    det_trip = np.stack([labels[det_sub], labels[det_obj], det_v], 1)  # (D, 3)
+
+    gt_boxes, gt_labels = np.asarray(gt["boxes"], np.float32), np.asarray(gt["labels"])
+    hois = np.asarray(gt["hois"]).reshape(-1, 3)
+    tp = np.zeros(len(order), bool)
+    if len(hois):
+        def overlaps(det_box_ids, gt_box_ids):  # (D, K) IoU, 0 for different labels (QPIC)
+            iou = qpic_iou_matrix(boxes[det_box_ids], gt_boxes[gt_box_ids])
+            return np.where(labels[det_box_ids][:, None] == gt_labels[gt_box_ids][None], iou, 0.0)
+        ov_s, ov_o = overlaps(det_sub, hois[:, 0]), overlaps(det_obj, hois[:, 1])
+        ok = (ov_s >= IOU_THRESHOLD) & (ov_o >= IOU_THRESHOLD) & (det_v[:, None] == hois[None, :, 2])
+        min_ov = np.where(ok, np.minimum(ov_s, ov_o), -1.0)
+        best = min_ov.argmax(1)  # first GT on ties (QPIC's strict '>')
+        # QPIC finds the matched GT with gt_hois.index(...): an exact duplicate maps to its first copy
+        first_copy = {}
+        canonical = np.array([first_copy.setdefault(tuple(h), i) for i, h in enumerate(hois.tolist())])
+        matched = np.zeros(len(hois), bool)
+        for d in range(len(order)):
+            if ok[d, best[d]]:
+                g = canonical[best[d]]
+                if not matched[g]:  # an already matched GT makes this a false positive (no fallback)
+                    matched[g] = tp[d] = True
+    return [(tuple(int(x) for x in det_trip[d]), float(det_s[d]), bool(tp[d])) for d in range(len(order))]
+
+
+def hico_map(gts, preds, correct_mat, rare_triplets, known_object=False, non_rare_triplets=None, max_hois=100):
+    """HICO-DET mAP as hitachi-rd-cv/qpic datasets/hico_eval.py (Default) and ho-rcnn eval_one.m (Known-Object).
+
+    gts[i]   = {"boxes": (N, 4) xyxy, "labels": (N,), "hois": (K, 3) [subject index, object index, verb]}
+    preds[i] = {"boxes", "labels", "sub_ids": (P,), "obj_ids": (P,), "verb_scores": (P, V)} (PostProcessHOI)
+    correct_mat (V, O) verb-object validity; rare_triplets rows (subject label, object label, verb).
+
+    Rules (metrics.md section 1):
+      * classes are the (subject label, object label, verb) triplets of the test GT; detections of any other
+        triplet are ignored (no FP);
+      * per image: scores x correct_mat (masked scores become 0, not removed), candidates pair-major, stable
+        descending sort, the first max_hois = 100 kept;
+      * images without GT boxes: their predictions are dropped (QPIC's behaviour, which is a bug, kept);
+      * a detection matches the GT of its verb with both boxes of the same label and IoU >= 0.5 (QPIC's IoU)
+        and the largest min(IoU_sub, IoU_obj); if that GT is already matched it is a false positive; duplicate
+        GT rows all count in npos but only the first can be matched;
+      * per class: detections of all images concatenated in image order, re-ranked by np.argsort(-score) on
+        float32 scores (numpy's default, unstable, sort: as QPIC), 11-point AP; a class with no detection: 0;
+      * Rare = classes in rare_triplets, Non-rare = the others (or non_rare_triplets when given: QPIC leaves a
+        class with zero training instances out of both);
+      * known_object: a class's detections are kept only on images whose GT has an HOI with that class's object
+        label (the official rule, with the image-level table built from the box GT); npos unchanged.
+    Returns fractions: mAP_full, mAP_rare, mAP_non_rare (and mean_max_recall)."""
+    gt_classes, npos = {}, {}
+    images_with_object = {}
+    for i, gt in enumerate(gts):
+        labels = np.asarray(gt["labels"])
+        for s, o, v in np.asarray(gt["hois"]).reshape(-1, 3).tolist():
+            trip = (int(labels[s]), int(labels[o]), int(v))
+            gt_classes.setdefault(trip, len(gt_classes))
+            npos[trip] = npos.get(trip, 0) + 1
+            images_with_object.setdefault(trip[1], set()).add(i)
+    dets = {c: ([], [], []) for c in gt_classes}  # class -> (image ids, scores, tp)
+    for i, (gt, pred) in enumerate(zip(gts, preds)):
+        if len(np.asarray(gt["boxes"]).reshape(-1, 4)) == 0:
+            continue
+        for trip, score, tp in _hico_image_detections(gt, pred, correct_mat, max_hois):
+            if trip in dets:
+                dets[trip][0].append(i)
+                dets[trip][1].append(score)
+                dets[trip][2].append(tp)
+    ap, max_recall = {}, {}
+    for trip in gt_classes:
+        image_ids, scores, tps = (np.asarray(x) for x in dets[trip])
+        if known_object and len(image_ids):
+            keep = np.isin(image_ids, list(images_with_object.get(trip[1], ())))
+            scores, tps = scores[keep], tps[keep]
+        if len(scores) == 0:
+            ap[trip], max_recall[trip] = 0.0, 0.0
+            continue
+        order = np.argsort(-scores.astype(np.float32))
+        tp = np.cumsum(tps[order])
+        fp = np.cumsum(~tps[order])
+        rec = tp / npos[trip]
+        prec = tp / (tp + fp)
+        ap[trip], max_recall[trip] = eleven_point_ap(rec, prec), float(rec.max())
+    rare = {tuple(int(x) for x in r) for r in np.asarray(rare_triplets).reshape(-1, 3)}
+    non_rare = {tuple(int(x) for x in r) for r in np.asarray(non_rare_triplets).reshape(-1, 3)} \
+        if non_rare_triplets is not None else set(gt_classes) - rare
+    mean = lambda xs: float(np.mean(xs)) if len(xs) else 0.0  # noqa: E731
+    return dict(mAP_full=mean([ap[c] for c in gt_classes]), mAP_rare=mean([ap[c] for c in gt_classes if c in rare]),
+                mAP_non_rare=mean([ap[c] for c in gt_classes if c in non_rare]),
+                mean_max_recall=mean([max_recall[c] for c in gt_classes]), num_classes=len(gt_classes))
+
+
+# ------------------------------------------------------------------------------------------------ V-COCO
+
+
+def voc_ap(rec, prec):
+    """All-point VOC AP of vsrl_eval.py: end points (0, 0) and (1, 0), precision made monotone from the right,
+    sum of recall steps x precision."""
+    mrec = np.concatenate(([0.0], rec, [1.0]))
+    mpre = np.concatenate(([0.0], prec, [0.0]))
+    for i in range(mpre.size - 1, 0, -1):
+        mpre[i - 1] = max(mpre[i - 1], mpre[i])
+    i = np.where(mrec[1:] != mrec[:-1])[0]
+    return float(np.sum((mrec[i + 1] - mrec[i]) * mpre[i + 1]))
+
+
+def _vcoco_ap(tp, fp, scores, npos):
+    """Global ranking a_sc.argsort()[::-1] on float32 scores; AP 0 without detections, NaN when npos = 0."""
+    if npos == 0:
+        return float("nan")
+    if len(scores) == 0:
+        return 0.0
+    order = np.asarray(scores, np.float32).argsort()[::-1]
+    tp = np.cumsum(np.asarray(tp, np.float32)[order])
+    fp = np.cumsum(np.asarray(fp, np.float32)[order])
+    rec = tp / float(npos)
+    prec = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
+    return voc_ap(rec, prec)
+
+
+def vcoco_role_ap(gts, preds, actions, person_label=0):
+    """V-COCO agent AP and role AP as s-gupta/v-coco vsrl_eval.py (_do_agent_eval, _do_role_eval).
+
+    actions  = [{"name": "hit", "roles": ["agent", "instr", "obj"]}, ...] (26 in the official order)
+    gts[i]   = {"boxes": (N, 4), "labels": (N,), "actions": (N, A) in {-1, 0, 1} (-1 = person not annotated),
+                "role_ids": (N, A, 2) box index of each non-agent role or -1}; agents are the person boxes
+    preds[i] = {"person_boxes": (P, 4), "agent_scores": (P, A), "role_boxes": (P, A, 2, 4), "role_scores": (P, A, 2)}
+
+    Rules (metrics.md section 2): per image, detections with a NaN score are dropped, the rest visited by
+    scores.argsort()[::-1]; each is assigned to the GT person of largest IoU (first on ties, even below 0.5);
+    an unannotated person makes the detection skipped entirely; TP iff the person does the action, IoU >= 0.5,
+    not yet covered, and (roles) the role overlap >= 0.5, where a missing GT role object counts as matched in
+    Scenario 2 and only for an all-zero or all-NaN predicted box in Scenario 1; npos = persons doing the action.
+    An image with detections but no GT person makes them FPs; an action without any detection has AP 0; an
+    action with npos = 0 has AP NaN and is left out of the means (the reference crashes in all three).
+    Returns agent_mAP (nansum / #actions, as printed by the official tool), role_mAP_S1/S2 (the numbers papers
+    report: the mean over the action-roles without point-instr, 24 on V-COCO, as iCAN and QPIC), the official
+    25-role nanmean as role_mAP_S1_all/role_mAP_S2_all, and the per action-role APs."""
+    A = len(actions)
+    agent_rec = [([], [], []) for _ in range(A)]  # (tp, fp, scores)
+    role_rec = {(a, r, s): ([], [], []) for a in range(A) for r in range(len(actions[a]["roles"]) - 1) for s in (1, 2)}
+    npos = np.zeros(A, int)
+    for gt, pred in zip(gts, preds):
+        labels = np.asarray(gt["labels"])
+        persons = np.where(labels == person_label)[0]
+        gt_boxes = np.asarray(gt["boxes"], np.float32).reshape(-1, 4)
+        gt_act = np.asarray(gt["actions"]).reshape(len(labels), A)[persons]
+        gt_roles = np.asarray(gt["role_ids"]).reshape(len(labels), A, 2)[persons]
+        ignore = np.any(gt_act == -1, axis=1)
+        npos += (gt_act == 1).sum(0)
+        p_boxes = np.asarray(pred["person_boxes"], np.float32).reshape(-1, 4)
+        ov_person = iou_matrix(p_boxes, gt_boxes[persons]) if len(persons) else np.zeros((len(p_boxes), 0))
+        assigned = ov_person.argmax(1) if len(persons) else None
+        agent_scores = np.asarray(pred["agent_scores"], np.float32).reshape(len(p_boxes), A)
+        role_scores = np.asarray(pred["role_scores"], np.float32).reshape(len(p_boxes), A, 2)
+        role_boxes = np.asarray(pred["role_boxes"], np.float32).reshape(len(p_boxes), A, 2, 4)
+
+        def visit(scores, a, record, role=None, scenario=None):
+            valid = np.where(~np.isnan(scores))[0]
+            covered = np.zeros(len(persons), bool)
+            for j in valid[scores[valid].argsort()[::-1]]:
+                if len(persons) == 0:  # no GT person: false positive (the reference crashes)
+                    record[0].append(0), record[1].append(1), record[2].append(scores[j])
+                    continue
+                m = assigned[j]
+                if ignore[m]:
+                    continue
+                ok = gt_act[m, a] == 1 and ov_person[j, m] >= IOU_THRESHOLD and not covered[m]
+                if ok and role is not None:
+                    rid, box = gt_roles[m, a, role], role_boxes[j, a, role]
+                    if rid == -1:
+                        empty = np.all(box == 0.0) or np.all(np.isnan(box))
+                        ov_role = 1.0 if (scenario == 2 or empty) else 0.0
+                    else:
+                        ov_role = iou_matrix(box[None], gt_boxes[rid][None])[0, 0]  # NaN box -> NaN -> fails
+                    ok = ov_role >= IOU_THRESHOLD
+                if ok:
+                    covered[m] = True
+                record[0].append(int(ok)), record[1].append(int(not ok)), record[2].append(scores[j])
+
+        for a in range(A):
+            visit(agent_scores[:, a], a, agent_rec[a])
+            for r in range(len(actions[a]["roles"]) - 1):
+                for s in (1, 2):
+                    visit(role_scores[:, a, r], a, role_rec[(a, r, s)], role=r, scenario=s)
+    agent_ap = np.array([_vcoco_ap(*agent_rec[a], npos[a]) for a in range(A)])
+    out = {"agent_mAP": float(np.nansum(agent_ap) / A), "agent_ap": {actions[a]["name"]: agent_ap[a] for a in range(A)}}
+    for s in (1, 2):
+        aps = {f"{actions[a]['name']}-{actions[a]['roles'][r + 1]}": _vcoco_ap(*role_rec[(a, r, s)], npos[a])
+               for a in range(A) for r in range(len(actions[a]["roles"]) - 1)}
+        reported = [v for k, v in aps.items() if k != "point-instr"]
+        out[f"role_mAP_S{s}"] = float(np.nanmean(reported)) if np.any(~np.isnan(reported)) else 0.0
+        out[f"role_mAP_S{s}_all"] = float(np.nanmean(list(aps.values()))) if aps else 0.0
+        out[f"role_ap_S{s}"] = aps
+    return out
