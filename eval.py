@@ -358,3 +358,297 @@ def vcoco_role_ap(gts, preds, actions, person_label=0):
         out[f"role_mAP_S{s}_all"] = float(np.nanmean(list(aps.values()))) if aps else 0.0
         out[f"role_ap_S{s}"] = aps
     return out
+
+
+# ------------------------------------------------------------------------------------------------ inference on a test split
+
+
+def sgg_ground_truth(record):
+    """A VG record (0-based predicates) -> sgdet_metrics' GT (predicates 1..C)."""
+    return dict(boxes=record["boxes"], labels=record["labels"], rels=record["rels"] + np.array([0, 0, 1]))
+
+
+def hico_ground_truth(record):
+    return dict(boxes=record["boxes"], labels=record["labels"], hois=record["hois"])
+
+
+def longtail_groups(train_records, num_predicates, head=0.10, tail=0.02):
+    """Head / body / tail predicate ids (1-based) from training frequencies: head >= 10 % of the training
+    relations, tail < 2 %, body in between. Used for the toy scenes; VG150 uses SGTR's fixed list (vocab.json)."""
+    counts = np.zeros(num_predicates)
+    for r in train_records:
+        np.add.at(counts, r["rels"][:, 2], 1)
+    frac = counts / max(counts.sum(), 1)
+    groups = {"head": [], "body": [], "tail": []}
+    for p in range(num_predicates):
+        if counts[p] == 0:
+            continue
+        groups["head" if frac[p] >= head else "tail" if frac[p] < tail else "body"].append(p + 1)
+    return groups
+
+
+def zeroshot_from_training(train_records, test_records):
+    """(subject label, object label, predicate 1..C) triplets of the test GT that never occur in training."""
+    def triplets(records):
+        return {(int(r["labels"][s]), int(r["labels"][o]), int(p) + 1) for r in records
+                for s, o, p in r["rels"].tolist()}
+    return sorted(triplets(test_records) - triplets(train_records))
+
+
+def _batches(records, transforms, batch_size):
+    import sg2hoi
+
+    ds = sg2hoi.DetectionDataset(records, {"task": "sgg" if "rels" in records[0] else "hoi"}, transforms)
+    return torch_data_loader(ds, batch_size)
+
+
+def torch_data_loader(ds, batch_size):
+    import torch
+    import sg2hoi
+
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0,
+                                       collate_fn=sg2hoi.collate)
+
+
+def predict(model, cfg, records, device, batch_size=8):
+    """Run the model on records; returns (relation predictions, HOI predictions) per image, original pixels."""
+    import torch
+    import sg2hoi
+
+    tf = sg2hoi.make_transforms(False, cfg.image_size, cfg.max_size)
+    rel_preds, hoi_preds = [], []
+    model.eval()
+    with torch.no_grad():
+        for images, mask, targets in _batches(records, tf, batch_size):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                out = model(images.to(device), mask.to(device))
+            sizes = [t["orig_size"].tolist() for t in targets]
+            rel_preds += sg2hoi.relation_predictions(out["rel"], sizes)
+            if "hoi" in out:
+                hoi_preds += sg2hoi.hoi_predictions(out["hoi"], sizes)
+    return rel_preds, hoi_preds
+
+
+def time_per_image(model, cfg, records, device, warmup=3, n=20):
+    """Table I's time per image: batch 1, after warm-up, model forward plus post-processing."""
+    import torch
+    import sg2hoi
+
+    tf = sg2hoi.make_transforms(False, cfg.image_size, cfg.max_size)
+    ds = sg2hoi.DetectionDataset(records[: warmup + n], {"task": "sgg" if "rels" in records[0] else "hoi"}, tf)
+    model.eval()
+    times = []
+    with torch.no_grad():
+        for i in range(len(ds)):
+            images, mask, targets = sg2hoi.collate([ds[i]])
+            images, mask = images.to(device), mask.to(device)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                out = model(images, mask)
+            sg2hoi.relation_predictions(out["rel"], [targets[0]["orig_size"].tolist()])
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times.append(time.perf_counter() - t)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    return float(np.mean(times)) if times else float("nan"), name
+
+
+def collect(model, cfg, data, device, limit=0):
+    """data: {"sgg": {"train": (records, meta), "test": (...)}, "hoi": {...}} -> everything the metrics need."""
+    out = {}
+    if "sgg" in data:
+        (train, _), (test, meta) = data["sgg"]["train"], data["sgg"]["test"]
+        test = test[:limit] if limit else test
+        rel_preds, _ = predict(model, cfg, test, device)
+        vocab = json.load(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "vocab.json")))
+        is_vg150 = meta["predicate_names"] == vocab["vg150_predicates"] and not meta.get("toy")
+        out["sgg"] = dict(gts=[sgg_ground_truth(r) for r in test], preds=rel_preds,
+                          num_predicates=len(meta["predicate_names"]),
+                          zeroshot=zeroshot_from_training(train, test),
+                          longtail=vocab["vg150_longtail"] if is_vg150 else
+                          longtail_groups(train, len(meta["predicate_names"])))
+        out["sgg"]["time"], out["sgg"]["device"] = time_per_image(model, cfg, test, device)
+    if "hoi" in data:
+        import sg2hoi
+
+        (train, _), (test, meta) = data["hoi"]["train"], data["hoi"]["test"]
+        test = test[:limit] if limit else test
+        _, hoi_preds = predict(model, cfg, test, device)
+        out["hoi"] = dict(dataset=meta["dataset"], preds=hoi_preds, correct_mat=meta["correct_mat"])
+        if meta["dataset"] == "hico":
+            out["hoi"]["gts"] = [hico_ground_truth(r) for r in test]
+            out["hoi"]["rare"] = sg2hoi.rare_triplets_from_training(train)[0]
+        else:
+            out["hoi"]["gts"] = [sg2hoi.vcoco_ground_truth(r, meta["verbs"], meta["actions"]) for r in test]
+            out["hoi"]["verbs"], out["hoi"]["actions"] = meta["verbs"], meta["actions"]
+    return out
+
+
+def vcoco_detections(pred, verbs, actions, missing_object_label=80):
+    """QPIC's generate_vcoco_official: one detection per query; a role score is its verb's score, its box the
+    object box (NaN when the object label is "no object"); the agent score is the role's score, the max of the
+    two role scores for two-role actions, or the agent-only verb's own score."""
+    Q = len(pred["sub_ids"])
+    A = len(actions)
+    names = [a["name"] for a in actions]
+    agent = np.full((Q, A), np.nan, np.float32)
+    role_scores = np.full((Q, A, 2), np.nan, np.float32)
+    role_boxes = np.full((Q, A, 2, 4), np.nan, np.float32)
+    obj_boxes = pred["boxes"][pred["obj_ids"]].astype(np.float32)
+    obj_boxes[pred["labels"][pred["obj_ids"]] == missing_object_label] = np.nan
+    for v, verb in enumerate(verbs):
+        a = names.index(verb["action"])
+        s = pred["verb_scores"][:, v]
+        if verb["role"] is None:
+            agent[:, a] = s
+        else:
+            r = actions[a]["roles"].index(verb["role"]) - 1
+            role_scores[:, a, r], role_boxes[:, a, r] = s, obj_boxes
+            agent[:, a] = np.fmax(agent[:, a], s)  # single role: its score; two roles: their max
+    return dict(person_boxes=pred["boxes"][pred["sub_ids"]], agent_scores=agent, role_boxes=role_boxes,
+                role_scores=role_scores)
+
+
+def metrics_from_collected(c):
+    """The numbers of Tables I-IV from collect()'s output (or from a --predictions file)."""
+    m = {}
+    if "sgg" in c:
+        s = c["sgg"]
+        m["sgg"] = sgdet_metrics(s["gts"], s["preds"], s["num_predicates"], zeroshot_triplets=s["zeroshot"],
+                                 longtail=s["longtail"])
+        m["sgg"]["time_per_image_s"], m["sgg"]["device"] = s.get("time"), s.get("device")
+        m["sgg"]["num_images"] = len(s["gts"])
+    if "hoi" in c:
+        h = c["hoi"]
+        if h["dataset"] == "hico":
+            m["hico"] = {"default": hico_map(h["gts"], h["preds"], h["correct_mat"], h["rare"]),
+                         "known_object": hico_map(h["gts"], h["preds"], h["correct_mat"], h["rare"],
+                                                  known_object=True)}
+        else:
+            dets = [vcoco_detections(p, h["verbs"], h["actions"]) for p in h["preds"]]
+            r = vcoco_role_ap(h["gts"], dets, h["actions"])
+            m["vcoco"] = {k: v for k, v in r.items() if not isinstance(v, dict)}
+    return m
+
+
+def evaluate(model, cfg, data, device, limit=0):
+    return metrics_from_collected(collect(model, cfg, data, device, limit))
+
+
+def format_tables(m):
+    """The paper's tables as text (percentages)."""
+    lines = []
+    pct = lambda x: f"{100 * x:5.1f}"  # noqa: E731
+    if "sgg" in m:
+        s = m["sgg"]
+        lines += ["Table I  SGDet (" + f"{s['num_images']} test images)",
+                  "          R@20/50/100          mR@20/50/100        ngR@20/50/100        ngmR@20/50/100      "
+                  "zR@50/100     time/img",
+                  "          " + " / ".join(pct(s[f"R@{k}"]) for k in (20, 50, 100)) + "   "
+                  + " / ".join(pct(s[f"mR@{k}"]) for k in (20, 50, 100)) + "   "
+                  + " / ".join(pct(s[f"ngR@{k}"]) for k in (20, 50, 100)) + "   "
+                  + " / ".join(pct(s[f"ngmR@{k}"]) for k in (20, 50, 100)) + "   "
+                  + " / ".join(pct(s.get(f"zR@{k}", 0)) for k in (50, 100))
+                  + f"   {1000 * (s['time_per_image_s'] or float('nan')):.1f} ms on {s['device']}",
+                  "Table II long-tail mR@50/100:  head " + " / ".join(pct(s.get(f"mR@{k}_head", 0)) for k in (50, 100))
+                  + "   body " + " / ".join(pct(s.get(f"mR@{k}_body", 0)) for k in (50, 100))
+                  + "   tail " + " / ".join(pct(s.get(f"mR@{k}_tail", 0)) for k in (50, 100))]
+    if "vcoco" in m:
+        v = m["vcoco"]
+        lines += [f"Table III V-COCO  AP_role S1 {pct(v['role_mAP_S1'])}  S2 {pct(v['role_mAP_S2'])}  "
+                  f"(agent mAP {pct(v['agent_mAP'])})"]
+    if "hico" in m:
+        d, k = m["hico"]["default"], m["hico"]["known_object"]
+        lines += ["Table IV HICO-DET    Default: Full / Rare / Non-rare     Known-Object: Full / Rare / Non-rare",
+                  f"                     {pct(d['mAP_full'])} / {pct(d['mAP_rare'])} / {pct(d['mAP_non_rare'])}"
+                  f"                {pct(k['mAP_full'])} / {pct(k['mAP_rare'])} / {pct(k['mAP_non_rare'])}"]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ saved predictions
+
+
+def _to_tensors(x):
+    import torch
+
+    if isinstance(x, dict):
+        return {k: _to_tensors(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_to_tensors(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(x))
+    return x
+
+
+def _to_numpy(x):
+    import torch
+
+    if isinstance(x, dict):
+        return {k: _to_numpy(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_to_numpy(v) for v in x]
+    if torch.is_tensor(x):
+        return x.numpy()
+    return x
+
+
+def save_predictions(collected, path):
+    """Predictions and ground truth as tensors, loadable with torch.load(..., weights_only=True)."""
+    import torch
+
+    torch.save(_to_tensors(collected), path)
+
+
+def load_predictions(path):
+    import torch
+
+    return _to_numpy(torch.load(path, map_location="cpu", weights_only=True))
+
+
+# ------------------------------------------------------------------------------------------------ command line
+
+
+def main(argv=None):
+    import torch
+    import sg2hoi
+    import train
+
+    p = argparse.ArgumentParser(description="Evaluate an SG2HOI+ checkpoint: Tables I-IV of the paper.")
+    p.add_argument("--ckpt", default="", help="checkpoint written by train.py")
+    p.add_argument("--predictions", default="", help="evaluate a file written by --save-predictions (no model)")
+    p.add_argument("--save-predictions", dest="save_predictions", default="")
+    p.add_argument("--json", default="", help="write the metrics here (default: beside the checkpoint)")
+    p.add_argument("--limit", type=int, default=0, help="first N test images only")
+    args = p.parse_args(argv)
+    if args.predictions:
+        collected = load_predictions(args.predictions)
+    else:
+        if not args.ckpt:
+            p.error("give --ckpt (or --predictions)")
+        ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=True)
+        cfg = sg2hoi.Config(**ckpt["config"])
+        model = sg2hoi.build_model(cfg)
+        model.load_state_dict(ckpt["model"])
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model.to(device)
+        targs = train.parse_args([])
+        for k, v in ckpt["args"].items():
+            setattr(targs, k, v)
+        data = train.build_data(targs, cfg)
+        collected = collect(model, cfg, data, device, args.limit)
+    if args.save_predictions:
+        save_predictions(collected, args.save_predictions)
+    metrics = metrics_from_collected(collected)
+    print(format_tables(metrics))
+    out = args.json or (os.path.join(os.path.dirname(args.ckpt), "metrics.json") if args.ckpt else "")
+    if out:
+        with open(out, "w") as f:
+            json.dump(metrics, f, indent=1)
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

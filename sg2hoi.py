@@ -627,8 +627,9 @@ class SG2HOI(nn.Module):
                 nn.init.xavier_uniform_(p)
 
     # -------------------------------------------------------------------- forward
-    def forward(self, images, mask):
-        """images (B, 3, H, W) normalised; mask (B, H, W) True on padding. Returns a dict of outputs."""
+    def forward(self, images, mask, with_hoi=True):
+        """images (B, 3, H, W) normalised; mask (B, H, W) True on padding. Returns a dict of outputs.
+        with_hoi=False skips Sec. III-C (phase 1 of training trains the SGG part alone)."""
         cfg, out = self.cfg, {}
         feat = self.backbone(images)  # (B, C, h, w)
         fmask = F.interpolate(mask[None].float(), size=feat.shape[-2:])[0].bool()  # (B, h, w)
@@ -671,7 +672,7 @@ class SG2HOI(nn.Module):
         out["rel"] = dict(sub_logits=sub_logits, obj_logits=obj_logits, pred_logits=pred_logits,
                           sub_boxes=self.rel_sub_box(f_sg).sigmoid(), obj_boxes=self.rel_obj_box(f_sg).sigmoid())
 
-        if cfg.hoi:
+        if cfg.hoi and with_hoi:
             # Eq. 7: f_r2i = R2ITrans([W_t [f_s, f_r, f_o]]_k, p), from the last relation-decoder layer
             if cfg.use_r2i:
                 f_tilde = self.w_t(torch.cat([f_s[-1], f_r[-1], f_o[-1]], dim=-1))  # (B, N_rel, d)
@@ -719,12 +720,13 @@ class SG2HOI(nn.Module):
         """Names -> group: backbone, text_classifier, sgg (III-A, III-B), hoi (III-C); for the optimiser."""
         groups = {"backbone": [], "text_classifier": [], "sgg": [], "hoi": []}
         hoi_prefixes = ("w_t.", "r2i.", "feature_transform.", "query_transform.", "hoi_")
+        text = {id(p) for m in self.modules() if isinstance(m, TextClassifier) for p in m.parameters()}
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
             if name.startswith("backbone."):
                 groups["backbone"].append(p)
-            elif isinstance(self.get_submodule(name.rsplit(".", 1)[0]), TextClassifier):
+            elif id(p) in text:
                 groups["text_classifier"].append(p)
             elif name.startswith(hoi_prefixes):
                 groups["hoi"].append(p)
