@@ -1642,7 +1642,8 @@ def toy_scene(rng, split, size=128):
 def write_toy_datasets(root, num_train=3000, num_test=500, size=128, seed=0):
     """Generate the toy scenes and write them as VG150 (RelTR JSON), HICO-DET and V-COCO (QPIC JSON) datasets.
 
-    Three disjoint image sets (the datasets never share an image, as in the paper). Returns the root."""
+    Three disjoint image sets (the datasets never share an image, as in the paper). Returns what was generated,
+    {(dataset, split): {file: (boxes, labels, rels or hois)}} in the internal form, for round-trip tests."""
     import torchvision.io
 
     vocab = load_vocab()
@@ -1653,6 +1654,8 @@ def write_toy_datasets(root, num_train=3000, num_test=500, size=128, seed=0):
     vcoco_verb = {v["name"]: i for i, v in enumerate(vocab["vcoco_verbs"])}
     rng = np.random.default_rng(seed)
     splits = [("train", num_train), ("test", num_test)]
+    generated = {}
+    coco80 = {c["name"]: i for i, c in enumerate(vocab["coco80"])}
 
     def save(canvas, path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -1677,6 +1680,9 @@ def write_toy_datasets(root, num_train=3000, num_test=500, size=128, seed=0):
                                             "image_id": image_id, "id": ann_id, "area": (x2 - x1) * (y2 - y1),
                                             "iscrowd": 0, "segmentation": None})
             rel_json[split][str(image_id)] = [[s, o, pred_index[r]] for s, o, r in rels]
+            generated.setdefault(("vg", split), {})[os.path.join(vg, "images", f"{image_id}.png")] = (
+                np.array([b for _, b in ents], np.float32), np.array([vg_index[n] - 1 for n, _ in ents]),
+                np.array([[s, o, pred_index[r] - 1] for s, o, r in rels]).reshape(-1, 3))
         with open(os.path.join(vg, f"{split}.json"), "w") as f:
             json.dump(coco, f)
     with open(os.path.join(vg, "rel.json"), "w") as f:
@@ -1700,6 +1706,13 @@ def write_toy_datasets(root, num_train=3000, num_test=500, size=128, seed=0):
                 else:
                     hoi_ann = [{"subject_id": s, "object_id": o, "category_id": vcoco_verb[v]} for s, o, v in actions]
                 images.append({"file_name": file_name, "annotations": anns, "hoi_annotation": hoi_ann})
+                pairs = hois if dataset == "hico" else actions
+                verb_id = (lambda v: hico_verb[v] - 1) if dataset == "hico" else vcoco_verb.get
+                generated.setdefault((dataset, split), {})[os.path.join(
+                    ds_root, "images", dir_train if split == "train" else dir_test, file_name)] = (
+                    np.array([b for _, b in ents], np.float32),
+                    np.array([coco80[TOY_COCO.get(n, n)] for n, _ in ents]),
+                    np.array([[s, o, verb_id(v)] for s, o, v in pairs]).reshape(-1, 3))
             ann = {"hico": ("trainval_hico.json", "test_hico.json"),
                    "vcoco": ("trainval_vcoco.json", "test_vcoco.json")}[dataset][split != "train"]
             with open(os.path.join(ds_root, "annotations", ann), "w") as f:
@@ -1708,7 +1721,7 @@ def write_toy_datasets(root, num_train=3000, num_test=500, size=128, seed=0):
         np.save(os.path.join(ds_root, "annotations", f"corre_{dataset}.npy"), corre)
     with open(os.path.join(root, "DONE"), "w") as f:
         f.write(json.dumps(dict(num_train=num_train, num_test=num_test, size=size, seed=seed)))
-    return root
+    return generated
 
 
 def ensure_toy_datasets(root, **kwargs):
@@ -1719,7 +1732,8 @@ def ensure_toy_datasets(root, **kwargs):
         with open(done) as f:
             if json.load(f) == settings:
                 return root
-    return write_toy_datasets(root, **settings)
+    write_toy_datasets(root, **settings)
+    return root
 
 
 # ---------------------------------------------------------------- Transforms and batching
