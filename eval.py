@@ -10,7 +10,8 @@ The exact rules (and their quirks, which we keep on purpose) are in each docstri
 Then: inference over a checkpoint's test splits, the paper's tables, timing, pictures (CLI at the bottom).
 
     python eval.py --ckpt runs/toy/ckpt.pt                # Tables I-IV on the checkpoint's test splits
-    python eval.py --predictions preds.pt --ckpt ...      # evaluate saved predictions
+    python eval.py --predictions preds.pt                 # evaluate saved predictions (no model needed)
+    python eval.py --ckpt runs/toy/ckpt.pt --visualize pics   # Figures 2-4 style pictures of test images
 """
 from __future__ import annotations
 
@@ -569,6 +570,122 @@ def format_tables(m):
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------------------ pictures (Figs. 2-4)
+
+
+def _palette(n):
+    """n distinct RGB colours (golden-angle hues), the same colour for a class in every picture."""
+    import colorsys
+
+    return [tuple(int(255 * c) for c in colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.75, 0.95)) for i in range(n)]
+
+
+def draw_prediction(image_uint8, gt, seg_map, triplets, class_names, seg_names, max_side=384):
+    """One picture like the paper's Figures 2-4, as a (3, H', W') uint8 tensor:
+    [image + ground-truth boxes | predicted box-based segmentation map over the image | image + the predicted
+    triplets' boxes], and under it a legend, one line per triplet, in the colour of its boxes.
+
+    image_uint8 (3, H, W); gt = {"boxes" (N, 4) xyxy pixels, "labels" (N,)}; seg_map (h, w) class index into
+    seg_names, 0 = background; triplets = [(subject box, subject name, relation text, object box or None,
+    object name, score)], best first."""
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image, ImageDraw
+    from torchvision.transforms.v2 import functional as TF
+    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+
+    H, W = image_uint8.shape[-2:]
+    scale = max_side / max(H, W)
+    size = (round(H * scale), round(W * scale))
+    image = TF.resize(image_uint8, list(size), antialias=True)
+
+    def scaled(boxes):
+        return torch.as_tensor(np.asarray(boxes, np.float32)).reshape(-1, 4) * scale
+
+    colours = _palette(max(len(seg_names) + 1, len(triplets), 1))
+    # 1. ground truth
+    gt_labels = [class_names[int(c)] for c in gt["labels"]]
+    panel_gt = draw_bounding_boxes(image, scaled(gt["boxes"]), gt_labels, colors="white", width=2)
+    # 2. the segmentation map of Eq. 1, one colour per class, background left transparent
+    seg = F.interpolate(torch.as_tensor(seg_map)[None, None].float(), size=size, mode="nearest")[0, 0].long()
+    present = [int(c) for c in seg.unique() if c > 0]
+    masks = torch.stack([seg == c for c in present]) if present else torch.zeros(0, *size, dtype=torch.bool)
+    panel_seg = draw_segmentation_masks(image, masks, alpha=0.6, colors=[colours[c] for c in present]) \
+        if present else image.clone()
+    # 3. the predicted triplets: subject and object of triplet i share colour i and are tagged "i"
+    boxes, tags, cols = [], [], []
+    for i, (sbox, _, _, obox, _, _) in enumerate(triplets):
+        for box in (sbox, obox):
+            if box is not None:
+                boxes.append(scaled(box)[0])
+                tags.append(str(i + 1))
+                cols.append(_palette(len(triplets))[i])
+    panel_pred = draw_bounding_boxes(image, torch.stack(boxes), tags, colors=cols, width=2) if boxes else image
+    row = torch.cat([panel_gt, panel_seg, panel_pred], dim=2)  # (3, H', 3 W')
+    # the legend (PIL draws text: torchvision's own drawing uses it too)
+    line_h = 14
+    legend = Image.new("RGB", (row.shape[2], line_h * (len(triplets) + len(present) // 6 + 2) + 4), (255, 255, 255))
+    draw = ImageDraw.Draw(legend)
+    for i, (_, sname, rel, _, oname, score) in enumerate(triplets):
+        text = f"{i + 1}. {sname} - {rel} - {oname}" if oname else f"{i + 1}. {sname} - {rel}"
+        draw.text((4, 2 + line_h * i), f"{text}   ({score:.2f})", fill=_palette(len(triplets))[i])
+    seg_text = "segmentation map: " + ", ".join(seg_names[c - 1] for c in present)
+    draw.text((4, 2 + line_h * len(triplets)), seg_text or "segmentation map: background only", fill=(0, 0, 0))
+    legend = TF.pil_to_tensor(legend)
+    return torch.cat([row, legend], dim=1)
+
+
+def visualize(model, cfg, data, device, out_dir, num_images=8, top=5):
+    """--visualize: Figures 2-4 for the first num_images test images of each task, as PNG files in out_dir.
+    SGG pictures show the top graph-constrained triplets, HOI pictures the top HOIs after the validity mask."""
+    import torch
+    import torchvision
+    import sg2hoi
+
+    os.makedirs(out_dir, exist_ok=True)
+    tf = sg2hoi.make_transforms(False, cfg.image_size, cfg.max_size)
+    model.eval()
+    written = []
+    seg_names = getattr(model, "seg_names", [])
+    for task in ("sgg", "hoi"):
+        if task not in data:
+            continue
+        test, meta = data[task]["test"]
+        ds = sg2hoi.DetectionDataset(test[:num_images], {"task": task}, tf)
+        for i in range(len(ds)):
+            images, mask, targets = sg2hoi.collate([ds[i]])
+            with torch.no_grad():
+                out = model(images.to(device), mask.to(device))
+            size = targets[0]["orig_size"].tolist()
+            fh, fw = out["feat_mask"].shape[1:]
+            valid_h, valid_w = int((~out["feat_mask"][0]).any(1).sum()), int((~out["feat_mask"][0]).any(0).sum())
+            seg_map = out["seg_logits"][0].argmax(0)[:valid_h, :valid_w].cpu() if "seg_logits" in out \
+                else torch.zeros(fh, fw, dtype=torch.long)
+            record = test[i]
+            if task == "sgg":
+                pred = sg2hoi.relation_predictions(out["rel"], [size])[0]
+                names = meta["entity_names"]
+                triplets = [(pred["boxes"][s], names[pred["labels"][s]], meta["predicate_names"][r - 1],
+                             pred["boxes"][o], names[pred["labels"][o]], score)
+                            for s, r, o, score in sg2hoi.relation_triplets(pred, True, top)]
+            else:
+                pred = sg2hoi.hoi_predictions(out["hoi"], [size])[0]
+                names = meta["object_names"]
+                triplets = []
+                for h, o, v, score in sg2hoi.hoi_triplets(pred, meta["correct_mat"], top):
+                    label = int(pred["labels"][o])
+                    no_object = label >= len(names) or names[label] == "no object"
+                    triplets.append((pred["boxes"][h], "person", meta["verb_names"][v],
+                                     None if no_object else pred["boxes"][o], None if no_object else names[label],
+                                     score))
+            image = torchvision.io.decode_image(record["file"], mode=torchvision.io.ImageReadMode.RGB)
+            picture = draw_prediction(image, record, seg_map, triplets, names, seg_names)
+            path = os.path.join(out_dir, f"{task}_{i:03d}_{os.path.splitext(os.path.basename(record['file']))[0]}.png")
+            torchvision.io.write_png(picture, path)
+            written.append(path)
+    return written
+
+
 # ------------------------------------------------------------------------------------------------ saved predictions
 
 
@@ -609,6 +726,92 @@ def load_predictions(path):
     return _to_numpy(torch.load(path, map_location="cpu", weights_only=True))
 
 
+# ------------------------------------------------------------------------------------------------ benchmarks
+
+
+def synthetic_sgdet(num_images, num_pairs=100, num_predicates=50, num_classes=150, seed=0):
+    """Random ground truth and predictions at VG150 SGDet scale (for the speed benchmark): ~12 boxes and
+    ~6 relations per image, num_pairs ranked pairs, half of the GT relations with a near-copy prediction."""
+    rng = np.random.default_rng(seed)
+    gts, preds = [], []
+    for _ in range(num_images):
+        n = rng.integers(2, 24)
+        xy = rng.uniform(0, 500, (n, 2))
+        boxes = np.concatenate([xy, xy + rng.uniform(10, 300, (n, 2))], 1).astype(np.float32)
+        labels = rng.integers(0, num_classes, n)
+        rels = np.stack([rng.integers(0, n, 6), rng.integers(0, n, 6), rng.integers(1, num_predicates + 1, 6)], 1)
+        gts.append(dict(boxes=boxes, labels=labels, rels=rels))
+        m = 2 * num_pairs
+        pboxes = np.concatenate([boxes[rng.integers(0, n, m)] + rng.normal(0, 5, (m, 4))], 0).astype(np.float32)
+        plabels = np.where(rng.random(m) < 0.5, labels[rng.integers(0, n, m)], rng.integers(0, num_classes, m))
+        preds.append(dict(boxes=pboxes, labels=plabels, scores=rng.random(m).astype(np.float32),
+                          rel_pairs=np.stack([np.arange(num_pairs), np.arange(num_pairs, m)], 1),
+                          rel_scores=rng.dirichlet(np.ones(num_predicates + 1), num_pairs).astype(np.float32)))
+    return gts, preds
+
+
+def synthetic_hico(num_images, num_pairs=100, num_verbs=117, num_objects=80, seed=0):
+    """Random HICO-DET-scale ground truth and QPIC-style predictions (100 query pairs per image)."""
+    rng = np.random.default_rng(seed)
+    correct_mat = (rng.random((num_verbs, num_objects)) < 0.07).astype(np.float32)
+    correct_mat[:, 0] = 1
+    valid = np.argwhere(correct_mat)  # (verb, object) pairs that are HOI classes
+    gts, preds = [], []
+    for _ in range(num_images):
+        k = rng.integers(1, 5)
+        classes = valid[rng.integers(0, len(valid), k)]
+        xy = rng.uniform(0, 400, (2 * k, 2))
+        boxes = np.concatenate([xy, xy + rng.uniform(20, 200, (2 * k, 2))], 1).astype(np.float32)
+        labels = np.concatenate([np.zeros(k, int), classes[:, 1]])
+        gts.append(dict(boxes=boxes, labels=labels, hois=np.stack([np.arange(k), np.arange(k, 2 * k), classes[:, 0]], 1)))
+        pick = rng.integers(0, k, num_pairs)
+        pb = np.concatenate([boxes[pick], boxes[k + pick]]) + rng.normal(0, 8, (2 * num_pairs, 4))
+        preds.append(dict(boxes=pb.astype(np.float32), labels=np.concatenate([np.zeros(num_pairs, int), labels[k + pick]]),
+                          sub_ids=np.arange(num_pairs), obj_ids=np.arange(num_pairs, 2 * num_pairs),
+                          verb_scores=rng.random((num_pairs, num_verbs)).astype(np.float32) ** 4))
+    rare = valid[rng.random(len(valid)) < 0.23]
+    return gts, preds, correct_mat, np.stack([np.zeros(len(rare), int), rare[:, 1], rare[:, 0]], 1)
+
+
+def benchmark_metrics(sgdet_images=26446, hico_images=9658):
+    """Seconds for the full-size test sets: SGDet (graph constraint and not, 100 pairs per image) and HICO-DET
+    (Default and Known-Object, 100 pairs per image). The data generation is not timed."""
+    gts, preds = synthetic_sgdet(sgdet_images)
+    t = time.perf_counter()
+    sgdet_metrics(gts, preds, 50, zeroshot_triplets=np.zeros((0, 3), int),
+                  longtail={"head": [1, 2], "body": [3, 4], "tail": [5, 6]})
+    t_sg = time.perf_counter() - t
+    gts, preds, correct_mat, rare = synthetic_hico(hico_images)
+    t = time.perf_counter()
+    hico_map(gts, preds, correct_mat, rare)
+    hico_map(gts, preds, correct_mat, rare, known_object=True)
+    t_hico = time.perf_counter() - t
+    return {"sgdet_s": t_sg, "sgdet_images": sgdet_images, "hico_s": t_hico, "hico_images": hico_images}
+
+
+def benchmark_model(cfg, image_hw=(512, 512), warmup=2, n=5):
+    """CPU seconds per image (batch 1) of the whole model's forward and of its backbone alone."""
+    import torch
+    import sg2hoi
+
+    model = sg2hoi.build_model(cfg).eval()
+    images, mask = torch.randn(1, 3, *image_hw), torch.zeros(1, *image_hw, dtype=torch.bool)
+
+    def timed(fn):
+        with torch.no_grad():
+            for _ in range(warmup):
+                fn()
+            t = time.perf_counter()
+            for _ in range(n):
+                fn()
+        return (time.perf_counter() - t) / n
+
+    t_backbone = timed(lambda: model.backbone(images))
+    t_model = timed(lambda: model(images, mask))
+    return {"model_s": t_model, "backbone_s": t_backbone, "ratio": t_model / t_backbone,
+            "threads": torch.get_num_threads(), "image_hw": list(image_hw)}
+
+
 # ------------------------------------------------------------------------------------------------ command line
 
 
@@ -623,12 +826,22 @@ def main(argv=None):
     p.add_argument("--save-predictions", dest="save_predictions", default="")
     p.add_argument("--json", default="", help="write the metrics here (default: beside the checkpoint)")
     p.add_argument("--limit", type=int, default=0, help="first N test images only")
+    p.add_argument("--visualize", default="", help="write Figure 2-4 style PNGs of test images into this folder")
+    p.add_argument("--num_visualize", type=int, default=8, help="test images per task for --visualize")
+    p.add_argument("--benchmark", choices=["metrics", "model"], default="",
+                   help="metrics: speed at the full test-set sizes; model: paper config forward vs backbone (CPU)")
     args = p.parse_args(argv)
-    if args.predictions:
-        collected = load_predictions(args.predictions)
-    else:
-        if not args.ckpt:
-            p.error("give --ckpt (or --predictions)")
+    if args.benchmark == "metrics":
+        print(json.dumps(benchmark_metrics(), indent=1))
+        return
+    if args.benchmark == "model":
+        print(json.dumps(benchmark_model(sg2hoi.make_config("paper")), indent=1))
+        return
+    if not (args.ckpt or args.predictions):
+        p.error("give --ckpt (or --predictions)")
+    if args.visualize and not args.ckpt:
+        p.error("--visualize needs --ckpt (it runs the model)")
+    if args.ckpt:
         ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=True)
         cfg = sg2hoi.Config(**ckpt["config"])
         model = sg2hoi.build_model(cfg)
@@ -639,7 +852,10 @@ def main(argv=None):
         for k, v in ckpt["args"].items():
             setattr(targs, k, v)
         data = train.build_data(targs, cfg)
-        collected = collect(model, cfg, data, device, args.limit)
+        if args.visualize:
+            paths = visualize(model, cfg, data, device, args.visualize, args.num_visualize)
+            print(f"wrote {len(paths)} pictures to {args.visualize}")
+    collected = load_predictions(args.predictions) if args.predictions else collect(model, cfg, data, device, args.limit)
     if args.save_predictions:
         save_predictions(collected, args.save_predictions)
     metrics = metrics_from_collected(collected)

@@ -80,7 +80,9 @@ class Config:
     use_r2i: bool = True  # False = "-R2ITR" (Table VIII)
     hoi_queries_from_rel: bool = False  # True = "RELQ": relation queries are the HOI queries (Table VIII)
     # matching and losses
-    cost_box: float = 1.0  # alpha_1 in Eq. 9 (L1 + GIoU)
+    cost_box: float = 1.0  # alpha_1 in Eq. 9 (box cost = box_l1 * L1 - box_giou * GIoU)
+    box_l1: float = 2.5  # inside the box cost and loss: L1 weight (QPIC / CDN / GEN-VLKT; not given in the paper)
+    box_giou: float = 1.0  # inside the box cost and loss: GIoU weight (QPIC / CDN / GEN-VLKT)
     cost_class: float = 2.0  # alpha_2 (subject/object labels)
     cost_rel: float = 4.0  # alpha_3 (predicate / verbs)
     loss_seg: float = 2.0  # lambda_1 in Eq. 10
@@ -95,6 +97,7 @@ class Config:
     lr_sgg_phase2: float = 1e-5  # SGG part's learning rate once the HOI part joins (Sec. IV-D)
     weight_decay: float = 1e-4
     clip_max_norm: float = 0.1
+    lr_drop: float = 2 / 3  # lr x 0.1 after this fraction of each phase (not given in the paper; DETR / QPIC practice)
     batch_size: int = 8
     sgg_epochs: int = 20  # phase 1: SGG alone
     joint_epochs: int = 20  # phase 2: SGG and HOI alternate
@@ -138,7 +141,7 @@ PRESETS = {
                 rel_dec_layers=2, r2i_layers=1, feat_trans_layers=1, query_trans_layers=1, hoi_dec_layers=2,
                 num_rel_queries=16, num_hoi_queries=16, seg_hidden=32, text_dim=64, batch_size=16,
                 lr=4e-4, lr_backbone=4e-4, lr_text_classifier=4e-4, lr_sgg_phase2=1e-4, clip_max_norm=0.1,
-                sgg_epochs=3, joint_epochs=6, image_size=128, max_size=128),
+                sgg_epochs=5, joint_epochs=3, lr_drop=0.9, image_size=128, max_size=128),
 }
 
 
@@ -250,6 +253,18 @@ def clip_image_teacher(model_name="ViT-B-32", pretrained="openai"):
         x = preprocess(to_pil(image_uint8)).unsqueeze(0)
         return F.normalize(model.encode_image(x).float(), dim=-1)[0]
     return encode
+
+
+def build_clip_image_cache(records_list, out_path, model_name="ViT-B-32", pretrained="openai"):
+    """Optional helper: the CLIP image embedding of every training image, saved as {image file: (512,) tensor},
+    the file train.py --clip_cache reads (the teacher of Eq. 5). records_list: lists of records (load_dataset)."""
+    encode = clip_image_teacher(model_name, pretrained)
+    cache = {}
+    for records in records_list:
+        for r in records:
+            cache[r["file"]] = encode(torchvision.io.decode_image(r["file"], mode=torchvision.io.ImageReadMode.RGB))
+    torch.save(cache, out_path)
+    return out_path
 
 
 # ------------------------------------------------------------------------------------------------ Backbone + position encoding
@@ -641,7 +656,7 @@ class SG2HOI(nn.Module):
         if cfg.use_bbseg:
             seg_logits = self.bbseg(v)  # s: (B, N_o + 1, h, w)
             e_s = self.semantic_table[seg_logits.argmax(1)]  # E_s: (B, h, w, E); background -> 0
-            f_agg = torch.cat([self.w_v(v), self.w_s(e_s.permute(0, 3, 1, 2))], dim=1)  # (B, d, h, w)
+            f_agg = torch.cat([self.w_v(v), self.w_s(e_s.permute(0, 3, 1, 2).contiguous())], dim=1)  # (B, d, h, w)
             out["seg_logits"] = seg_logits
         else:  # -HSS
             f_agg = v
@@ -792,8 +807,9 @@ class HungarianMatcher:
     """Eq. 9: L_cost = alpha_1 L_box + alpha_2 L_cls + alpha_3 L_cls^r, solved by linear_sum_assignment.
 
     What the paper leaves open, and what we chose:
-      * the box cost "encompasses a box regression loss L1 and an IoU loss" (following QPIC): we use
-        L1 (on normalised cxcywh) - GIoU, each with weight 1 inside alpha_1;
+      * the box cost "encompasses a box regression loss L1 and an IoU loss": we use QPIC's weighting inside
+        alpha_1, box_l1 * L1 (on normalised cxcywh) - box_giou * GIoU with 2.5 and 1 (CDN and GEN-VLKT
+        keep them; DETR and RelTR use 5 and 2, the same ratio);
       * the star means "subject or object": we add the subject and the object terms (RelTR), so that a
         5-tuple pays for both of its boxes; for HOIs the human takes the subject's place;
       * classification costs are -p(class), as DETR (the log of CE is dropped in the cost; monotone);
@@ -801,8 +817,9 @@ class HungarianMatcher:
         negative verbs) / 2.
     The costs are built for the whole batch in one pass and split per image (DETR)."""
 
-    def __init__(self, cost_box=1.0, cost_class=2.0, cost_rel=4.0):
+    def __init__(self, cost_box=1.0, cost_class=2.0, cost_rel=4.0, box_l1=2.5, box_giou=1.0):
         self.a1, self.a2, self.a3 = cost_box, cost_class, cost_rel
+        self.box_l1, self.box_giou = box_l1, box_giou
 
     @torch.no_grad()
     def match_relations(self, out, tgts):
@@ -817,7 +834,7 @@ class HungarianMatcher:
         p_rel = out["pred_logits"].flatten(0, 1).float().softmax(-1)
         l1_s, giou_s = _box_costs(out["sub_boxes"].flatten(0, 1).float(), cat["sub_boxes"])
         l1_o, giou_o = _box_costs(out["obj_boxes"].flatten(0, 1).float(), cat["obj_boxes"])
-        c_box = l1_s + l1_o - giou_s - giou_o  # (B*Q, T)
+        c_box = self.box_l1 * (l1_s + l1_o) - self.box_giou * (giou_s + giou_o)  # (B*Q, T)
         c_cls = -(p_sub[:, cat["sub_labels"]] + p_obj[:, cat["obj_labels"]])
         c_rel = -p_rel[:, cat["preds"]]
         cost = self.a1 * c_box + self.a2 * c_cls + self.a3 * c_rel
@@ -837,7 +854,7 @@ class HungarianMatcher:
         l1_h, giou_h = _box_costs(out["human_boxes"].flatten(0, 1).float(), cat["human_boxes"])
         l1_o, giou_o = _box_costs(out["obj_boxes"].flatten(0, 1).float(), cat["obj_boxes"])
         has_obj = cat["has_obj"].float()[None]  # (1, T): no object box -> no object box cost
-        c_box = l1_h - giou_h + (l1_o - giou_o) * has_obj
+        c_box = self.box_l1 * l1_h - self.box_giou * giou_h + (self.box_l1 * l1_o - self.box_giou * giou_o) * has_obj
         c_cls = -(p_human[:, None] + p_obj[:, cat["obj_labels"]])
         y = cat["verbs"]  # (T, V)
         c_verb = -0.5 * (p_verb @ y.t() / (y.sum(1)[None] + 1e-4)
@@ -868,7 +885,7 @@ class SetCriterion(nn.Module):
     def __init__(self, cfg: Config, entity_to_seg, hoi_object_to_seg, num_seg_classes):
         super().__init__()
         self.cfg = cfg
-        self.matcher = HungarianMatcher(cfg.cost_box, cfg.cost_class, cfg.cost_rel)
+        self.matcher = HungarianMatcher(cfg.cost_box, cfg.cost_class, cfg.cost_rel, cfg.box_l1, cfg.box_giou)
         self.register_buffer("entity_to_seg", entity_to_seg.clone())
         self.register_buffer("hoi_object_to_seg", hoi_object_to_seg.clone())
         self.num_seg_classes = num_seg_classes
@@ -890,7 +907,7 @@ class SetCriterion(nn.Module):
         l1 = F.l1_loss(pred.float(), tgt, reduction="sum") / num
         giou = generalized_box_iou_loss(box_convert(pred.float(), "cxcywh", "xyxy"),
                                         box_convert(tgt, "cxcywh", "xyxy"), reduction="sum") / num
-        return l1 + giou
+        return self.cfg.box_l1 * l1 + self.cfg.box_giou * giou
 
     def relation_losses(self, out, tgts):
         """L_rel for one decoder layer: dict of weighted terms."""

@@ -62,7 +62,6 @@ def parse_args(argv=None):
     p.add_argument("--max_steps", type=int, default=0, help="stop after this many steps (0 = the full schedule)")
     p.add_argument("--nonfinite", default="stop", choices=["stop", "skip"],
                    help="a non-finite loss stops the run (naming step and term) or skips the step (counted)")
-    p.add_argument("--lr_drop", type=float, default=2 / 3, help="fraction of each phase after which lr x 0.1")
     p.add_argument("--amp", default="bf16", choices=["bf16", "none"], help="bf16 autocast (CUDA only)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--seed", type=int, default=0)
@@ -100,7 +99,7 @@ def build_data(args, cfg):
                                        size=cfg.image_size)
         barrier()
         vg_root, vg_kind = os.path.join(args.toy_root, "vg"), "vg"
-        hoi_root, hoi_kind = os.path.join(args.toy_root, "hico"), "hico"
+        hoi_root, hoi_kind = os.path.join(args.toy_root, args.hoi_dataset), args.hoi_dataset  # toy HICO or V-COCO
     else:
         vg_root, vg_kind = args.vg, "vg" if args.vg_format == "json" else "vg_h5"
         hoi_root, hoi_kind = args.hoi, args.hoi_dataset
@@ -243,9 +242,9 @@ def make_optimizer(model, cfg):
                               for g in groups if groups[g]], lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def set_learning_rates(optimizer, cfg, phase, progress, lr_drop):
-    """Phase 2 lowers the SGG part to lr_sgg_phase2; lr x 0.1 after lr_drop of each phase."""
-    factor = 0.1 if progress >= lr_drop else 1.0
+def set_learning_rates(optimizer, cfg, phase, progress):
+    """Phase 2 lowers the SGG part to lr_sgg_phase2; lr x 0.1 after cfg.lr_drop of each phase."""
+    factor = 0.1 if progress >= cfg.lr_drop else 1.0
     for g in optimizer.param_groups:
         base = cfg.lr_sgg_phase2 if (phase == 2 and g["name"] == "sgg") else g["base_lr"]
         g["lr"] = base * factor
@@ -274,7 +273,7 @@ def main(argv=None):
     if resume:  # the checkpoint's config and data arguments win; schedule flags on this command line still apply
         cfg = sg2hoi.Config(**resume["config"])
         for k in ("toy_root", "toy_train", "toy_test", "vg", "vg_format", "hoi", "hoi_dataset", "text_teacher",
-                  "clip_cache", "seed", "lr_drop"):
+                  "clip_cache", "seed"):
             setattr(args, k, resume["args"][k])
     else:
         cfg = sg2hoi.make_config(args.preset, **config_overrides(args))
@@ -352,7 +351,7 @@ def main(argv=None):
         # alternation: phase 2 takes SGG on even steps and HOI on odd steps (HOI only if there is no SGG data)
         task = "sgg" if (phase == 1 or (has_sgg and (step - phase1_steps) % 2 == 0)) else "hoi"
         progress = step / max(phase1_steps, 1) if phase == 1 else (step - phase1_steps) / max(phase2_steps, 1)
-        set_learning_rates(optimizer, cfg, phase, progress, args.lr_drop)
+        set_learning_rates(optimizer, cfg, phase, progress)
 
         images, mask, targets = streams[task].next()
         images, mask = images.to(device, non_blocking=True), mask.to(device, non_blocking=True)
