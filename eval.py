@@ -356,7 +356,8 @@ def vcoco_role_ap(gts, preds, actions, person_label=0):
                for a in range(A) for r in range(len(actions[a]["roles"]) - 1)}
         reported = [v for k, v in aps.items() if k != "point-instr"]
         out[f"role_mAP_S{s}"] = float(np.nanmean(reported)) if np.any(~np.isnan(reported)) else 0.0
-        out[f"role_mAP_S{s}_all"] = float(np.nanmean(list(aps.values()))) if aps else 0.0
+        every = np.array(list(aps.values()), float)
+        out[f"role_mAP_S{s}_all"] = float(np.nanmean(every)) if np.any(~np.isnan(every)) else 0.0
         out[f"role_ap_S{s}"] = aps
     return out
 

@@ -21,6 +21,9 @@ from torchvision.ops import box_iou, generalized_box_iou
 import eval as ev
 import sg2hoi
 
+# torchvision 0.29 deprecates its image decoders in favour of TorchCodec (not a dependency here); they still work
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 torch.set_num_threads(2)
 
