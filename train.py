@@ -328,6 +328,7 @@ def main(argv=None):
             print(f"resumed from {args.resume} at step {state['step']}")
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     log = open(os.path.join(args.out, "log.jsonl"), "a") if is_master() else None
+    last_terms = {}  # task -> its latest losses, for the progress line
     if is_master():
         n_params = sum(p.numel() for p in model.parameters())
         print(f"SG2HOI+ {n_params / 1e6:.1f} M parameters | tasks {sorted(streams)} | {world_size()} process(es) "
@@ -390,17 +391,19 @@ def main(argv=None):
         state["streams"] = {t: s.state() for t, s in streams.items()}
 
         if is_master():
+            terms = {k: v.item() for k, v in losses.items() if not k[-1].isdigit()}  # last layer's terms
+            last_terms[task] = " ".join(f"{k} {v:.3f}" for k, v in terms.items())  # the line shows both tasks
             record = {"step": step, "phase": phase, "task": task, "epoch": streams[task].epoch,
                       "lr": optimizer.param_groups[0]["lr"], "time": round(time.time() - t_start, 3),
-                      **{k: round(v.item(), 6) for k, v in losses.items() if not k[-1].isdigit()}}
+                      **{k: round(v, 6) for k, v in terms.items()}}
             log.write(json.dumps(record) + "\n")
             log.flush()
             if step % args.log_every == 0 or step == total_steps:
                 elapsed = time.time() - t_start
                 rate = images_seen / max(elapsed, 1e-9)
                 eta = (total_steps - step) * elapsed / max(step - resume_step(resume), 1)
-                terms = " ".join(f"{k} {v.item():.3f}" for k, v in losses.items() if not k[-1].isdigit())
-                print(f"step {step}/{total_steps} phase {phase} {task} | {terms} | {rate:.1f} img/s | "
+                line = " | ".join(f"{t}: {last_terms[t]}" for t in ("sgg", "hoi") if t in last_terms)
+                print(f"step {step}/{total_steps} phase {phase} | {line} | {rate:.1f} img/s | "
                       f"ETA {eta / 60:.1f} min", flush=True)
         if step % args.ckpt_every == 0 or step == total_steps:
             if is_master():
