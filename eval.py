@@ -56,6 +56,11 @@ def qpic_iou_matrix(a, b):
 # ------------------------------------------------------------------------------------------------ VG150 SGDet
 
 
+def _triplet_set(rows):
+    """Rows of three labels (array-like, any length) -> a set of int 3-tuples."""
+    return {tuple(int(x) for x in row) for row in np.asarray(rows).reshape(-1, 3)}
+
+
 def _relation_hits(gt, pred_triplets, pred_boxes_s, pred_boxes_o):
     """(P, R) bool: prediction p hits GT relation r (same three labels, both IoUs >= 0.5). Not one-to-one."""
     rels = np.asarray(gt["rels"]).reshape(-1, 3)
@@ -93,8 +98,7 @@ def sgdet_metrics(gts, preds, num_predicates, ks=(20, 50, 100), zeroshot_triplet
       * head/body/tail: the per-predicate recalls behind mR@K averaged inside each group (SGTR).
     Returns fractions (not percentages)."""
     ks = tuple(sorted(ks))
-    zs = {tuple(int(x) for x in row) for row in np.asarray(zeroshot_triplets).reshape(-1, 3)} \
-        if zeroshot_triplets is not None else set()
+    zs = _triplet_set(zeroshot_triplets) if zeroshot_triplets is not None else set()
     modes = ("", "ng")
     recall = {m: {k: [] for k in ks} for m in modes}
     zrecall = {m: {k: [] for k in ks} for m in modes}
@@ -247,9 +251,8 @@ def hico_map(gts, preds, correct_mat, rare_triplets, known_object=False, non_rar
         rec = tp / npos[trip]
         prec = tp / (tp + fp)
         ap[trip], max_recall[trip] = eleven_point_ap(rec, prec), float(rec.max())
-    rare = {tuple(int(x) for x in r) for r in np.asarray(rare_triplets).reshape(-1, 3)}
-    non_rare = {tuple(int(x) for x in r) for r in np.asarray(non_rare_triplets).reshape(-1, 3)} \
-        if non_rare_triplets is not None else set(gt_classes) - rare
+    rare = _triplet_set(rare_triplets)
+    non_rare = _triplet_set(non_rare_triplets) if non_rare_triplets is not None else set(gt_classes) - rare
     mean = lambda xs: float(np.mean(xs)) if len(xs) else 0.0  # noqa: E731
     return dict(mAP_full=mean([ap[c] for c in gt_classes]), mAP_rare=mean([ap[c] for c in gt_classes if c in rare]),
                 mAP_non_rare=mean([ap[c] for c in gt_classes if c in non_rare]),
@@ -282,6 +285,12 @@ def _vcoco_ap(tp, fp, scores, npos):
     rec = tp / float(npos)
     prec = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
     return voc_ap(rec, prec)
+
+
+def _nanmean_or_zero(values):
+    """Mean over the non-NaN values; 0 when there is none."""
+    values = np.asarray(values, float)
+    return float(np.nanmean(values)) if np.any(~np.isnan(values)) else 0.0
 
 
 def vcoco_role_ap(gts, preds, actions, person_label=0):
@@ -355,9 +364,8 @@ def vcoco_role_ap(gts, preds, actions, person_label=0):
         aps = {f"{actions[a]['name']}-{actions[a]['roles'][r + 1]}": _vcoco_ap(*role_rec[(a, r, s)], npos[a])
                for a in range(A) for r in range(len(actions[a]["roles"]) - 1)}
         reported = [v for k, v in aps.items() if k != "point-instr"]
-        out[f"role_mAP_S{s}"] = float(np.nanmean(reported)) if np.any(~np.isnan(reported)) else 0.0
-        every = np.array(list(aps.values()), float)
-        out[f"role_mAP_S{s}_all"] = float(np.nanmean(every)) if np.any(~np.isnan(every)) else 0.0
+        out[f"role_mAP_S{s}"] = _nanmean_or_zero(reported)
+        out[f"role_mAP_S{s}_all"] = _nanmean_or_zero(list(aps.values()))
         out[f"role_ap_S{s}"] = aps
     return out
 
@@ -398,19 +406,20 @@ def zeroshot_from_training(train_records, test_records):
     return sorted(triplets(test_records) - triplets(train_records))
 
 
-def _batches(records, transforms, batch_size):
+def _test_dataset(records, cfg):
+    """The records with the test transform (shorter side = cfg.image_size), as a DetectionDataset."""
     import sg2hoi
 
-    ds = sg2hoi.DetectionDataset(records, {"task": "sgg" if "rels" in records[0] else "hoi"}, transforms)
-    return torch_data_loader(ds, batch_size)
+    tf = sg2hoi.make_transforms(False, cfg.image_size, cfg.max_size)
+    return sg2hoi.DetectionDataset(records, {"task": "sgg" if "rels" in records[0] else "hoi"}, tf)
 
 
-def torch_data_loader(ds, batch_size):
+def _forward(model, images, mask, device):
+    """The model in inference: no gradients, bf16 autocast on CUDA (as in training)."""
     import torch
-    import sg2hoi
 
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0,
-                                       collate_fn=sg2hoi.collate)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        return model(images.to(device), mask.to(device))
 
 
 def predict(model, cfg, records, device, batch_size=8):
@@ -418,17 +427,16 @@ def predict(model, cfg, records, device, batch_size=8):
     import torch
     import sg2hoi
 
-    tf = sg2hoi.make_transforms(False, cfg.image_size, cfg.max_size)
+    loader = torch.utils.data.DataLoader(_test_dataset(records, cfg), batch_size=batch_size, shuffle=False,
+                                         num_workers=0, collate_fn=sg2hoi.collate)
     rel_preds, hoi_preds = [], []
     model.eval()
-    with torch.no_grad():
-        for images, mask, targets in _batches(records, tf, batch_size):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                out = model(images.to(device), mask.to(device))
-            sizes = [t["orig_size"].tolist() for t in targets]
-            rel_preds += sg2hoi.relation_predictions(out["rel"], sizes)
-            if "hoi" in out:
-                hoi_preds += sg2hoi.hoi_predictions(out["hoi"], sizes)
+    for images, mask, targets in loader:
+        out = _forward(model, images, mask, device)
+        sizes = [t["orig_size"].tolist() for t in targets]
+        rel_preds += sg2hoi.relation_predictions(out["rel"], sizes)
+        if "hoi" in out:
+            hoi_preds += sg2hoi.hoi_predictions(out["hoi"], sizes)
     return rel_preds, hoi_preds
 
 
@@ -437,36 +445,35 @@ def time_per_image(model, cfg, records, device, warmup=3, n=20):
     import torch
     import sg2hoi
 
-    tf = sg2hoi.make_transforms(False, cfg.image_size, cfg.max_size)
-    ds = sg2hoi.DetectionDataset(records[: warmup + n], {"task": "sgg" if "rels" in records[0] else "hoi"}, tf)
+    ds = _test_dataset(records[: warmup + n], cfg)
     model.eval()
     times = []
-    with torch.no_grad():
-        for i in range(len(ds)):
-            images, mask, targets = sg2hoi.collate([ds[i]])
-            images, mask = images.to(device), mask.to(device)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                out = model(images, mask)
-            sg2hoi.relation_predictions(out["rel"], [targets[0]["orig_size"].tolist()])
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i >= warmup:
-                times.append(time.perf_counter() - t)
+    for i in range(len(ds)):
+        images, mask, targets = sg2hoi.collate([ds[i]])
+        images, mask = images.to(device), mask.to(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = _forward(model, images, mask, device)
+        sg2hoi.relation_predictions(out["rel"], [targets[0]["orig_size"].tolist()])
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     return float(np.mean(times)) if times else float("nan"), name
 
 
 def collect(model, cfg, data, device, limit=0):
     """data: {"sgg": {"train": (records, meta), "test": (...)}, "hoi": {...}} -> everything the metrics need."""
+    import sg2hoi
+
     out = {}
     if "sgg" in data:
         (train, _), (test, meta) = data["sgg"]["train"], data["sgg"]["test"]
         test = test[:limit] if limit else test
         rel_preds, _ = predict(model, cfg, test, device)
-        vocab = json.load(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "vocab.json")))
+        vocab = sg2hoi.load_vocab()
         is_vg150 = meta["predicate_names"] == vocab["vg150_predicates"] and not meta.get("toy")
         out["sgg"] = dict(gts=[sgg_ground_truth(r) for r in test], preds=rel_preds,
                           num_predicates=len(meta["predicate_names"]),
@@ -475,8 +482,6 @@ def collect(model, cfg, data, device, limit=0):
                           longtail_groups(train, len(meta["predicate_names"])))
         out["sgg"]["time"], out["sgg"]["device"] = time_per_image(model, cfg, test, device)
     if "hoi" in data:
-        import sg2hoi
-
         (train, _), (test, meta) = data["hoi"]["train"], data["hoi"]["test"]
         test = test[:limit] if limit else test
         _, hoi_preds = predict(model, cfg, test, device)
@@ -603,7 +608,7 @@ def draw_prediction(image_uint8, gt, seg_map, triplets, class_names, seg_names, 
     def scaled(boxes):
         return torch.as_tensor(np.asarray(boxes, np.float32)).reshape(-1, 4) * scale
 
-    colours = _palette(max(len(seg_names) + 1, len(triplets), 1))
+    seg_colours, triplet_colours = _palette(len(seg_names) + 1), _palette(len(triplets))
     # 1. ground truth
     gt_labels = [class_names[int(c)] for c in gt["labels"]]
     panel_gt = draw_bounding_boxes(image, scaled(gt["boxes"]), gt_labels, colors="white", width=2)
@@ -611,7 +616,7 @@ def draw_prediction(image_uint8, gt, seg_map, triplets, class_names, seg_names, 
     seg = F.interpolate(torch.as_tensor(seg_map)[None, None].float(), size=size, mode="nearest")[0, 0].long()
     present = [int(c) for c in seg.unique() if c > 0]
     masks = torch.stack([seg == c for c in present]) if present else torch.zeros(0, *size, dtype=torch.bool)
-    panel_seg = draw_segmentation_masks(image, masks, alpha=0.6, colors=[colours[c] for c in present]) \
+    panel_seg = draw_segmentation_masks(image, masks, alpha=0.6, colors=[seg_colours[c] for c in present]) \
         if present else image.clone()
     # 3. the predicted triplets: subject and object of triplet i share colour i and are tagged "i"
     boxes, tags, cols = [], [], []
@@ -620,7 +625,7 @@ def draw_prediction(image_uint8, gt, seg_map, triplets, class_names, seg_names, 
             if box is not None:
                 boxes.append(scaled(box)[0])
                 tags.append(str(i + 1))
-                cols.append(_palette(len(triplets))[i])
+                cols.append(triplet_colours[i])
     panel_pred = draw_bounding_boxes(image, torch.stack(boxes), tags, colors=cols, width=2) if boxes else image
     row = torch.cat([panel_gt, panel_seg, panel_pred], dim=2)  # (3, H', 3 W')
     # the legend (PIL draws text: torchvision's own drawing uses it too)
@@ -629,9 +634,9 @@ def draw_prediction(image_uint8, gt, seg_map, triplets, class_names, seg_names, 
     draw = ImageDraw.Draw(legend)
     for i, (_, sname, rel, _, oname, score) in enumerate(triplets):
         text = f"{i + 1}. {sname} - {rel} - {oname}" if oname else f"{i + 1}. {sname} - {rel}"
-        draw.text((4, 2 + line_h * i), f"{text}   ({score:.2f})", fill=_palette(len(triplets))[i])
-    seg_text = "segmentation map: " + ", ".join(seg_names[c - 1] for c in present)
-    draw.text((4, 2 + line_h * len(triplets)), seg_text or "segmentation map: background only", fill=(0, 0, 0))
+        draw.text((4, 2 + line_h * i), f"{text}   ({score:.2f})", fill=triplet_colours[i])
+    seg_text = "segmentation map: " + (", ".join(seg_names[c - 1] for c in present) or "background only")
+    draw.text((4, 2 + line_h * len(triplets)), seg_text, fill=(0, 0, 0))
     legend = TF.pil_to_tensor(legend)
     return torch.cat([row, legend], dim=1)
 
@@ -644,19 +649,16 @@ def visualize(model, cfg, data, device, out_dir, num_images=8, top=5):
     import sg2hoi
 
     os.makedirs(out_dir, exist_ok=True)
-    tf = sg2hoi.make_transforms(False, cfg.image_size, cfg.max_size)
     model.eval()
     written = []
-    seg_names = getattr(model, "seg_names", [])
     for task in ("sgg", "hoi"):
         if task not in data:
             continue
         test, meta = data[task]["test"]
-        ds = sg2hoi.DetectionDataset(test[:num_images], {"task": task}, tf)
+        ds = _test_dataset(test[:num_images], cfg)
         for i in range(len(ds)):
             images, mask, targets = sg2hoi.collate([ds[i]])
-            with torch.no_grad():
-                out = model(images.to(device), mask.to(device))
+            out = _forward(model, images, mask, device)
             size = targets[0]["orig_size"].tolist()
             fh, fw = out["feat_mask"].shape[1:]
             valid_h, valid_w = int((~out["feat_mask"][0]).any(1).sum()), int((~out["feat_mask"][0]).any(0).sum())
@@ -675,12 +677,12 @@ def visualize(model, cfg, data, device, out_dir, num_images=8, top=5):
                 triplets = []
                 for h, o, v, score in sg2hoi.hoi_triplets(pred, meta["correct_mat"], top):
                     label = int(pred["labels"][o])
-                    no_object = label >= len(names) or names[label] == "no object"
+                    no_object = names[label] == "no object"  # V-COCO's 81st class
                     triplets.append((pred["boxes"][h], "person", meta["verb_names"][v],
                                      None if no_object else pred["boxes"][o], None if no_object else names[label],
                                      score))
             image = torchvision.io.decode_image(record["file"], mode=torchvision.io.ImageReadMode.RGB)
-            picture = draw_prediction(image, record, seg_map, triplets, names, seg_names)
+            picture = draw_prediction(image, record, seg_map, triplets, names, model.seg_names)
             path = os.path.join(out_dir, f"{task}_{i:03d}_{os.path.splitext(os.path.basename(record['file']))[0]}.png")
             torchvision.io.write_png(picture, path)
             written.append(path)

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,8 +30,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from scipy.optimize import linear_sum_assignment
+from torchvision import tv_tensors
 from torchvision.ops import box_convert, generalized_box_iou, generalized_box_iou_loss, sigmoid_focal_loss
 from torchvision.ops.misc import FrozenBatchNorm2d
+from torchvision.transforms import v2
 
 # ------------------------------------------------------------------------------------------------ Config
 
@@ -1211,7 +1214,7 @@ def _clean_boxes(boxes, width, height, where, skips):
     boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
     boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
     keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-    skips["degenerate boxes dropped"] = skips.get("degenerate boxes dropped", 0) + int((~keep).sum())
+    skips["degenerate boxes dropped"] += int((~keep).sum())
     return boxes, keep
 
 
@@ -1220,7 +1223,7 @@ def _reindex(pairs, keep, skips, what):
     new_index = np.cumsum(keep) - 1
     pairs = np.asarray(pairs, np.int64).reshape(-1, 3)
     ok = keep[pairs[:, 0]] & ((pairs[:, 1] < 0) | keep[np.maximum(pairs[:, 1], 0)])
-    skips[f"{what} on dropped boxes"] = skips.get(f"{what} on dropped boxes", 0) + int((~ok).sum())
+    skips[f"{what} on dropped boxes"] += int((~ok).sum())
     pairs = pairs[ok]
     out = pairs.copy()
     out[:, 0] = new_index[pairs[:, 0]]
@@ -1263,12 +1266,12 @@ def load_vg_json(root, split, check_images=True):
     anns = {}
     for a in coco["annotations"]:
         anns.setdefault(a["image_id"], []).append(a)
-    records, skips = [], {}
+    records, skips = [], Counter()
     for im in coco["images"]:
         where = f"{ann_path}: image {im.get('id')}"
         rels = rels_all[split].get(str(im["id"]), [])
         if not rels:
-            skips["images without relations skipped"] = skips.get("images without relations skipped", 0) + 1
+            skips["images without relations skipped"] += 1
             continue
         objs = anns.get(im["id"], [])
         for j, a in enumerate(objs):
@@ -1280,12 +1283,12 @@ def load_vg_json(root, split, check_images=True):
         boxes, keep = _clean_boxes(boxes, im["width"], im["height"], where, skips)
         rels = np.asarray(rels, np.int64).reshape(-1, 3)
         _check_indices(rels, len(objs), f"{rel_path}: {split}/{im['id']}", "[subject, object]")
-        if ((rels[:, 2] < 1) | (rels[:, 2] > max(len(predicate_names), 1))).any() and predicate_names:
+        if predicate_names and ((rels[:, 2] < 1) | (rels[:, 2] > len(predicate_names))).any():
             raise DataError(f"{rel_path}: {split}/{im['id']}: predicate outside 1..{len(predicate_names)}")
         rels = rels - np.array([0, 0, 1])  # predicates 1..50 -> 0..49
         rels = _reindex(rels, keep, skips, "relations")
         if len(rels) == 0:
-            skips["images without relations skipped"] = skips.get("images without relations skipped", 0) + 1
+            skips["images without relations skipped"] += 1
             continue
         path = os.path.join(root, "images", im["file_name"])
         if check_images and not os.path.exists(path):
@@ -1361,7 +1364,7 @@ def _load_hoia(root, ann_file, image_dir, train, num_verbs, verb_base, allow_no_
     data = _read_json(path)
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of images, got {type(data).__name__}")
-    records, skips = [], {}
+    records, skips = [], Counter()
     for n, img in enumerate(data):
         where = f"{path}: record {n} ({img.get('file_name', '?')})"
         for key in ("file_name", "annotations", "hoi_annotation"):
@@ -1378,8 +1381,7 @@ def _load_hoia(root, ann_file, image_dir, train, num_verbs, verb_base, allow_no_
               (triples[:, 1] < (-1 if allow_no_object else 0))
         if bad.any():
             if train:  # QPIC skips these training images (the released file has some)
-                skips["images with out-of-range subject/object ids skipped"] = \
-                    skips.get("images with out-of-range subject/object ids skipped", 0) + 1
+                skips["images with out-of-range subject/object ids skipped"] += 1
                 continue
             j = int(np.where(bad)[0][0])
             raise DataError(f"{where}, hoi_annotation {j}: field 'subject_id'/'object_id' = "
@@ -1643,7 +1645,7 @@ def toy_scene(rng, split, size=128):
         base_box = _draw(canvas, obj, x, ground - TOY_SIZES[obj][1])
         sw, sh = TOY_SIZES[sub]
         if pred == "on":
-            sub_box = _draw(canvas, sub, x + 6, base_box[1] - sh + (4 if obj == "chair" else 0) + (8 if obj == "chair" else 0))
+            sub_box = _draw(canvas, sub, x + 6, base_box[1] - sh + (12 if obj == "chair" else 0))
         elif pred == "under":
             sub_box = _draw(canvas, sub, x + 4, ground - sh)
             base_box = _draw(canvas, obj, x, ground - TOY_SIZES[obj][1])  # the object stays on top
@@ -1689,7 +1691,8 @@ def write_toy_datasets(root, num_train=3000, num_test=500, size=128, seed=0):
         for _ in range(n):
             image_id += 1
             canvas, ents, rels, _, _ = toy_scene(rng, "test" if split != "train" else "train", size)
-            save(canvas, os.path.join(vg, "images", f"{image_id}.png"))
+            path = os.path.join(vg, "images", f"{image_id}.png")
+            save(canvas, path)
             coco["images"].append({"file_name": f"{image_id}.png", "height": size, "width": size, "id": image_id})
             for name, (x1, y1, x2, y2) in ents:
                 ann_id += 1
@@ -1697,7 +1700,7 @@ def write_toy_datasets(root, num_train=3000, num_test=500, size=128, seed=0):
                                             "image_id": image_id, "id": ann_id, "area": (x2 - x1) * (y2 - y1),
                                             "iscrowd": 0, "segmentation": None})
             rel_json[split][str(image_id)] = [[s, o, pred_index[r]] for s, o, r in rels]
-            generated.setdefault(("vg", split), {})[os.path.join(vg, "images", f"{image_id}.png")] = (
+            generated.setdefault(("vg", split), {})[path] = (
                 np.array([b for _, b in ents], np.float32), np.array([vg_index[n] - 1 for n, _ in ents]),
                 np.array([[s, o, pred_index[r] - 1] for s, o, r in rels]).reshape(-1, 3))
         with open(os.path.join(vg, f"{split}.json"), "w") as f:
@@ -1710,13 +1713,15 @@ def write_toy_datasets(root, num_train=3000, num_test=500, size=128, seed=0):
                                                    ("vcoco", ("train2014", "val2014"), "COCO_{}2014_{:012d}.png")):
         ds_root = os.path.join(root, dataset)
         os.makedirs(os.path.join(ds_root, "annotations"), exist_ok=True)
+        verb_id = (lambda v: hico_verb[v] - 1) if dataset == "hico" else vcoco_verb.get  # 0-based, internal form
         for split, n in splits:
             images = []
             for k in range(n):
                 canvas, ents, _, hois, actions = toy_scene(rng, split, size)
                 tag = "train" if split == "train" else ("test" if dataset == "hico" else "val")
                 file_name = prefix.format(tag, k + 1)
-                save(canvas, os.path.join(ds_root, "images", dir_train if split == "train" else dir_test, file_name))
+                path = os.path.join(ds_root, "images", dir_train if split == "train" else dir_test, file_name)
+                save(canvas, path)
                 anns = [{"bbox": box, "category_id": coco_id[TOY_COCO.get(name, name)]} for name, box in ents]
                 if dataset == "hico":
                     hoi_ann = [{"subject_id": s, "object_id": o, "category_id": hico_verb[v]} for s, o, v in hois]
@@ -1724,9 +1729,7 @@ def write_toy_datasets(root, num_train=3000, num_test=500, size=128, seed=0):
                     hoi_ann = [{"subject_id": s, "object_id": o, "category_id": vcoco_verb[v]} for s, o, v in actions]
                 images.append({"file_name": file_name, "annotations": anns, "hoi_annotation": hoi_ann})
                 pairs = hois if dataset == "hico" else actions
-                verb_id = (lambda v: hico_verb[v] - 1) if dataset == "hico" else vcoco_verb.get
-                generated.setdefault((dataset, split), {})[os.path.join(
-                    ds_root, "images", dir_train if split == "train" else dir_test, file_name)] = (
+                generated.setdefault((dataset, split), {})[path] = (
                     np.array([b for _, b in ents], np.float32),
                     np.array([coco80[TOY_COCO.get(n, n)] for n, _ in ents]),
                     np.array([[s, o, verb_id(v)] for s, o, v in pairs]).reshape(-1, 3))
@@ -1754,8 +1757,6 @@ def ensure_toy_datasets(root, **kwargs):
 
 
 # ---------------------------------------------------------------- Transforms and batching
-from torchvision import tv_tensors  # noqa: E402
-from torchvision.transforms import v2  # noqa: E402
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -1779,7 +1780,7 @@ class DetectionDataset(torch.utils.data.Dataset):
     """Records -> (image (3, H, W) normalised, target). target = record's fields as tensors + size, orig_size,
     image_id and, when a teacher is given, "clip": the CLIP image embedding of Eq. 5.
 
-    teacher: None, a dict {file: (text_dim,) tensor} (precomputed with clip_image_teacher), or a (C, text_dim) table
+    teacher: None, a dict {file: (text_dim,) tensor} (made by build_clip_image_cache), or a (C, text_dim) table
     of class text embeddings: then the target is the normalised mean embedding of the image's object classes, the
     stand-in teacher for the toy scenes (whose "CLIP" would describe exactly those objects)."""
 
@@ -1804,7 +1805,7 @@ class DetectionDataset(torch.utils.data.Dataset):
         keep = ((boxes[:, 2] - boxes[:, 0]) >= 1) & ((boxes[:, 3] - boxes[:, 1]) >= 1)
         pairs = torch.as_tensor(r[self.key]).reshape(-1, 3)
         if not keep.all():
-            pairs = torch.as_tensor(_reindex(pairs.numpy(), keep.numpy(), {}, self.key))
+            pairs = torch.as_tensor(_reindex(pairs.numpy(), keep.numpy(), Counter(), self.key))
         labels = torch.as_tensor(r["labels"])[keep]
         target = {"boxes": boxes[keep].as_subclass(torch.Tensor).float(), "labels": labels, self.key: pairs,
                   "size": torch.tensor(image.shape[-2:]), "orig_size": torch.tensor([h, w]), "image_id": r["image_id"]}

@@ -23,12 +23,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
-import signal
-import sys
 import time
-import typing
 
 import torch
 import torch.distributed as dist
@@ -217,7 +213,7 @@ def setup_distributed():
 def save_checkpoint(path, model, optimizer, state, cfg, args):
     """Atomic: write a temporary file in the same folder, flush it to disk, then rename over the old one."""
     ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
-            "config": dataclasses.asdict(cfg), "args": {k: v for k, v in vars(args).items()},
+            "config": dataclasses.asdict(cfg), "args": dict(vars(args)),
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
     tmp = f"{path}.tmp{os.getpid()}"
@@ -290,17 +286,16 @@ def main(argv=None):
     criterion = sg2hoi.build_criterion(model).to(device)
     optimizer = make_optimizer(model, cfg)
 
-    teacher = None
+    # the teacher of Eq. 5 per task: CLIP image embeddings {file: vector}, or the class text embeddings (toy)
+    teachers = dict.fromkeys(data)
     if args.clip_cache:
-        teacher = torch.load(args.clip_cache, weights_only=True)
+        teachers = dict.fromkeys(data, torch.load(args.clip_cache, weights_only=True))
     elif args.text_teacher == "objects" and cfg.use_vl_distill:
-        teacher = {task: sg2hoi.class_text_embeddings(
+        teachers = {task: sg2hoi.class_text_embeddings(
             cfg.entity_names if task == "sgg" else cfg.hoi_object_names, cfg.text_dim, cfg.text_embeddings)
             for task in data}
     train_tf = sg2hoi.make_transforms(True, cfg.image_size, cfg.max_size, multi_scale=cfg.image_size > 480)
-    streams = {task: TaskStream(sg2hoi.DetectionDataset(*data[task]["train"], train_tf,
-                                                        teacher[task] if isinstance(teacher, dict) and task in teacher
-                                                        and not args.clip_cache else teacher),
+    streams = {task: TaskStream(sg2hoi.DetectionDataset(*data[task]["train"], train_tf, teachers[task]),
                                 cfg.batch_size, args.workers, args.seed + (0 if task == "sgg" else 1))
                for task in data}
 
@@ -336,7 +331,7 @@ def main(argv=None):
 
     use_amp = device.type == "cuda" and args.amp == "bf16"
     ddp_model, ddp_phase = None, None
-    t_start, images_seen, last_log = time.time(), 0, time.time()
+    t_start, images_seen = time.time(), 0
     step = state["step"]
     while step < total_steps:
         phase = 1 if step < phase1_steps else 2
