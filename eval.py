@@ -821,7 +821,6 @@ def benchmark_model(cfg, image_hw=(512, 512), warmup=2, n=5):
 def main(argv=None):
     import torch
     import sg2hoi
-    import train
 
     p = argparse.ArgumentParser(description="Evaluate an SG2HOI+ checkpoint: Tables I-IV of the paper.")
     p.add_argument("--ckpt", default="", help="checkpoint written by train.py")
@@ -851,10 +850,7 @@ def main(argv=None):
         model.load_state_dict(ckpt["model"])
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model.to(device)
-        targs = train.parse_args([])
-        for k, v in ckpt["args"].items():
-            setattr(targs, k, v)
-        data = train.build_data(targs, cfg)
+        data = sg2hoi.build_data(cfg, ckpt["args"])
         if args.visualize:
             paths = visualize(model, cfg, data, device, args.visualize, args.num_visualize)
             print(f"wrote {len(paths)} pictures to {args.visualize}")

@@ -1846,3 +1846,36 @@ def config_from_meta(cfg: Config, sgg_meta=None, hoi_meta=None) -> Config:
         updates.update(num_hoi_objects=len(hoi_meta["object_names"]), hoi_object_names=hoi_meta["object_names"],
                        num_verbs=len(hoi_meta["verb_names"]), verb_names=hoi_meta["verb_names"])
     return dataclasses.replace(cfg, **updates)
+
+
+# Where each dataset comes from, as train.py's and eval.py's command lines give it (and checkpoints record it).
+DATA_ARGS = dict(toy_root="data/toy", toy_train=3000, toy_test=500, vg="", vg_format="json", hoi="", hoi_dataset="hico")
+
+
+def build_data(cfg: Config, data_args: dict, is_master=True, barrier=lambda: None):
+    """{"sgg": {"train": (records, meta), "test": ...}, "hoi": {...}} for the tasks of cfg.
+
+    data_args: the keys of DATA_ARGS (missing ones take those defaults). Without --vg and --hoi the toy scenes are
+    generated once into toy_root (by the master process; the others wait at `barrier`) and read back through the
+    real loaders."""
+    a = {**DATA_ARGS, **{k: v for k, v in data_args.items() if k in DATA_ARGS}}
+    if not a["vg"] and not a["hoi"]:
+        if is_master:
+            ensure_toy_datasets(a["toy_root"], num_train=a["toy_train"], num_test=a["toy_test"], size=cfg.image_size)
+        barrier()
+        vg_root, vg_kind = os.path.join(a["toy_root"], "vg"), "vg"
+        hoi_root, hoi_kind = os.path.join(a["toy_root"], a["hoi_dataset"]), a["hoi_dataset"]  # toy HICO or V-COCO
+    else:
+        vg_root, vg_kind = a["vg"], "vg" if a["vg_format"] == "json" else "vg_h5"
+        hoi_root, hoi_kind = a["hoi"], a["hoi_dataset"]
+    data = {}
+    if cfg.sgg and vg_root:
+        data["sgg"] = {s: load_dataset(vg_kind, vg_root, s) for s in ("train", "test")}
+        if not a["vg"]:  # the toy scenes use VG150's names, not its long tail: eval derives the groups
+            data["sgg"]["test"][1]["toy"] = True
+    if cfg.hoi and hoi_root:
+        data["hoi"] = {s: load_dataset(hoi_kind, hoi_root, s) for s in ("train", "test")}
+    if not data:
+        raise SystemExit("no training data: give --vg and/or --hoi, or neither for the toy scenes")
+    return data
+

@@ -88,27 +88,8 @@ def config_overrides(args):
 
 
 def build_data(args, cfg):
-    """(sgg train records+meta, hoi train records+meta, their test counterparts); toy scenes unless paths given."""
-    if not args.vg and not args.hoi:
-        if is_master():
-            sg2hoi.ensure_toy_datasets(args.toy_root, num_train=args.toy_train, num_test=args.toy_test,
-                                       size=cfg.image_size)
-        barrier()
-        vg_root, vg_kind = os.path.join(args.toy_root, "vg"), "vg"
-        hoi_root, hoi_kind = os.path.join(args.toy_root, args.hoi_dataset), args.hoi_dataset  # toy HICO or V-COCO
-    else:
-        vg_root, vg_kind = args.vg, "vg" if args.vg_format == "json" else "vg_h5"
-        hoi_root, hoi_kind = args.hoi, args.hoi_dataset
-    data = {}
-    if cfg.sgg and vg_root:
-        data["sgg"] = {s: sg2hoi.load_dataset(vg_kind, vg_root, s) for s in ("train", "test")}
-        if not args.vg:  # the toy scenes use VG150's names, not its long tail: eval derives the groups
-            data["sgg"]["test"][1]["toy"] = True
-    if cfg.hoi and hoi_root:
-        data["hoi"] = {s: sg2hoi.load_dataset(hoi_kind, hoi_root, s) for s in ("train", "test")}
-    if not data:
-        raise SystemExit("no training data: give --vg and/or --hoi, or neither for the toy scenes")
-    return data
+    """(the datasets of cfg's tasks, see sg2hoi.build_data); toy scenes unless --vg / --hoi are given."""
+    return sg2hoi.build_data(cfg, vars(args), is_master=is_master(), barrier=barrier)
 
 
 class SeededDataset(torch.utils.data.Dataset):
