@@ -71,7 +71,8 @@ class Config:
     text_embeddings: str = ""  # .pt file {name: (text_dim,) tensor}; "" = seeded stand-in (see ClassText)
     word_vectors: str = ""  # GloVe-format .txt for semantic_embedding="glove" (HSSG)
     # ablations (Tables V-VIII); the paper's full model is the default
-    tasks: str = "both"  # both | sgg (Table V "SGG") | hoi (Table V "HOI")
+    tasks: str = "both"  # both | sgg (Table V "SGG") | hoi (HOI data only: relation part trained by the HOI loss)
+    hoi_on_frozen_sgg: bool = False  # True = Table V "HOI": phase 1 SGG as usual, phase 2 HOI batches only, SGG frozen
     use_bbseg: bool = True  # False = "-HSS" (Table VI)
     semantic_embedding: str = "clip"  # clip | discrete ("HSSD") | glove ("HSSG") (Table VI)
     use_vl_distill: bool = True  # False = "-VLpool" (Table VII)
@@ -101,7 +102,8 @@ class Config:
     weight_decay: float = 1e-4
     clip_max_norm: float = 0.1
     lr_drop: float = 2 / 3  # lr x 0.1 after this fraction of each phase (not given in the paper; DETR / QPIC practice)
-    batch_size: int = 8
+    batch_size: int = 8  # the GLOBAL batch: images per optimiser step, over all processes and accumulation steps
+    # (the paper: "a batch size of 8 on 8 GPUs", read as 8 images per step, one per GPU, as QPIC / CDN count theirs)
     sgg_epochs: int = 20  # phase 1: SGG alone
     joint_epochs: int = 20  # phase 2: SGG and HOI alternate
     image_size: int = 800  # shorter side at test time (multi-scale 480..800 at training)
@@ -117,6 +119,8 @@ class Config:
                 raise ValueError(f"Config.{name}: {getattr(self, name)!r} is not one of {allowed}")
         if self.d_model % self.nheads or self.d_model % 2:
             raise ValueError(f"Config.d_model={self.d_model} must be even and divisible by nheads={self.nheads}")
+        if self.hoi_on_frozen_sgg and self.tasks != "both":
+            raise ValueError("Config.hoi_on_frozen_sgg (Table V 'HOI') needs tasks='both': phase 1 trains the SGG part")
         if self.hoi_queries_from_rel and self.num_hoi_queries != self.num_rel_queries:
             raise ValueError("Config.hoi_queries_from_rel (RELQ) needs num_hoi_queries == num_rel_queries")
         for name in ("entity_names", "predicate_names", "hoi_object_names", "verb_names"):
@@ -561,11 +565,11 @@ def bbseg_targets(boxes_list, labels_list, feat_hw, stride, num_classes_with_bg)
 
 
 def loss_bbseg(seg_logits, seg_targets, feat_mask):
-    """Eq. 2: sum over the N_o + 1 channels of the BCE averaged over the un-padded positions, mean over images."""
+    """Eq. 2 per image: sum over the N_o + 1 channels of the BCE averaged over the un-padded positions -> (B,).
+    (The criterion averages it over the images of the global batch.)"""
     bce = F.binary_cross_entropy_with_logits(seg_logits, seg_targets.to(seg_logits), reduction="none")
     valid = (~feat_mask).unsqueeze(1).float()  # (B, 1, H, W)
-    per_image = (bce * valid).sum((1, 2, 3)) / valid.sum((1, 2, 3)).clamp(min=1)
-    return per_image.mean()
+    return (bce * valid).sum((1, 2, 3)) / valid.sum((1, 2, 3)).clamp(min=1)
 
 
 # ------------------------------------------------------------------------------------------------ The model (III-A to III-C)
@@ -866,13 +870,37 @@ class HungarianMatcher:
         return _assign(cost.view(B, Q, -1).cpu(), sizes)
 
 
-def _num_targets(n, device):
-    """The loss normaliser: targets in the whole (distributed) batch per process, at least 1 (DETR)."""
-    n = torch.tensor(float(n), device=device)
+def batch_counts(targets, task, num_queries):
+    """The loss normalisers of one (micro-)batch, as counts (DETR normalises by the number of targets).
+
+    train.py adds them over the micro-batches of an optimiser step and over the processes, so that every loss term is
+    normalised by the counts of the whole *global* batch: then 1 process, N processes and gradient accumulation give
+    the same gradient (see SetCriterion). A matched query is one per target, at most num_queries per image."""
+    n_images = len(targets)
+    teachers = sum(t.get("clip") is not None for t in targets)
+    if task == "sgg":
+        n = [len(t["rels"]) for t in targets]
+        with_object, positive = 0, 0
+    else:
+        pairs = [{(h, o) for h, o, _ in t["hois"].tolist()} for t in targets]
+        n = [len(p) for p in pairs]
+        with_object = sum(min(sum(o >= 0 for _, o in p), num_queries) for p in pairs)
+        positive = sum(len(t["hois"]) for t in targets)  # verb labels (QPIC's focal-loss normaliser)
+    matched = sum(min(k, num_queries) for k in n)
+    return dict(images=float(n_images), teachers=float(teachers), matched=float(matched),
+                with_object=float(with_object), positive_verbs=float(positive),
+                # sum of the CE weights over all queries: 1 for a matched query, eos_coef for the others
+                unmatched=float(n_images * num_queries - matched))
+
+
+def reduce_counts(counts, device):
+    """Counts of this process -> the per-process share of the counts of all processes (sum / world size)."""
+    keys = sorted(counts)
+    v = torch.tensor([counts[k] for k in keys], dtype=torch.float64, device=device)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(n)
-        n = n / torch.distributed.get_world_size()
-    return n.clamp(min=1.0)
+        torch.distributed.all_reduce(v)
+        v = v / torch.distributed.get_world_size()
+    return dict(zip(keys, v.tolist()))
 
 
 class SetCriterion(nn.Module):
@@ -893,16 +921,20 @@ class SetCriterion(nn.Module):
         self.register_buffer("hoi_object_to_seg", hoi_object_to_seg.clone())
         self.num_seg_classes = num_seg_classes
 
-    def _ce(self, logits, matched_labels, idx, background_weight_index=-1):
-        """CE over all queries, unmatched -> the last class with weight eos_coef (or matched queries only)."""
+    def _ce(self, logits, matched_labels, idx, norm, background_weight_index=-1):
+        """CE over all queries, unmatched -> the last class with weight eos_coef (or matched queries only).
+
+        A sum divided by the batch's total weight: with one process and no accumulation this is exactly
+        F.cross_entropy's weighted mean; with several it is the weighted mean over the global batch."""
         B, Q, C = logits.shape
         target = torch.full((B, Q), C - 1, dtype=torch.long, device=logits.device)
         target[idx] = matched_labels
         if not self.cfg.unmatched_loss:
-            return F.cross_entropy(logits[idx].float(), matched_labels) if len(matched_labels) else logits.sum() * 0
+            return F.cross_entropy(logits[idx].float(), matched_labels, reduction="sum") / max(norm["matched"], 1)
         weight = torch.ones(C, device=logits.device)
         weight[background_weight_index] = self.cfg.eos_coef
-        return F.cross_entropy(logits.float().transpose(1, 2), target, weight=weight)
+        total_weight = norm["matched"] + self.cfg.eos_coef * norm["unmatched"]
+        return F.cross_entropy(logits.float().transpose(1, 2), target, weight=weight, reduction="sum") / total_weight
 
     def _box_losses(self, pred, tgt, num, keep=None):
         if keep is not None:
@@ -912,31 +944,29 @@ class SetCriterion(nn.Module):
                                         box_convert(tgt, "cxcywh", "xyxy"), reduction="sum") / num
         return self.cfg.box_l1 * l1 + self.cfg.box_giou * giou
 
-    def relation_losses(self, out, tgts):
+    def relation_losses(self, out, tgts, norm):
         """L_rel for one decoder layer: dict of weighted terms."""
         indices = self.matcher.match_relations(out, tgts)
         idx = (torch.cat([torch.full_like(q, b) for b, (q, _) in enumerate(indices)]),
                torch.cat([q for q, _ in indices]))
         matched = {k: torch.cat([t[k][j] for t, (_, j) in zip(tgts, indices)]) for k in tgts[0]}
-        num = _num_targets(len(idx[0]), out["sub_logits"].device)
-        cfg = self.cfg
+        num, cfg = max(norm["matched"], 1.0), self.cfg
         return {
             "rel_box": cfg.cost_box * (self._box_losses(out["sub_boxes"][idx], matched["sub_boxes"], num)
                                        + self._box_losses(out["obj_boxes"][idx], matched["obj_boxes"], num)),
-            "rel_cls": cfg.cost_class * (self._ce(out["sub_logits"], matched["sub_labels"], idx)
-                                         + self._ce(out["obj_logits"], matched["obj_labels"], idx)),
-            "rel_pred": cfg.cost_rel * self._ce(out["pred_logits"], matched["preds"], idx),
+            "rel_cls": cfg.cost_class * (self._ce(out["sub_logits"], matched["sub_labels"], idx, norm)
+                                         + self._ce(out["obj_logits"], matched["obj_labels"], idx, norm)),
+            "rel_pred": cfg.cost_rel * self._ce(out["pred_logits"], matched["preds"], idx, norm),
         }
 
-    def hoi_losses(self, out, tgts):
+    def hoi_losses(self, out, tgts, norm):
         """L_hoi for one decoder layer: dict of weighted terms."""
         indices = self.matcher.match_hois(out, tgts)
         idx = (torch.cat([torch.full_like(q, b) for b, (q, _) in enumerate(indices)]),
                torch.cat([q for q, _ in indices]))
         matched = {k: torch.cat([t[k][j] for t, (_, j) in zip(tgts, indices)]) for k in tgts[0]}
-        device, cfg = out["human_logits"].device, self.cfg
-        num = _num_targets(len(idx[0]), device)
-        num_obj = _num_targets(int(matched["has_obj"].sum()), device)
+        cfg = self.cfg
+        num, num_obj = max(norm["matched"], 1.0), max(norm["with_object"], 1.0)
         # verbs: focal loss (gamma 2, no alpha: QPIC's CornerNet-style form) normalised by positive labels
         if cfg.unmatched_loss:
             verb_target = torch.zeros_like(out["verb_logits"], dtype=torch.float)
@@ -944,23 +974,31 @@ class SetCriterion(nn.Module):
             verb_logits = out["verb_logits"].float()
         else:
             verb_target, verb_logits = matched["verbs"], out["verb_logits"][idx].float()
-        num_pos = _num_targets(float(verb_target.sum()), device)
-        verb = sigmoid_focal_loss(verb_logits, verb_target, alpha=-1, gamma=2.0, reduction="sum") / num_pos
+        verb = sigmoid_focal_loss(verb_logits, verb_target, alpha=-1, gamma=2.0, reduction="sum") \
+            / max(norm["positive_verbs"], 1.0)
         return {
             "hoi_box": cfg.cost_box * (self._box_losses(out["human_boxes"][idx], matched["human_boxes"], num)
                                        + self._box_losses(out["obj_boxes"][idx], matched["obj_boxes"], num_obj,
                                                           keep=matched["has_obj"])),
-            "hoi_cls": cfg.cost_class * (self._ce(out["human_logits"], torch.zeros_like(matched["obj_labels"]), idx)
-                                         + self._ce(out["obj_logits"], matched["obj_labels"], idx)),
+            "hoi_cls": cfg.cost_class * (self._ce(out["human_logits"], torch.zeros_like(matched["obj_labels"]), idx,
+                                                  norm)
+                                         + self._ce(out["obj_logits"], matched["obj_labels"], idx, norm)),
             "hoi_verb": cfg.cost_rel * verb,
         }
 
-    def forward(self, outputs, targets, task):
-        """outputs: SG2HOI.forward(); targets: one dict per image; task: "sgg" or "hoi".
+    def forward(self, outputs, targets, task, norm=None):
+        """outputs: SG2HOI.forward(); targets: one dict per image; task: "sgg" or "hoi"; norm: the loss
+        normalisers of the whole global batch (per-process share, see batch_counts; train.py computes them over
+        its micro-batches), or None: this batch's counts, averaged over the processes (DETR).
 
+        Every term is a sum over this batch divided by a count of the global batch, so the gradients of the
+        micro-batches and processes add up to the gradient of the global batch.
         Returns {term: value} with every term already weighted, and "loss" = their sum (Eq. 10)."""
         cfg, losses = self.cfg, {}
         device = outputs["feat_mask"].device
+        if norm is None:
+            Q = cfg.num_rel_queries if task == "sgg" else cfg.num_hoi_queries
+            norm = reduce_counts(batch_counts(targets, task, Q), device)
         for t in targets:
             _check_target_boxes(t)
         if cfg.use_bbseg:
@@ -970,14 +1008,15 @@ class SetCriterion(nn.Module):
             y = bbseg_targets([t["boxes"].float().cpu() for t in targets],
                               [to_seg[t["labels"].long()].cpu() for t in targets],
                               fm.shape[1:], stride, self.num_seg_classes).to(device)
-            losses["seg"] = cfg.loss_seg * loss_bbseg(outputs["seg_logits"], y, fm)
+            losses["seg"] = cfg.loss_seg * loss_bbseg(outputs["seg_logits"], y, fm).sum() / max(norm["images"], 1.0)
         if cfg.use_vl_distill:
             has = [i for i, t in enumerate(targets) if t.get("clip") is not None]
             if has:
                 teacher = torch.stack([targets[i]["clip"].float() for i in has]).to(device)
                 student = outputs["align"][has].float()
                 dist = F.l1_loss if cfg.align_loss == "l1" else F.mse_loss  # Eq. 5
-                losses["align"] = cfg.loss_align * dist(student, teacher)
+                losses["align"] = cfg.loss_align * dist(student, teacher, reduction="sum") \
+                    / (max(norm["teachers"], 1.0) * student.shape[1])
         if task == "sgg":
             tgts = [{k: v.to(device) for k, v in relation_targets(t).items()} for t in targets]
             layer_fn, head = self.relation_losses, outputs["rel"]
@@ -990,7 +1029,7 @@ class SetCriterion(nn.Module):
             if layer < num_layers - 1 and not cfg.aux_loss:
                 continue
             suffix = "" if layer == num_layers - 1 else f"_{layer}"
-            for k, v in layer_fn({k: v[layer] for k, v in head.items()}, tgts).items():
+            for k, v in layer_fn({k: v[layer] for k, v in head.items()}, tgts, norm).items():
                 losses[k + suffix] = v
         losses["loss"] = sum(losses.values())
         return losses

@@ -6,10 +6,26 @@
 
 Any Config field is a flag: --d_model 128, --use_bbseg false, --classifier_init text, ...
 
+`main` is five named steps, each a function below:
+  1. setup        processes (torchrun: NCCL on GPUs, gloo on CPUs), seeds, the config (or the resumed checkpoint's)
+  2. load_data    the datasets of the config's tasks and one endless batch stream per task
+  3. build        model, criterion, optimiser; DETR initialisation; the resumed state
+  4. train        the schedule loop: one optimiser step = `train_step`, checkpoints, evaluation during training
+  5. final_evaluation   on every rank, metrics computed by rank 0, written to metrics.json
+
 The schedule: phase 1 trains the SGG part alone on the scene-graph data (sgg_epochs); phase 2 trains SGG and HOI
 jointly (joint_epochs over the HOI data) with batches that alternate SGG, HOI, SGG, ... (the two datasets never
-share an image) and the SGG part at a 10x lower learning rate. AdamW, weight decay 1e-4, lr 1e-4, backbone 1e-5,
+share an image) and the SGG part at a 10x lower learning rate. With --hoi_on_frozen_sgg true (Table V "HOI") phase 2
+trains the HOI part alone on HOI batches with the SGG part frozen. AdamW, weight decay 1e-4, lr 1e-4, backbone 1e-5,
 gradient clipping 0.1, lr x 0.1 after 2/3 of each phase (as DETR / QPIC).
+
+The same experiment on 1 or N processes. `batch_size` is the GLOBAL batch (images per optimiser step). Each of the
+W processes takes batch_size / W images per step, split into micro-batches of at most --micro_batch images whose
+gradients are accumulated (DDP synchronises only the last one). DistributedSampler hands out a seeded permutation so
+that step k always consumes the images at positions [k B, (k + 1) B) of it, whatever W; every image's augmentation
+is seeded by (seed, epoch, image index); every loss term is normalised by the counts of the whole global batch
+(sg2hoi.batch_counts); the toy backbone normalises with GroupNorm, independent of the batch. What still differs
+between process counts is the order of float additions.
 
 Idle heads and DDP. In an SGG step the HOI heads get no loss, in an HOI step the relation box/class heads get none.
 DDP (without find_unused_parameters) requires every parameter to take part in every backward, so the loss gets a
@@ -21,54 +37,107 @@ branch at all: its parameters are frozen and the model is wrapped in DDP again w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import datetime
+import glob
 import json
+import math
 import os
+import shutil
+import sys
 import time
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import eval as evaluation
 import sg2hoi
-
 
 # ------------------------------------------------------------------------------------------------ command line
 
+# Flags that only say how to run, not what is computed: they may differ on --resume. Everything else (the preset,
+# every Config field, the data, the seed, the initialisation) defines the experiment and is taken from the checkpoint.
+RUNTIME_FLAGS = {"out", "resume", "workers", "pin_memory", "prefetch", "log_every", "ckpt_every", "max_steps",
+                 "nonfinite", "max_skips", "amp", "compile", "deterministic", "no_eval", "eval_limit", "eval_every",
+                 "best_metric", "micro_batch", "dist_timeout", "bad_images"}
+PATH_FLAGS = ("toy_root", "vg", "hoi", "clip_cache", "init_detr")  # stored as absolute paths in checkpoints
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="toy", choices=sorted(sg2hoi.PRESETS))
-    p.add_argument("--out", default="runs/toy", help="folder for ckpt.pt, log.jsonl, metrics.json")
-    p.add_argument("--resume", default="", help="checkpoint to continue from (config, data and schedule included)")
-    p.add_argument("--init_detr", default="", help="DETR COCO checkpoint (.pth) to initialise from (Sec. IV-D)")
-    p.add_argument("--toy_root", default="data/toy", help="where the toy scenes are generated / cached")
-    p.add_argument("--toy_train", type=int, default=3000, help="toy training images per task")
-    p.add_argument("--toy_test", type=int, default=500, help="toy test images per task")
-    p.add_argument("--vg", default="", help="VG150 root (RelTR JSON layout, or the SGB .h5 with --vg_format h5)")
-    p.add_argument("--vg_format", default="json", choices=["json", "h5"])
-    p.add_argument("--hoi", default="", help="HICO-DET or V-COCO root (QPIC layout)")
-    p.add_argument("--hoi_dataset", default="hico", choices=["hico", "vcoco"])
-    p.add_argument("--text_teacher", default="objects", choices=["objects", "none"],
-                   help="Eq. 5 teacher without CLIP: mean text embedding of the image's objects (toy), or none")
-    p.add_argument("--clip_cache", default="", help=".pt {image file: CLIP image embedding} for Eq. 5 (real data)")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--log_every", type=int, default=50)
-    p.add_argument("--ckpt_every", type=int, default=500, help="steps between checkpoints (and one at the end)")
-    p.add_argument("--max_steps", type=int, default=0, help="stop after this many steps (0 = the full schedule)")
-    p.add_argument("--nonfinite", default="stop", choices=["stop", "skip"],
-                   help="a non-finite loss stops the run (naming step and term) or skips the step (counted)")
-    p.add_argument("--amp", default="bf16", choices=["bf16", "none"], help="bf16 autocast (CUDA only)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms(True)")
-    p.add_argument("--no_eval", action="store_true", help="skip the final evaluation")
-    p.add_argument("--eval_limit", type=int, default=0, help="evaluate on the first N test images only (0 = all)")
+
+def make_parser(suppress_defaults=False):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                argument_default=argparse.SUPPRESS if suppress_defaults else None)
+
+    def add(*a, **kw):
+        if suppress_defaults:
+            kw.pop("default", None)
+        p.add_argument(*a, **kw)
+
+    add("--preset", default="toy", choices=sorted(sg2hoi.PRESETS))
+    add("--out", default=None, help="folder for ckpt.pt, best.pt, log.jsonl, metrics.json (default: runs/<preset>; "
+                                    "with --resume: the checkpoint's folder)")
+    add("--resume", default="", help="checkpoint to continue from (its config, data and schedule)")
+    add("--init_detr", default="", help="DETR COCO checkpoint (.pth) to initialise from (Sec. IV-D)")
+    add("--toy_root", default="data/toy", help="where the toy scenes are generated / cached")
+    add("--toy_train", type=int, default=3000, help="toy training images per task")
+    add("--toy_test", type=int, default=500, help="toy test images per task")
+    add("--vg", default="", help="VG150 root (RelTR JSON layout, or the SGB .h5 with --vg_format h5)")
+    add("--vg_format", default="json", choices=["json", "h5"])
+    add("--hoi", default="", help="HICO-DET or V-COCO root (QPIC layout)")
+    add("--hoi_dataset", default="hico", choices=["hico", "vcoco"])
+    add("--text_teacher", default="objects", choices=["objects", "none"],
+        help="Eq. 5 teacher without CLIP: mean text embedding of the image's objects (toy), or none")
+    add("--clip_cache", default="", help=".pt {image file name: CLIP image embedding} for Eq. 5 (real data)")
+    add("--seed", type=int, default=0)
+    # how to run (may change on --resume)
+    add("--micro_batch", type=int, default=0,
+        help="at most this many images per process per forward; the rest of the global batch is accumulated "
+             "(0 = batch_size / processes, no accumulation)")
+    add("--workers", type=int, default=-1, help="loader workers per process (-1 = from the CPU count)")
+    add("--pin_memory", default="auto", choices=["auto", "true", "false"], help="auto = on CUDA")
+    add("--prefetch", type=int, default=4, help="batches each loader worker prepares ahead")
+    add("--log_every", type=int, default=50)
+    add("--ckpt_every", type=int, default=500, help="steps between checkpoints (and one at the end)")
+    add("--max_steps", type=int, default=0, help="stop after this many steps (0 = the full schedule)")
+    add("--nonfinite", default="stop", choices=["stop", "skip"],
+        help="non-finite model outputs or loss: stop naming the step and term, or skip the step (counted)")
+    add("--max_skips", type=int, default=20, help="--nonfinite skip: stop after this many consecutive skipped steps")
+    add("--amp", default="bf16", choices=["bf16", "none"], help="bf16 autocast (CUDA only)")
+    add("--compile", action="store_true", default=False, help="torch.compile the model")
+    add("--deterministic", action="store_true", default=False, help="torch.use_deterministic_algorithms(True)")
+    add("--no_eval", action="store_true", default=False, help="skip the final evaluation")
+    add("--eval_limit", type=int, default=0, help="evaluate on the first N test images only (0 = all)")
+    add("--eval_every", type=int, default=-1,
+        help="evaluate every N epochs of the current phase, logging to log.jsonl and keeping best.pt "
+             "(0 = only at the end; -1 = the preset's default: toy 0, paper 1)")
+    add("--best_metric", default="auto",
+        help="metric that selects best.pt, e.g. sgg.R@50 or hico.default.mAP_full (auto: SGDet R@50 in phase 1, "
+             "the HOI mAP in phase 2)")
+    add("--dist_timeout", type=float, default=60.0,
+        help="minutes a process waits in a collective before the run fails (torch's own default is 10)")
+    add("--bad_images", default="stop", choices=["stop", "skip"],
+        help="an unreadable training image stops the run naming it, or is skipped with a warning (counted)")
     for f in dataclasses.fields(sg2hoi.Config):  # every Config field is a flag
         if f.type in ("int", "float", "str", "bool", int, float, str, bool):
             kind = {"int": int, "float": float, "str": str, "bool": _bool}.get(f.type, f.type)
-            p.add_argument(f"--{f.name}", type=kind if kind is not bool else _bool, default=None)
-    return p.parse_args(argv)
+            p.add_argument(f"--{f.name}", type=kind, default=argparse.SUPPRESS if suppress_defaults else None)
+    return p
+
+
+def parse_args(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = make_parser().parse_args(argv)
+    args.explicit = set(vars(make_parser(suppress_defaults=True).parse_args(argv)))  # flags given on the line
+    for name, low in (("log_every", 1), ("ckpt_every", 1), ("max_steps", 0), ("micro_batch", 0), ("prefetch", 1),
+                      ("max_skips", 1), ("eval_limit", 0), ("eval_every", -1), ("toy_train", 1), ("toy_test", 1),
+                      ("workers", -1)):
+        if getattr(args, name) < low:
+            raise SystemExit(f"train.py: --{name} must be >= {low}, got {getattr(args, name)}")
+    if not args.dist_timeout > 0:
+        raise SystemExit(f"train.py: --dist_timeout must be > 0 minutes, got {args.dist_timeout}")
+    return args
 
 
 def _bool(s):
@@ -82,77 +151,6 @@ def _bool(s):
 def config_overrides(args):
     names = {f.name for f in dataclasses.fields(sg2hoi.Config)}
     return {k: v for k, v in vars(args).items() if k in names and v is not None}
-
-
-# ------------------------------------------------------------------------------------------------ data
-
-
-def build_data(args, cfg):
-    """(the datasets of cfg's tasks, see sg2hoi.build_data); toy scenes unless --vg / --hoi are given."""
-    return sg2hoi.build_data(cfg, vars(args), is_master=is_master(), barrier=barrier)
-
-
-class SeededDataset(torch.utils.data.Dataset):
-    """Item i of epoch e always gets the same random augmentation, whatever the worker or a resume."""
-
-    def __init__(self, ds, seed):
-        self.ds, self.seed, self.epoch = ds, seed, 0
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, i):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed * 1_000_003 + self.epoch * 10_007 + i)
-            return self.ds[i]
-
-
-class ResumableSampler(torch.utils.data.DistributedSampler):
-    """DistributedSampler that can start an epoch at a given batch (to resume mid-epoch)."""
-
-    def __init__(self, *a, batch_size=1, **kw):
-        super().__init__(*a, **kw)
-        self.batch_size, self.start_batch = batch_size, 0
-
-    def __iter__(self):
-        return iter(list(super().__iter__())[self.start_batch * self.batch_size:])
-
-    def __len__(self):
-        return max(super().__len__() - self.start_batch * self.batch_size, 0)
-
-
-class TaskStream:
-    """An endless stream of batches of one task; knows its epoch and position for checkpoints."""
-
-    def __init__(self, dataset, batch_size, workers, seed):
-        self.dataset = SeededDataset(dataset, seed)
-        self.sampler = ResumableSampler(self.dataset, num_replicas=world_size(), rank=rank(), shuffle=True,
-                                        seed=seed, drop_last=True, batch_size=batch_size)
-        self.batch_size, self.workers = batch_size, workers
-        self.epoch, self.batch_in_epoch, self.iterator = 0, 0, None
-        self.batches_per_epoch = len(self.sampler) // batch_size
-
-    def state(self):
-        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
-
-    def load_state(self, s):
-        self.epoch, self.batch_in_epoch, self.iterator = s["epoch"], s["batch_in_epoch"], None
-
-    def next(self):
-        if self.iterator is None:
-            self.sampler.set_epoch(self.epoch)
-            self.sampler.start_batch = self.batch_in_epoch
-            self.dataset.epoch = self.epoch
-            self.iterator = iter(torch.utils.data.DataLoader(
-                self.dataset, batch_size=self.batch_size, sampler=self.sampler, num_workers=self.workers,
-                collate_fn=sg2hoi.collate, drop_last=True))
-        try:
-            batch = next(self.iterator)
-        except StopIteration:
-            self.epoch, self.batch_in_epoch, self.iterator = self.epoch + 1, 0, None
-            return self.next()
-        self.batch_in_epoch += 1
-        return batch
 
 
 # ------------------------------------------------------------------------------------------------ distributed
@@ -175,41 +173,362 @@ def barrier():
         dist.barrier()
 
 
-def setup_distributed():
-    """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE: NCCL on CUDA GPUs, gloo on CPUs."""
+def setup_distributed(timeout_minutes):
+    """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE: NCCL on CUDA GPUs, gloo on CPUs. Every collective gives up
+    after `timeout_minutes` (the run then fails instead of hanging)."""
     if "RANK" not in os.environ:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    timeout = datetime.timedelta(minutes=timeout_minutes)
     if torch.cuda.is_available():
         local = int(os.environ["LOCAL_RANK"])
         torch.cuda.set_device(local)
-        dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local), timeout=timeout)
         return torch.device("cuda", local)
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", timeout=timeout)
     return torch.device("cpu")
+
+
+def all_reduce_mean(values: dict, device):
+    """{name: float} of this process -> the sum over processes / world size (the global batch's value)."""
+    keys = sorted(values)
+    v = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(v)
+        v /= world_size()
+    return dict(zip(keys, v.tolist()))
+
+
+# ------------------------------------------------------------------------------------------------ data streams
+
+
+class SeededDataset(torch.utils.data.Dataset):
+    """Item (i, epoch) always gets the same random augmentation, whatever the worker, the process or a resume.
+    The epoch travels with the index (EpochSampler), so persistent loader workers see it too."""
+
+    def __init__(self, ds, seed):
+        self.ds, self.seed = ds, seed
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, index_and_epoch):
+        i, epoch = index_and_epoch
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed * 1_000_003 + epoch * 10_007 + i)
+            return self.ds[i]
+
+
+class EpochSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler (drop_last: every process gets the same count) that yields (index, epoch) and can start
+    an epoch at a given micro-batch (to resume mid-epoch)."""
+
+    def __init__(self, *a, micro_batch=1, **kw):
+        super().__init__(*a, drop_last=True, **kw)
+        self.micro_batch, self.start_batch = micro_batch, 0
+
+    def __iter__(self):
+        indices = list(super().__iter__())[self.start_batch * self.micro_batch:]
+        return iter([(i, self.epoch) for i in indices])
+
+    def __len__(self):
+        return max(super().__len__() - self.start_batch * self.micro_batch, 0)
+
+
+def loader_settings(args, device):
+    """Workers per process from the CPU count and the processes on this machine; pinned memory on CUDA."""
+    workers = args.workers
+    if workers < 0:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        workers = max(1, min(8, (os.cpu_count() or 2) // local - 1))
+    pin = device.type == "cuda" if args.pin_memory == "auto" else args.pin_memory == "true"
+    return dict(num_workers=workers, pin_memory=pin, persistent_workers=workers > 0,
+                prefetch_factor=args.prefetch if workers > 0 else None)
+
+
+class TaskStream:
+    """An endless stream of micro-batches of one task. An epoch is `steps_per_epoch` optimiser steps of
+    `accumulation` micro-batches each; it knows its position for checkpoints. The loader (and its workers) live
+    for the whole run."""
+
+    def __init__(self, dataset, global_batch, micro_batch, accumulation, seed, loader_kw, name):
+        self.dataset = SeededDataset(dataset, seed)
+        self.sampler = EpochSampler(self.dataset, num_replicas=world_size(), rank=rank(), shuffle=True, seed=seed,
+                                    micro_batch=micro_batch)
+        self.steps_per_epoch = len(dataset) // global_batch  # the same for any number of processes
+        self.micro_per_epoch = self.steps_per_epoch * accumulation
+        self.loader = torch.utils.data.DataLoader(self.dataset, batch_size=micro_batch, sampler=self.sampler,
+                                                  collate_fn=sg2hoi.collate, drop_last=True, **loader_kw)
+        self.name, self.epoch, self.batch_in_epoch, self.iterator = name, 0, 0, None
+
+    def state(self):
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+
+    def load_state(self, s):
+        self.epoch, self.batch_in_epoch, self.iterator = s["epoch"], s["batch_in_epoch"], None
+
+    def next(self):
+        if self.batch_in_epoch >= self.micro_per_epoch:  # the epoch's steps are done (a partial step is dropped)
+            self.epoch, self.batch_in_epoch, self.iterator = self.epoch + 1, 0, None
+        if self.iterator is None:
+            self.sampler.set_epoch(self.epoch)
+            self.sampler.start_batch = self.batch_in_epoch
+            self.iterator = iter(self.loader)
+        self.batch_in_epoch += 1
+        return next(self.iterator)
+
+
+# ------------------------------------------------------------------------------------------------ schedule
+
+
+@dataclasses.dataclass
+class Schedule:
+    """Which phase and task each optimiser step belongs to.
+
+    phase 1: SGG alone (sgg_epochs; all epochs when only the SGG task is trained);
+    phase 2: SGG, HOI, SGG, ... alternating (joint_epochs over the HOI data: 2 steps per HOI batch), or HOI alone
+             (--tasks hoi, or hoi_on_frozen_sgg = Table V "HOI")."""
+    phase1_steps: int
+    phase2_steps: int
+    phase2_tasks: tuple
+    steps_per_epoch: dict  # phase -> optimiser steps per epoch of that phase
+
+    @property
+    def total(self):
+        return self.phase1_steps + self.phase2_steps
+
+    def phase(self, step):
+        return 1 if step < self.phase1_steps else 2
+
+    def task(self, step):
+        if self.phase(step) == 1:
+            return "sgg"
+        return self.phase2_tasks[(step - self.phase1_steps) % len(self.phase2_tasks)]
+
+    def progress(self, step):
+        """Fraction of the current phase done (for the learning-rate drop)."""
+        if self.phase(step) == 1:
+            return step / max(self.phase1_steps, 1)
+        return (step - self.phase1_steps) / max(self.phase2_steps, 1)
+
+    def is_eval_step(self, step, every_epochs):
+        """After `step` steps: the end of every `every_epochs`-th epoch of the current phase, and each phase's end."""
+        if every_epochs <= 0:
+            return False
+        phase = self.phase(step - 1)
+        start = 0 if phase == 1 else self.phase1_steps
+        end = self.phase1_steps if phase == 1 else self.total
+        period = every_epochs * self.steps_per_epoch[phase]
+        return step == end or (period > 0 and (step - start) % period == 0)
+
+
+def make_schedule(cfg, streams):
+    sgg_spe = streams["sgg"].steps_per_epoch if "sgg" in streams else 0
+    hoi_spe = streams["hoi"].steps_per_epoch if "hoi" in streams else 0
+    if "hoi" not in streams:  # SGG-only training (Table V "SGG")
+        return Schedule((cfg.sgg_epochs + cfg.joint_epochs) * sgg_spe, 0, (), {1: sgg_spe, 2: 0})
+    if "sgg" not in streams:  # HOI from HOI data only (--tasks hoi)
+        return Schedule(0, cfg.joint_epochs * hoi_spe, ("hoi",), {1: 0, 2: hoi_spe})
+    if cfg.hoi_on_frozen_sgg:  # Table V "HOI": SGG first, then the HOI part alone on a frozen SGG part
+        return Schedule(cfg.sgg_epochs * sgg_spe, cfg.joint_epochs * hoi_spe, ("hoi",), {1: sgg_spe, 2: hoi_spe})
+    return Schedule(cfg.sgg_epochs * sgg_spe, 2 * cfg.joint_epochs * hoi_spe, ("sgg", "hoi"),
+                    {1: sgg_spe, 2: 2 * hoi_spe})
+
+
+def split_batch(global_batch, processes, micro_batch):
+    """Global batch -> (images per micro-batch, micro-batches per step) of one process; the micro-batches of a step
+    are equal, so that the step sees exactly global_batch images."""
+    if global_batch % processes:
+        raise SystemExit(f"train.py: batch_size {global_batch} (the global batch) is not divisible by {processes} "
+                         f"processes; choose a batch_size that is")
+    per_process = global_batch // processes
+    steps = max(1, math.ceil(per_process / micro_batch)) if micro_batch else 1
+    while per_process % steps:
+        steps += 1
+    return per_process // steps, steps
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
 
 
-def save_checkpoint(path, model, optimizer, state, cfg, args):
-    """Atomic: write a temporary file in the same folder, flush it to disk, then rename over the old one."""
-    ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
-            "config": dataclasses.asdict(cfg), "args": dict(vars(args)),
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+def save_checkpoint(path, ckpt):
+    """Atomic: write a temporary file in the same folder, flush it to disk, then rename over the old one. A failed
+    write (disk full, ...) removes its temporary file and says what failed where."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        raise SystemExit(f"could not write checkpoint {path}: {e} ({free / 2**20:.0f} MiB free on that disk; "
+                         f"the previous checkpoint, if any, is intact)") from None
+
+
+def remove_stale_temporaries(out):
+    """Temporary checkpoint files of interrupted writes (a SIGKILL mid-write) are useless: remove them."""
+    for tmp in glob.glob(os.path.join(out, "*.pt.tmp*")):
+        os.remove(tmp)
+        print(f"removed the unfinished checkpoint write {tmp}")
 
 
 def load_checkpoint(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A train.py checkpoint, with one clear line for a missing, truncated or foreign file."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"--resume {path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a truncated or non-torch file
+        raise SystemExit(f"--resume {path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+    missing = [k for k in ("model", "optimizer", "state", "config", "args", "rng") if
+               not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise SystemExit(f"--resume {path}: not a train.py checkpoint (missing {missing}); a bare state dict can "
+                         f"initialise a model but cannot resume a run")
+    unknown = set(ckpt["config"]) - {f.name for f in dataclasses.fields(sg2hoi.Config)}
+    if unknown:
+        raise SystemExit(f"--resume {path}: its config has field(s) {sorted(unknown)} that this sg2hoi.Config does "
+                         f"not know (written by another version of the code)")
+    return ckpt
 
 
-# ------------------------------------------------------------------------------------------------ optimisation
+def rng_states():
+    """Every process's CPU and CUDA RNG states, in rank order (dropout draws differ per process)."""
+    own = {"torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    if not dist.is_initialized():
+        return [own]
+    states = [None] * world_size()
+    dist.all_gather_object(states, own)
+    return states
+
+
+def restore_rng_states(states):
+    if len(states) != world_size():
+        if is_master():
+            print(f"warning: the checkpoint holds the RNG states of {len(states)} process(es), this run has "
+                  f"{world_size()}: dropout draws will differ from an uninterrupted run")
+        return
+    own = states[rank()]
+    torch.set_rng_state(own["torch"])
+    if torch.cuda.is_available() and len(own["cuda"]):
+        torch.cuda.set_rng_state_all(own["cuda"])
+
+
+def rewrite_log_for_resume(log_path, step, ckpt_path):
+    """A resumed run repeats the steps after its last checkpoint: drop them from the log, then mark the resume, so
+    that a reader of log.jsonl sees each step once."""
+    if not os.path.exists(log_path):
+        return
+    with open(log_path) as f:
+        lines = [line for line in f if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    kept.append(json.dumps({"event": "resume", "step": step, "checkpoint": ckpt_path,
+                            "dropped_lines": len(lines) - len(kept)}) + "\n")
+    with open(log_path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(log_path + ".tmp", log_path)
+
+
+# ------------------------------------------------------------------------------------------------ 1. set-up
+
+
+def setup(args):
+    """Processes, seeds, the config and the output folder. With --resume the checkpoint's experiment is continued:
+    a flag that would change it is refused (RUNTIME_FLAGS may change)."""
+    device = setup_distributed(args.dist_timeout)
+    torch.manual_seed(args.seed + rank())
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True)
+    resume = load_checkpoint(args.resume) if args.resume else None
+    if resume:
+        saved = resume["args"]
+        conflicts = []
+        for name in sorted(args.explicit - RUNTIME_FLAGS):
+            given = getattr(args, name)
+            before = resume["config"].get(name, saved.get(name))
+            if name in PATH_FLAGS + ("text_embeddings", "word_vectors") and given:
+                given = os.path.abspath(given)
+            if given != before:
+                conflicts.append(f"--{name} {given} (the checkpoint has {before})")
+        if conflicts:
+            raise SystemExit(f"--resume {args.resume} continues that run's experiment; these flags would change it: "
+                             f"{'; '.join(conflicts)}. Start a new run (--out elsewhere) to change them. Flags that "
+                             f"may change on resume: {', '.join(sorted(RUNTIME_FLAGS - {'resume'}))}")
+        for k, v in saved.items():  # the experiment's flags come from the checkpoint
+            if k not in RUNTIME_FLAGS and k != "explicit":
+                setattr(args, k, v)
+        cfg = sg2hoi.Config(**resume["config"])
+        if args.out is None:  # continue in the checkpoint's own folder, never in another run's
+            args.out = os.path.dirname(os.path.abspath(args.resume))
+    else:
+        for name in PATH_FLAGS:  # a checkpoint must find its data from any working directory
+            if getattr(args, name):
+                setattr(args, name, os.path.abspath(getattr(args, name)))
+        overrides = config_overrides(args)
+        for name in ("text_embeddings", "word_vectors"):
+            if overrides.get(name):
+                overrides[name] = os.path.abspath(overrides[name])
+        try:
+            cfg = sg2hoi.make_config(args.preset, **overrides)
+        except ValueError as e:
+            raise SystemExit(f"train.py: {e}") from None
+        args.out = args.out or os.path.join("runs", args.preset)
+    if args.eval_every < 0:
+        args.eval_every = 0 if args.preset == "toy" else 1
+    os.makedirs(args.out, exist_ok=True)
+    if is_master():
+        remove_stale_temporaries(args.out)
+    return SimpleNamespace(args=args, cfg=cfg, device=device, resume=resume)
+
+
+# ------------------------------------------------------------------------------------------------ 2. data
+
+
+def load_data(run):
+    """Datasets (toy scenes unless --vg / --hoi), the config's class names from them, one stream per task."""
+    args = run.args
+    data = sg2hoi.build_data(run.cfg, vars(args), is_master=is_master(), barrier=barrier)
+    if not run.resume:
+        run.cfg = sg2hoi.config_from_meta(run.cfg, data.get("sgg", {}).get("train", (None, None))[1],
+                                          data.get("hoi", {}).get("train", (None, None))[1])
+    cfg = run.cfg
+    # the teacher of Eq. 5 per task: CLIP image embeddings {file name: vector}, or the class text embeddings (toy)
+    teachers = dict.fromkeys(data)
+    if args.clip_cache and cfg.use_vl_distill:
+        cache = torch.load(args.clip_cache, weights_only=True)
+        teachers = dict.fromkeys(data, cache)
+    elif args.text_teacher == "objects" and cfg.use_vl_distill:
+        teachers = {task: sg2hoi.class_text_embeddings(
+            cfg.entity_names if task == "sgg" else cfg.hoi_object_names, cfg.text_dim, cfg.text_embeddings)
+            for task in data}
+    micro, accumulation = split_batch(cfg.batch_size, world_size(), args.micro_batch)
+    loader_kw = loader_settings(args, run.device)
+    train_tf = sg2hoi.make_transforms(True, cfg.image_size, cfg.max_size, multi_scale=cfg.image_size > 480)
+    streams = {}
+    for task in data:
+        records, meta = data[task]["train"]
+        streams[task] = TaskStream(sg2hoi.DetectionDataset(records, meta, train_tf, teachers[task]),
+                                   cfg.batch_size, micro, accumulation, args.seed + (0 if task == "sgg" else 1),
+                                   loader_kw, task)
+        if streams[task].steps_per_epoch == 0:  # zero steps is an error, not a silent "done"
+            where = {"sgg": args.vg or os.path.join(args.toy_root, "vg"),
+                     "hoi": args.hoi or os.path.join(args.toy_root, args.hoi_dataset)}[task]
+            raise SystemExit(f"{task.upper()} training split ({where}): {len(records)} usable images, fewer than the "
+                             f"global batch of {cfg.batch_size}: no optimiser step would run. Use a smaller "
+                             f"--batch_size or more data (the loader's skip counts above say what was dropped).")
+    run.schedule = make_schedule(cfg, streams)
+    if run.schedule.total == 0:
+        raise SystemExit(f"train.py: the schedule has no step (sgg_epochs {cfg.sgg_epochs}, joint_epochs "
+                         f"{cfg.joint_epochs}, tasks {cfg.tasks})")
+    run.accumulation, run.micro = accumulation, micro
+    return data, streams
+
+
+# ------------------------------------------------------------------------------------------------ 3. model, criterion, optimiser
 
 
 def make_optimizer(model, cfg):
@@ -219,12 +538,55 @@ def make_optimizer(model, cfg):
                               for g in groups if groups[g]], lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def build(run):
+    """Model (DETR-initialised if asked), criterion, optimiser, training state; the resumed ones if resuming."""
+    cfg, args = run.cfg, run.args
+    model = sg2hoi.build_model(cfg)
+    if args.init_detr and not run.resume:
+        sg2hoi.load_detr_weights(model, args.init_detr, verbose=is_master())
+    model.to(run.device)
+    criterion = sg2hoi.build_criterion(model).to(run.device)
+    optimizer = make_optimizer(model, cfg)
+    state = {"step": 0, "skipped_nonfinite": 0, "streams": {}, "best": None}
+    if run.resume:
+        model.load_state_dict(run.resume["model"])
+        optimizer.load_state_dict(run.resume["optimizer"])
+        state = {**state, **run.resume["state"]}
+        restore_rng_states(run.resume["rng"])
+        if is_master():
+            print(f"resumed from {args.resume} at step {state['step']}")
+    return model, criterion, optimizer, state
+
+
+# ------------------------------------------------------------------------------------------------ 4. training
+
+
 def set_learning_rates(optimizer, cfg, phase, progress):
     """Phase 2 lowers the SGG part to lr_sgg_phase2; lr x 0.1 after cfg.lr_drop of each phase."""
     factor = 0.1 if progress >= cfg.lr_drop else 1.0
     for g in optimizer.param_groups:
         base = cfg.lr_sgg_phase2 if (phase == 2 and g["name"] == "sgg") else g["base_lr"]
         g["lr"] = base * factor
+
+
+def set_trainable(model, cfg, phase, has_sgg):
+    """Phase 1 freezes the HOI-only parameters (the HOI branch does not run); phase 2 with hoi_on_frozen_sgg
+    freezes everything else. Modules whose parameters are all frozen run in eval mode (no BatchNorm statistics,
+    no dropout)."""
+    hoi_only = set(map(id, model.idle_parameters("sgg")))
+    for p in model.parameters():
+        if id(p) in hoi_only:
+            p.requires_grad_(phase == 2 or not has_sgg)
+        elif cfg.hoi_on_frozen_sgg:
+            p.requires_grad_(phase == 1)
+
+
+def train_mode(model):
+    model.train()
+    for m in model.children():
+        params = list(m.parameters())
+        if params and not any(p.requires_grad for p in params):
+            m.eval()
 
 
 def zero_touch(outputs):
@@ -237,178 +599,229 @@ def zero_touch(outputs):
     return total
 
 
-# ------------------------------------------------------------------------------------------------ main
+def non_finite_outputs(outputs):
+    """Names of the model outputs holding NaN or Inf (the matcher cannot match them)."""
+    bad = []
+    for k, v in outputs.items():
+        for name, t in (v.items() if isinstance(v, dict) else [(None, v)]):
+            if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all():
+                bad.append(k if name is None else f"{k}.{name}")
+    return bad
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    device = setup_distributed()
-    torch.manual_seed(args.seed + rank())
-    if args.deterministic:
-        torch.use_deterministic_algorithms(True)
-    resume = load_checkpoint(args.resume) if args.resume else None
-    if resume:  # the checkpoint's config and data arguments win; schedule flags on this command line still apply
-        cfg = sg2hoi.Config(**resume["config"])
-        for k in ("toy_root", "toy_train", "toy_test", "vg", "vg_format", "hoi", "hoi_dataset", "text_teacher",
-                  "clip_cache", "seed"):
-            setattr(args, k, resume["args"][k])
-    else:
-        cfg = sg2hoi.make_config(args.preset, **config_overrides(args))
-    os.makedirs(args.out, exist_ok=True)
+def train_step(run, ddp_model, model, criterion, optimizer, micro_batches, task, with_hoi, step):
+    """One optimiser step over this process's micro-batches of the global batch.
 
-    data = build_data(args, cfg)
-    if not resume:
-        cfg = sg2hoi.config_from_meta(cfg, data.get("sgg", {}).get("train", (None, None))[1],
-                                      data.get("hoi", {}).get("train", (None, None))[1])
-    model = sg2hoi.build_model(cfg)
-    if args.init_detr and not resume:
-        sg2hoi.load_detr_weights(model, args.init_detr, verbose=is_master())
-    model.to(device)
-    criterion = sg2hoi.build_criterion(model).to(device)
-    optimizer = make_optimizer(model, cfg)
+    Returns (losses of the whole global batch: {term: float}, or None when the step was skipped)."""
+    device, cfg = run.device, run.cfg
+    Q = cfg.num_rel_queries if task == "sgg" else cfg.num_hoi_queries
+    counts = {}
+    for _, _, targets in micro_batches:  # the normalisers of the global batch (sg2hoi.batch_counts)
+        for k, v in sg2hoi.batch_counts(targets, task, Q).items():
+            counts[k] = counts.get(k, 0.0) + v
+    norm = all_reduce_mean(counts, device)
+    use_amp = device.type == "cuda" and run.args.amp == "bf16"
+    optimizer.zero_grad(set_to_none=True)
+    summed, problem = {}, None
+    for m, (images, mask, targets) in enumerate(micro_batches):
+        last = m == len(micro_batches) - 1
+        sync = ddp_model.no_sync() if (isinstance(ddp_model, DDP) and not last) else contextlib.nullcontext()
+        with sync:
+            images, mask = images.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                outputs = ddp_model(images, mask, with_hoi=with_hoi)
+            bad = [f"model output {name}" for name in non_finite_outputs(outputs)]
+            losses = None if bad else criterion(outputs, targets, task, norm=norm)
+            if losses is not None:
+                bad = [f"loss term {k}" for k, v in losses.items() if not torch.isfinite(v)]
+            # every process must agree before the backward (DDP reduces in the last one)
+            ok = torch.tensor(0.0 if bad else 1.0, device=device)
+            if dist.is_initialized():
+                dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+            if ok.item() < 1:  # keep DDP in step with a zero loss, then give the step up
+                touch = zero_touch(outputs)
+                if torch.is_tensor(touch):
+                    touch.backward()
+                problem = (f"step {step} ({task} batch, images {[t['image_id'] for t in targets]}): non-finite "
+                           f"{'values in ' + ', '.join(bad) if bad else 'values on another process'}")
+                break
+            (losses["loss"] + zero_touch(outputs)).backward()
+            for k, v in losses.items():
+                if not k[-1].isdigit():  # the last decoder layer's terms (and the total)
+                    summed[k] = summed.get(k, 0.0) + v.item()
+    if problem:
+        optimizer.zero_grad(set_to_none=True)
+        return None, problem
+    for p in model.idle_parameters(task):  # after DDP's reduction: AdamW must not touch the idle heads
+        p.grad = None
+    if cfg.clip_max_norm > 0:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], cfg.clip_max_norm)
+    optimizer.step()
+    return all_reduce_mean(summed, device), None
 
-    # the teacher of Eq. 5 per task: CLIP image embeddings {file: vector}, or the class text embeddings (toy)
-    teachers = dict.fromkeys(data)
-    if args.clip_cache:
-        teachers = dict.fromkeys(data, torch.load(args.clip_cache, weights_only=True))
-    elif args.text_teacher == "objects" and cfg.use_vl_distill:
-        teachers = {task: sg2hoi.class_text_embeddings(
-            cfg.entity_names if task == "sgg" else cfg.hoi_object_names, cfg.text_dim, cfg.text_embeddings)
-            for task in data}
-    train_tf = sg2hoi.make_transforms(True, cfg.image_size, cfg.max_size, multi_scale=cfg.image_size > 480)
-    streams = {task: TaskStream(sg2hoi.DetectionDataset(*data[task]["train"], train_tf, teachers[task]),
-                                cfg.batch_size, args.workers, args.seed + (0 if task == "sgg" else 1))
-               for task in data}
 
-    # the schedule: phase 1 = SGG alone, phase 2 = SGG and HOI alternating (one HOI epoch = one phase-2 epoch)
-    has_sgg, has_hoi = "sgg" in streams, "hoi" in streams
-    phase1_steps = cfg.sgg_epochs * streams["sgg"].batches_per_epoch if has_sgg and has_hoi else 0
-    if has_sgg and not has_hoi:  # SGG-only training (Table V "SGG")
-        phase1_steps = (cfg.sgg_epochs + cfg.joint_epochs) * streams["sgg"].batches_per_epoch
-    phase2_steps = cfg.joint_epochs * streams["hoi"].batches_per_epoch * (2 if has_sgg else 1) if has_hoi else 0
-    total_steps = phase1_steps + phase2_steps
-    if args.max_steps:
-        total_steps = min(total_steps, args.max_steps)
+def checkpoint(run, model, optimizer, state, name="ckpt.pt"):
+    """Every process's RNG states are gathered (a collective); rank 0 writes."""
+    rngs = rng_states()
+    if is_master():
+        args = {k: v for k, v in vars(run.args).items() if k != "explicit"}
+        save_checkpoint(os.path.join(run.args.out, name),
+                        {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
+                         "config": dataclasses.asdict(run.cfg), "args": args, "rng": rngs})
 
-    state = {"step": 0, "skipped_nonfinite": 0, "streams": {}}
-    if resume:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        state = resume["state"]
-        for task, s in state["streams"].items():
-            streams[task].load_state(s)
-        torch.set_rng_state(resume["rng"]["torch"])
-        if torch.cuda.is_available() and resume["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
-        if is_master():
-            print(f"resumed from {args.resume} at step {state['step']}")
-    ckpt_path = os.path.join(args.out, "ckpt.pt")
-    log = open(os.path.join(args.out, "log.jsonl"), "a") if is_master() else None
-    last_terms = {}  # task -> its latest losses, for the progress line
+
+def evaluate_during_training(run, model, data, state, phase, log):
+    """Evaluation on every rank (eval.evaluate shards the test splits); rank 0 logs, prints, keeps best.pt."""
+    tasks = {t: d for t, d in data.items() if phase == 2 or t == "sgg"}  # phase 1: the HOI branch is untrained
+    metrics = evaluation.evaluate(model, run.cfg, tasks, run.device, limit=run.args.eval_limit)
+    model.train()
+    if not is_master() or metrics is None:
+        return None
+    print(evaluation.format_tables(metrics), flush=True)
+    name = best_metric_name(run, phase, metrics)
+    value = lookup_metric(metrics, name)
+    log.write(json.dumps({"event": "eval", "step": state["step"], "phase": phase, "metric": name, "value": value,
+                          "metrics": _json_safe(metrics)}) + "\n")
+    log.flush()
+    best = state.get("best")
+    if value is not None and (best is None or best["metric"] != name or value > best["value"]):
+        state["best"] = {"metric": name, "value": value, "step": state["step"]}
+        shutil.copyfile(os.path.join(run.args.out, "ckpt.pt"), os.path.join(run.args.out, "best.pt.tmp"))
+        os.replace(os.path.join(run.args.out, "best.pt.tmp"), os.path.join(run.args.out, "best.pt"))
+        print(f"best.pt: {name} = {100 * value:.2f} at step {state['step']}")
+    return metrics
+
+
+def best_metric_name(run, phase, metrics):
+    if run.args.best_metric != "auto":
+        return run.args.best_metric
+    if phase == 2 and "hico" in metrics:
+        return "hico.default.mAP_full"
+    if phase == 2 and "vcoco" in metrics:
+        return "vcoco.role_mAP_S1"
+    return "sgg.R@50"
+
+
+def lookup_metric(metrics, dotted):
+    value = metrics
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return float(value)
+
+
+def _json_safe(x):
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def train(run, model, criterion, optimizer, state, streams, data):
+    """The schedule loop: one optimiser step per iteration, a log line per step, checkpoints, evaluations."""
+    args, cfg, sched = run.args, run.cfg, run.schedule
+    total = min(sched.total, args.max_steps) if args.max_steps else sched.total
+    for task, s in state["streams"].items():
+        streams[task].load_state(s)
+    log_path = os.path.join(args.out, "log.jsonl")
+    if run.resume and is_master():
+        rewrite_log_for_resume(log_path, state["step"], args.resume)
+    log = open(log_path, "a") if is_master() else None
     if is_master():
         n_params = sum(p.numel() for p in model.parameters())
-        print(f"SG2HOI+ {n_params / 1e6:.1f} M parameters | tasks {sorted(streams)} | {world_size()} process(es) "
-              f"on {device} | phase 1: {phase1_steps} steps, phase 2: {phase2_steps} steps")
-
-    use_amp = device.type == "cuda" and args.amp == "bf16"
-    ddp_model, ddp_phase = None, None
-    t_start, images_seen = time.time(), 0
+        print(f"SG2HOI+ {n_params / 1e6:.1f} M parameters | tasks {sorted(streams)} | {world_size()} process(es) on "
+              f"{run.device} | global batch {cfg.batch_size} = {world_size()} x {run.accumulation} x {run.micro} | "
+              f"phase 1: {sched.phase1_steps} steps, phase 2: {sched.phase2_steps} steps | out {args.out}", flush=True)
+    has_sgg = "sgg" in streams
+    ddp_model, ddp_phase, last_terms, consecutive_skips = None, None, {}, 0
+    t_start, start_step = time.time(), state["step"]
     step = state["step"]
-    while step < total_steps:
-        phase = 1 if step < phase1_steps else 2
-        if ddp_phase != phase:  # phase 1 freezes the HOI branch; wrap again so DDP sees the trainable set
-            hoi_params = set(map(id, model.idle_parameters("sgg")))
-            for p in model.parameters():
-                if id(p) in hoi_params:
-                    p.requires_grad_(phase == 2 or not has_sgg)
+    while step < total:
+        phase, task = sched.phase(step), sched.task(step)
+        if ddp_phase != phase:  # the trainable set changes with the phase: wrap again so DDP sees it
+            set_trainable(model, cfg, phase, has_sgg)
             ddp_model = DDP(model) if dist.is_initialized() else model
             if args.compile:
                 ddp_model = torch.compile(ddp_model)
             ddp_phase = phase
-        # alternation: phase 2 takes SGG on even steps and HOI on odd steps (HOI only if there is no SGG data)
-        task = "sgg" if (phase == 1 or (has_sgg and (step - phase1_steps) % 2 == 0)) else "hoi"
-        progress = step / max(phase1_steps, 1) if phase == 1 else (step - phase1_steps) / max(phase2_steps, 1)
-        set_learning_rates(optimizer, cfg, phase, progress)
-
-        images, mask, targets = streams[task].next()
-        images, mask = images.to(device, non_blocking=True), mask.to(device, non_blocking=True)
-        model.train()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            outputs = ddp_model(images, mask, with_hoi=(phase == 2 or not has_sgg))
-        losses = criterion(outputs, targets, task)
-        loss = losses["loss"] + zero_touch(outputs)
-
-        # a non-finite loss: stop and say where, or skip the step and count it (every rank agrees)
-        finite = torch.tensor(float(torch.isfinite(losses["loss"])), device=device)
-        if dist.is_initialized():
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if finite.item() < 1:
-            bad = [k for k, v in losses.items() if not torch.isfinite(v)]
+        set_learning_rates(optimizer, cfg, phase, sched.progress(step))
+        train_mode(model)
+        micro_batches = [streams[task].next() for _ in range(run.accumulation)]
+        terms, problem = train_step(run, ddp_model, model, criterion, optimizer, micro_batches, task,
+                                    with_hoi=(phase == 2 or not has_sgg), step=step)
+        if problem:  # non-finite outputs or loss: stop and say where, or skip the step and count it
             if args.nonfinite == "stop":
-                raise FloatingPointError(f"step {step} ({task} batch, images {[t['image_id'] for t in targets]}): "
-                                         f"non-finite loss in term(s) {bad}; stopping (use --nonfinite skip to "
-                                         f"skip such steps)")
+                raise SystemExit(f"{problem}; stopping (lower the learning rate, or --nonfinite skip to skip such "
+                                 f"steps)")
             state["skipped_nonfinite"] += 1
+            consecutive_skips += 1
             if is_master():
-                print(f"step {step}: non-finite loss in {bad}, step skipped")
-            optimizer.zero_grad(set_to_none=True)
+                print(f"{problem}: step skipped ({state['skipped_nonfinite']} so far)", flush=True)
+            if consecutive_skips >= args.max_skips:
+                ckpt = os.path.join(args.out, "ckpt.pt")
+                raise SystemExit(f"{consecutive_skips} consecutive steps skipped for non-finite values: the model has "
+                                 f"diverged; stopping (lower the learning rate; "
+                                 f"{'the last good checkpoint is ' + ckpt if os.path.exists(ckpt) else 'no checkpoint was written yet'})")
         else:
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            for p in model.idle_parameters(task):  # after DDP's reduction: AdamW must not touch the idle heads
-                p.grad = None
-            if cfg.clip_max_norm > 0:
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None],
-                                               cfg.clip_max_norm)
-            optimizer.step()
+            consecutive_skips = 0
         step += 1
-        images_seen += len(images) * world_size()
         state["step"] = step
         state["streams"] = {t: s.state() for t, s in streams.items()}
-
-        if is_master():
-            terms = {k: v.item() for k, v in losses.items() if not k[-1].isdigit()}  # last layer's terms
+        if is_master() and terms:
             last_terms[task] = " ".join(f"{k} {v:.3f}" for k, v in terms.items())  # the line shows both tasks
             record = {"step": step, "phase": phase, "task": task, "epoch": streams[task].epoch,
                       "lr": optimizer.param_groups[0]["lr"], "time": round(time.time() - t_start, 3),
                       **{k: round(v, 6) for k, v in terms.items()}}
             log.write(json.dumps(record) + "\n")
             log.flush()
-            if step % args.log_every == 0 or step == total_steps:
-                elapsed = time.time() - t_start
-                rate = images_seen / max(elapsed, 1e-9)
-                eta = (total_steps - step) * elapsed / max(step - resume_step(resume), 1)
-                line = " | ".join(f"{t}: {last_terms[t]}" for t in ("sgg", "hoi") if t in last_terms)
-                print(f"step {step}/{total_steps} phase {phase} | {line} | {rate:.1f} img/s | "
-                      f"ETA {eta / 60:.1f} min", flush=True)
-        if step % args.ckpt_every == 0 or step == total_steps:
-            if is_master():
-                save_checkpoint(ckpt_path, model, optimizer, state, cfg, args)
-            barrier()
-
+        if is_master() and (step % args.log_every == 0 or step == total):
+            elapsed = time.time() - t_start
+            rate = (step - start_step) * cfg.batch_size / max(elapsed, 1e-9)
+            eta = (total - step) * elapsed / max(step - start_step, 1)
+            line = " | ".join(f"{t}: {last_terms[t]}" for t in ("sgg", "hoi") if t in last_terms)
+            print(f"step {step}/{total} phase {phase} | {line} | {rate:.1f} img/s | ETA {eta / 60:.1f} min", flush=True)
+        evaluate_now = sched.is_eval_step(step, args.eval_every) and step < total
+        if step % args.ckpt_every == 0 or step == total or evaluate_now:
+            checkpoint(run, model, optimizer, state)
+        if evaluate_now:
+            evaluate_during_training(run, model, data, state, phase, log)
+            checkpoint(run, model, optimizer, state)  # the best-so-far record travels with the checkpoint
     if is_master():
         print(f"training done: {step} steps in {(time.time() - t_start) / 60:.1f} min; "
-              f"non-finite steps skipped: {state['skipped_nonfinite']}")
-    if is_master() and not args.no_eval:
-        import eval as evaluation
+              f"non-finite steps skipped: {state['skipped_nonfinite']}", flush=True)
+    return log
 
-        metrics = evaluation.evaluate(model, cfg, data, device,
-                                      limit=args.eval_limit)
-        print(evaluation.format_tables(metrics))
-        with open(os.path.join(args.out, "metrics.json"), "w") as f:
+
+# ------------------------------------------------------------------------------------------------ 5. final evaluation
+
+
+def final_evaluation(run, model, data, state, log):
+    """Every rank evaluates its shard; rank 0 computes the metrics and writes metrics.json. No rank waits in a
+    collective afterwards (rank 0 may need minutes for the metrics of the full test sets)."""
+    if run.args.no_eval:
+        return None
+    phase = run.schedule.phase(max(state["step"] - 1, 0))
+    metrics = evaluate_during_training(run, model, data, state, phase, log)
+    if is_master() and metrics is not None:
+        with open(os.path.join(run.args.out, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=1)
+    return metrics
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    run = setup(args)                                                # 1
+    data, streams = load_data(run)                                   # 2
+    model, criterion, optimizer, state = build(run)                  # 3
+    log = train(run, model, criterion, optimizer, state, streams, data)   # 4
+    final_evaluation(run, model, data, state, log)                   # 5
     if log:
         log.close()
-    # free the model and optimiser before tearing the process group down: gloo otherwise sometimes aborts at exit
-    # ("terminate called without an active exception")
-    del ddp_model, model, optimizer, criterion, streams
+    del streams  # stop the loader workers before the process group goes
     if dist.is_initialized():
-        barrier()
         dist.destroy_process_group()
-
-
-def resume_step(resume):
-    return resume["state"]["step"] if resume else 0
 
 
 if __name__ == "__main__":
