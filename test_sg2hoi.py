@@ -890,6 +890,183 @@ def test_two_node_torchrun_with_c10d_rendezvous_on_localhost(tiny_toy, tmp_path)
     assert [x["step"] for x in _log(out)] == [1, 2, 3, 4]
 
 
+# ---------------------------------------------------------------- the same experiment on 1 or N processes (issue 10)
+
+
+def test_micro_batches_with_global_counts_give_the_gradient_of_the_whole_batch():
+    """Accumulation: 2 micro-batches of 2 images, each normalised by the counts of all 4, add up to the gradient of
+    the batch of 4 (the toy backbone normalises with GroupNorm, so the micro-batch size does not matter)."""
+    torch.manual_seed(0)
+    cfg = toy_cfg()
+    model = sg2hoi.build_model(cfg)
+    criterion = sg2hoi.build_criterion(model)
+    x, mask = batch()
+    x2, mask2 = batch(pad_second=False)
+    images, masks = torch.cat([x, x2]), torch.cat([mask, mask2])
+    for task, tg in (("sgg", sgg_targets), ("hoi", hoi_targets)):
+        targets = tg() + tg()[::-1]
+        Q = cfg.num_rel_queries if task == "sgg" else cfg.num_hoi_queries
+
+        def grads(parts):
+            model.zero_grad()
+            norm = {}
+            for sl in parts:
+                for k, v in sg2hoi.batch_counts(targets[sl], task, Q).items():
+                    norm[k] = norm.get(k, 0.0) + v
+            total = 0.0
+            for sl in parts:
+                loss = criterion(model(images[sl], masks[sl]), targets[sl], task, norm=norm)["loss"]
+                loss.backward()
+                total += loss.item()
+            return total, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+        whole, g_whole = grads([slice(0, 4)])
+        parts, g_parts = grads([slice(0, 2), slice(2, 4)])
+        assert parts == pytest.approx(whole, rel=1e-5)
+        assert g_whole.keys() == g_parts.keys()
+        for n in g_whole:
+            torch.testing.assert_close(g_parts[n], g_whole[n], rtol=1e-4, atol=1e-6, msg=n)
+        # and without `norm` a batch is normalised by its own counts, as before
+        assert criterion(model(images, masks), targets, task)["loss"].item() == pytest.approx(whole, rel=1e-5)
+
+
+def test_split_batch_divides_the_global_batch_over_processes_and_micro_batches():
+    import train
+    assert train.split_batch(16, 1, 0) == (16, 1)
+    assert train.split_batch(16, 2, 0) == (8, 1)
+    assert train.split_batch(16, 2, 4) == (4, 2)
+    assert train.split_batch(16, 1, 5) == (4, 4)  # equal micro-batches: 16 = 4 x 4, never 5 + 5 + 5 + 1
+    assert train.split_batch(8, 8, 2) == (1, 1)
+    with pytest.raises(SystemExit, match="not divisible by 3 processes"):
+        train.split_batch(16, 3, 0)
+
+
+def test_one_process_two_processes_and_accumulation_log_the_same_losses(tiny_toy, tmp_path):
+    common = ["--toy_root", tiny_toy, "--no_eval", "--max_steps", "4", "--deterministic"] + TINY
+    runs = {"1": ["train.py"], "1x2": ["train.py", "--micro_batch", "4"],
+            "2": ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]}
+    logs = {}
+    for name, cmd in runs.items():
+        r = _run(cmd + common + ["--out", str(tmp_path / name)], timeout=400)
+        assert r.returncode == 0, (name, r.stderr[-3000:])
+        logs[name] = _log(str(tmp_path / name))
+    for name in ("1x2", "2"):
+        assert [x["step"] for x in logs[name]] == [1, 2, 3, 4]
+        for a, b in zip(logs["1"], logs[name]):
+            for term in ("loss", "seg", "align", "rel_box", "rel_cls", "rel_pred"):
+                assert b[term] == pytest.approx(a[term], rel=1e-3), (name, a["step"], term)
+
+
+def test_two_processes_resume_restores_every_ranks_rng(tiny_toy, tmp_path):
+    """With dropout each rank draws its own masks: resuming must restore every rank's RNG, not rank 0's."""
+    ddp = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
+    common = ["--toy_root", tiny_toy, "--no_eval", "--deterministic", "--dropout", "0.3", "--ckpt_every", "3"] + TINY
+    ref, split = str(tmp_path / "ref"), str(tmp_path / "split")
+    r = _run(ddp + common + ["--out", ref, "--max_steps", "6"], timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _run(ddp + common + ["--out", split, "--max_steps", "3"], timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _run(ddp + ["--resume", os.path.join(split, "ckpt.pt"), "--max_steps", "6", "--log_every", "1"], timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    reference = {x["step"]: x["loss"] for x in _log(ref)}
+    resumed = {x["step"]: x["loss"] for x in _log(split)}
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    for step in (4, 5, 6):
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-5), step
+
+
+def test_slow_metrics_on_rank_0_do_not_time_out_the_other_rank(tiny_toy, tmp_path):
+    """rank 0 computes the final metrics alone for longer than the collective timeout: the run still ends cleanly."""
+    wrapper = tmp_path / "slow_train.py"
+    wrapper.write_text(f"""import os, sys, time
+sys.path.insert(0, {HERE!r})
+import eval as ev
+import train
+slow = ev.metrics_from_collected
+def slower(*a, **kw):
+    time.sleep(8)  # the timeout below is 3 s
+    return slow(*a, **kw)
+ev.metrics_from_collected = slower
+train.main()
+""")
+    out = str(tmp_path / "run")
+    r = _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(wrapper), "--toy_root",
+              tiny_toy, "--out", out, "--max_steps", "2", "--eval_limit", "4", "--dist_timeout", "0.05"] + TINY,
+             timeout=400)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    assert os.path.exists(os.path.join(out, "metrics.json"))
+
+
+# ---------------------------------------------------------------- resume, schedule variants, faults (issues 8, 9)
+
+
+def test_resume_refuses_flags_that_change_the_experiment_and_bad_checkpoints(tiny_toy, tmp_path):
+    out = str(tmp_path / "run")
+    r = _run(["train.py", "--toy_root", tiny_toy, "--out", out, "--max_steps", "1", "--no_eval"] + TINY)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpt_path = os.path.join(out, "ckpt.pt")
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    assert os.path.isabs(ckpt["args"]["toy_root"]), "data paths are stored absolute (eval from any folder)"
+    r = _run(["train.py", "--resume", ckpt_path, "--joint_epochs", "5", "--preset", "paper", "--batch_size", "8"])
+    assert r.returncode != 0
+    assert "--joint_epochs 5 (the checkpoint has 1)" in r.stderr and "--preset paper" in r.stderr
+    assert "batch_size" not in r.stderr, "a flag equal to the checkpoint's value is no conflict"
+    bad = {"truncated.pt": open(ckpt_path, "rb").read()[:1000], "text.pt": b"not a checkpoint"}
+    for name, content in bad.items():
+        (tmp_path / name).write_bytes(content)
+    torch.save(ckpt["model"], tmp_path / "bare.pt")
+    torch.save({**ckpt, "config": {**ckpt["config"], "made_up_field": 1}}, tmp_path / "future.pt")
+    for name, message in (("truncated.pt", "not a readable checkpoint"), ("text.pt", "not a readable checkpoint"),
+                          ("bare.pt", "not a train.py checkpoint"), ("future.pt", "made_up_field"),
+                          ("missing.pt", "no such file")):
+        r = _run(["train.py", "--resume", str(tmp_path / name)])
+        assert r.returncode != 0 and message in r.stderr and name in r.stderr, (name, r.stderr[-500:])
+        assert "Traceback" not in r.stderr
+
+
+def test_table_v_hoi_row_trains_the_hoi_part_on_a_frozen_sgg_part(tiny_toy, tmp_path):
+    out = str(tmp_path / "run")
+    common = ["train.py", "--toy_root", tiny_toy, "--out", out, "--no_eval", "--hoi_on_frozen_sgg", "true"] + TINY
+    r = _run(common + ["--max_steps", "6"])  # the end of phase 1
+    assert r.returncode == 0, r.stderr[-3000:]
+    after_sgg = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["model"]
+    r = _run(["train.py", "--resume", os.path.join(out, "ckpt.pt")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = _log(out)
+    assert [x["task"] for x in log] == ["sgg"] * 6 + ["hoi"] * 6  # phase 2: HOI batches only, 1 HOI epoch
+    final = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["model"]
+    model = sg2hoi.build_model(sg2hoi.Config(**torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["config"]))
+    hoi_only = {n for n, p in model.named_parameters() if any(p is q for q in model.idle_parameters("sgg"))}
+    changed = {name for name in after_sgg if not torch.equal(after_sgg[name], final[name])}
+    assert changed <= hoi_only, f"the SGG part moved in phase 2: {sorted(changed - hoi_only)[:5]}"
+    assert len(changed) > 0.9 * len(hoi_only), "the HOI part trains"
+
+
+def test_zero_training_steps_and_bad_flags_are_errors(tmp_path):
+    small = str(tmp_path / "small")
+    sg2hoi.ensure_toy_datasets(small, num_train=8, num_test=4)
+    r = _run(["train.py", "--toy_root", small, "--toy_train", "8", "--toy_test", "4", "--out", str(tmp_path / "o")])
+    assert r.returncode != 0
+    assert "8 usable images, fewer than the global batch of 16" in r.stderr
+    assert not os.path.exists(tmp_path / "o" / "metrics.json")
+    for flag, value in (("--ckpt_every", "0"), ("--log_every", "0"), ("--max_steps", "-1"), ("--dist_timeout", "0")):
+        r = _run(["train.py", flag, value])
+        assert r.returncode != 0 and flag in r.stderr, flag
+
+
+def test_failed_checkpoint_write_removes_its_temporary_file_and_names_the_path(tmp_path, monkeypatch):
+    import train
+
+    def disk_full(obj, f):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(train.torch, "save", disk_full)
+    path = str(tmp_path / "ckpt.pt")
+    with pytest.raises(SystemExit, match=r"could not write checkpoint .*ckpt.pt: .*No space left on device.*MiB free"):
+        train.save_checkpoint(path, {"x": 1})
+    assert os.listdir(tmp_path) == []
+
+
 def test_draw_prediction_panels_boxes_segmentation_and_legend():
     image = torch.full((3, 64, 64), 100, dtype=torch.uint8)
     gt = dict(boxes=np.array([[8, 8, 40, 40]], np.float32), labels=np.array([1]))

@@ -256,8 +256,11 @@ class TaskStream:
                                     micro_batch=micro_batch)
         self.steps_per_epoch = len(dataset) // global_batch  # the same for any number of processes
         self.micro_per_epoch = self.steps_per_epoch * accumulation
+        # its own generator: starting an iterator draws a worker base seed, which must not consume the global RNG
+        # (dropout's), or a resumed run (which starts its iterator mid-epoch) would draw different dropout masks
         self.loader = torch.utils.data.DataLoader(self.dataset, batch_size=micro_batch, sampler=self.sampler,
-                                                  collate_fn=sg2hoi.collate, drop_last=True, **loader_kw)
+                                                  collate_fn=sg2hoi.collate, drop_last=True,
+                                                  generator=torch.Generator().manual_seed(seed), **loader_kw)
         self.name, self.epoch, self.batch_in_epoch, self.iterator = name, 0, 0, None
 
     def state(self):
