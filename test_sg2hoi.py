@@ -1067,6 +1067,46 @@ def test_failed_checkpoint_write_removes_its_temporary_file_and_names_the_path(t
     assert os.listdir(tmp_path) == []
 
 
+# ---------------------------------------------------------------- the ablation study (issue 13)
+
+
+def test_every_study_row_sets_the_config_of_its_paper_row():
+    import train
+    expected = {"FULL": {}, "SGG": dict(tasks="sgg"), "HOI": dict(hoi_on_frozen_sgg=True),
+                "-HSS": dict(use_bbseg=False), "HSSD": dict(semantic_embedding="discrete"),
+                "HSSG": dict(semantic_embedding="glove"), "-VLpool": dict(use_vl_distill=False),
+                "VLl2": dict(align_loss="l2"), "-FETR": dict(use_feature_transform=False),
+                "-QUTR": dict(use_query_transform=False), "-R2ITR": dict(use_r2i=False),
+                "RELQ": dict(hoi_queries_from_rel=True)}
+    assert list(train.STUDY_ROWS) == list(expected)
+    full = sg2hoi.make_config("toy", **train.config_overrides(train.parse_args(train.FULL_FLAGS)))
+    assert full.align_feature == "pool" and full.classifier_init == "text"  # SG2HOI+pool, the paper's FULL
+    for row, fields in expected.items():
+        flags = train.FULL_FLAGS + train.STUDY_ROWS[row][0]
+        overrides = train.config_overrides(train.parse_args(flags))
+        assert {k: v for k, v in overrides.items() if k not in ("align_feature", "classifier_init")} == fields, row
+        if row != "HSSG":  # HSSG needs a word-vector file
+            sg2hoi.make_config("toy", **overrides)
+
+
+def test_study_runner_writes_the_table_and_skips_finished_runs(tiny_toy, tmp_path):
+    out = str(tmp_path / "study")
+    cmd = ["train.py", "--study", "--rows", "FULL,-HSS,HSSG", "--seeds", "1", "--out", out, "--budget",
+           "--sgg_epochs 1 --joint_epochs 1", "--run_args", " ".join(["--toy_root", tiny_toy, "--max_steps", "2",
+                                                                      "--eval_limit", "2"] + TINY)]
+    r = _run(cmd, timeout=400)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-2000:])
+    assert "2 run(s) to do" in r.stdout
+    with open(os.path.join(out, "study.json")) as f:
+        study = json.load(f)
+    assert study["rows"]["FULL"]["seeds"] == 1 and len(study["rows"]["FULL"]["mean"]) == 7
+    assert study["rows"]["FULL"]["paper"][0] == 25.9 and "skipped" in study["rows"]["HSSG"]
+    md = open(os.path.join(out, "study.md")).read()
+    assert md.count("\n| ") >= 3 and "| -HSS | 1 |" in md and "(23.9)" in md
+    r = _run(cmd, timeout=400)
+    assert r.returncode == 0 and "0 run(s) to do" in r.stdout
+
+
 def test_draw_prediction_panels_boxes_segmentation_and_legend():
     image = torch.full((3, 64, 64), 100, dtype=torch.uint8)
     gt = dict(boxes=np.array([[8, 8, 40, 40]], np.float32), labels=np.array([1]))

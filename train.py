@@ -827,5 +827,149 @@ def main(argv=None):
         dist.destroy_process_group()
 
 
+# ------------------------------------------------------------------------------------------------ the ablation study (Tables V-VIII)
+# `python train.py --study` trains the FULL model and every ablation row of Tables V-VIII on the toy scenes, several
+# seeds each, at a reduced budget, and prints the paper's table with mean +- std over the seeds beside the paper's
+# numbers. Each run is an ordinary train.py run in its own folder (runs/study/<row>/seed<k>), so a finished run is
+# skipped and an interrupted one resumed when the study is started again.
+
+FULL_FLAGS = ["--align_feature", "pool", "--classifier_init", "text"]  # SG2HOI+pool, text-initialised classifiers
+STUDY_ROWS = {  # row -> (flags on top of FULL, the paper's R@50, R@100, mR@50, mR@100, Full, Rare, Non-rare)
+    "FULL": ([], (25.9, 30.3, 11.4, 13.9, 33.14, 29.27, 35.72)),
+    "SGG": (["--tasks", "sgg"], (24.6, 28.4, 10.5, 12.9, None, None, None)),  # Table V
+    "HOI": (["--hoi_on_frozen_sgg", "true"], (None, None, None, None, 30.28, 25.95, 31.91)),
+    "-HSS": (["--use_bbseg", "false"], (23.9, 27.8, 10.1, 12.0, 30.22, 26.41, 32.64)),  # Table VI
+    "HSSD": (["--semantic_embedding", "discrete"], (24.2, 28.2, 10.7, 12.5, 30.54, 26.49, 33.38)),
+    "HSSG": (["--semantic_embedding", "glove"], (24.8, 28.9, 10.7, 13.4, 31.29, 27.52, 34.67)),
+    "-VLpool": (["--use_vl_distill", "false"], (24.3, 27.9, 10.3, 12.3, 31.49, 27.34, 34.21)),  # Table VII
+    "VLl2": (["--align_loss", "l2"], (25.6, 29.7, 11.2, 13.5, 33.10, 28.92, 35.37)),
+    "-FETR": (["--use_feature_transform", "false"], (23.3, 27.1, 9.5, 11.4, 30.50, 24.13, 30.45)),  # Table VIII
+    "-QUTR": (["--use_query_transform", "false"], (24.9, 28.5, 10.9, 13.0, 33.37, 28.24, 34.60)),
+    "-R2ITR": (["--use_r2i", "false"], (25.0, 28.5, 11.1, 12.6, 29.10, 25.14, 30.21)),
+    "RELQ": (["--hoi_queries_from_rel", "true"], (22.6, 26.1, 10.4, 11.3, 29.29, 24.03, 30.62)),
+}
+STUDY_COLUMNS = ("R@50", "R@100", "mR@50", "mR@100", "Full", "Rare", "Non-rare")
+STUDY_BUDGET = ["--sgg_epochs", "2", "--joint_epochs", "1"]  # about a quarter of the toy default's steps
+
+
+def study_parser():
+    p = argparse.ArgumentParser(description="The ablation study of Tables V-VIII on the toy scenes.")
+    p.add_argument("--study", action="store_true")
+    p.add_argument("--rows", default=",".join(STUDY_ROWS), help="comma-separated rows of STUDY_ROWS")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--out", default="runs/study")
+    p.add_argument("--jobs", type=int, default=0, help="runs in parallel (0 = one per CPU core)")
+    p.add_argument("--word_vectors", default="", help="GloVe .txt for the HSSG row (skipped without one)")
+    p.add_argument("--budget", default=" ".join(STUDY_BUDGET), help="train.py flags shared by every run")
+    p.add_argument("--run_args", default="", help="more train.py flags for every run (e.g. --toy_root)")
+    return p
+
+
+def study_run_metrics(metrics):
+    """metrics.json -> the seven numbers of the paper's ablation tables, in percent (None where not trained)."""
+    s, h = metrics.get("sgg"), metrics.get("hico", {}).get("default")
+    row = [100 * s[k] if s else None for k in ("R@50", "R@100", "mR@50", "mR@100")]
+    return row + [100 * h[k] if h else None for k in ("mAP_full", "mAP_rare", "mAP_non_rare")]
+
+
+def run_study(argv):
+    """Train every (row, seed) not finished yet, `jobs` at a time, then write study.json and study.md."""
+    import subprocess
+    import statistics
+
+    a = study_parser().parse_args(argv)
+    rows = [r for r in a.rows.split(",") if r]
+    unknown = [r for r in rows if r not in STUDY_ROWS]
+    if unknown:
+        raise SystemExit(f"--study: unknown row(s) {unknown}; rows are {list(STUDY_ROWS)}")
+    jobs = a.jobs or os.cpu_count() or 1
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    runs, skipped = [], {}
+    for row in rows:
+        flags = FULL_FLAGS + STUDY_ROWS[row][0]
+        if row == "HSSG":
+            if not a.word_vectors:
+                skipped[row] = "needs real word vectors (--word_vectors glove.6B.300d.txt); none can be made offline"
+                continue
+            flags = flags + ["--word_vectors", os.path.abspath(a.word_vectors)]
+        for seed in range(a.seeds):
+            out = os.path.join(a.out, row, f"seed{seed}")
+            if os.path.exists(os.path.join(out, "metrics.json")):
+                continue  # finished earlier
+            if os.path.exists(os.path.join(out, "ckpt.pt")):  # interrupted: continue it
+                cmd = ["--resume", os.path.join(out, "ckpt.pt")]
+            else:
+                cmd = flags + a.budget.split() + a.run_args.split() + ["--seed", str(seed), "--out", out]
+            runs.append((row, seed, out, [sys.executable, os.path.abspath(__file__)] + cmd))
+    print(f"study: {len(runs)} run(s) to do, {jobs} at a time with {threads} thread(s) each; out {a.out}", flush=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    t0, running, failed = time.time(), [], []
+    if runs:  # the toy scenes are generated once, before the parallel runs
+        sg2hoi.build_data(make_config_for_study(a), {k: v for k, v in vars(parse_args(a.run_args.split())).items()})
+    while runs or running:
+        while runs and len(running) < jobs:
+            row, seed, out, cmd = runs.pop(0)
+            os.makedirs(out, exist_ok=True)
+            log = open(os.path.join(out, "stdout.txt"), "a")
+            running.append((row, seed, out, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
+        time.sleep(1)
+        for item in list(running):
+            row, seed, out, proc, log = item
+            if proc.poll() is not None:
+                running.remove(item)
+                log.close()
+                status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see {out}/stdout.txt)"
+                if proc.returncode:
+                    failed.append(out)
+                print(f"study: {row} seed {seed} {status} [{(time.time() - t0) / 60:.1f} min]", flush=True)
+    table = {}
+    for row in rows:
+        if row in skipped:
+            table[row] = {"skipped": skipped[row], "paper": STUDY_ROWS[row][1]}
+            continue
+        per_seed = []
+        for seed in range(a.seeds):
+            path = os.path.join(a.out, row, f"seed{seed}", "metrics.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    per_seed.append(study_run_metrics(json.load(f)))
+        columns = list(zip(*per_seed)) if per_seed else [()] * len(STUDY_COLUMNS)
+        mean = [statistics.fmean(c) if c and c[0] is not None else None for c in columns]
+        std = [statistics.stdev(c) if len(c) > 1 and c[0] is not None else None for c in columns]
+        table[row] = {"seeds": len(per_seed), "mean": mean, "std": std, "runs": per_seed, "paper": STUDY_ROWS[row][1]}
+    with open(os.path.join(a.out, "study.json"), "w") as f:
+        json.dump({"columns": STUDY_COLUMNS, "rows": table, "budget": a.budget, "run_args": a.run_args,
+                   "minutes": (time.time() - t0) / 60}, f, indent=1)
+    markdown = study_markdown(table)
+    with open(os.path.join(a.out, "study.md"), "w") as f:
+        f.write(markdown)
+    print(markdown)
+    if failed:
+        raise SystemExit(f"study: {len(failed)} run(s) failed: {failed}")
+    return table
+
+
+def make_config_for_study(a):
+    return sg2hoi.make_config("toy", **config_overrides(parse_args(a.run_args.split())))
+
+
+def study_markdown(table):
+    """The paper's layout: one line per row, 'ours mean +- std (paper)' in each column."""
+    def cell(mean, std, paper):
+        ours = "-" if mean is None else f"{mean:.1f}" + ("" if std is None else f" ± {std:.1f}")
+        return f"{ours} ({'-' if paper is None else paper})"
+    lines = ["| row | seeds | " + " | ".join(STUDY_COLUMNS) + " |", "|---|---|" + "---|" * len(STUDY_COLUMNS)]
+    for row, r in table.items():
+        if "skipped" in r:
+            lines.append(f"| {row} | skipped: {r['skipped']} |" + " |" * len(STUDY_COLUMNS))
+            continue
+        cells = [cell(m, s, p) for m, s, p in zip(r["mean"], r["std"], r["paper"])]
+        lines.append(f"| {row} | {r['seeds']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\nEach cell: toy mean ± std over seeds (the paper's number on VG / HICO-DET).\n"
+
+
 if __name__ == "__main__":
-    main()
+    if "--study" in sys.argv[1:]:
+        run_study(sys.argv[1:])
+    else:
+        main()
