@@ -36,6 +36,10 @@ branch at all: its parameters are frozen and the model is wrapped in DDP again w
 """
 from __future__ import annotations
 
+import time
+
+T_START = time.time()  # before torch is imported: the start-up time reported includes the imports
+
 import argparse
 import contextlib
 import dataclasses
@@ -44,9 +48,9 @@ import glob
 import json
 import math
 import os
+import resource
 import shutil
 import sys
-import time
 from types import SimpleNamespace
 
 import torch
@@ -668,9 +672,10 @@ def checkpoint(run, model, optimizer, state, name="ckpt.pt"):
     rngs = rng_states()
     if is_master():
         args = {k: v for k, v in vars(run.args).items() if k != "explicit"}
-        save_checkpoint(os.path.join(run.args.out, name),
-                        {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
-                         "config": dataclasses.asdict(run.cfg), "args": args, "rng": rngs})
+        path, t = os.path.join(run.args.out, name), time.time()
+        save_checkpoint(path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
+                               "config": dataclasses.asdict(run.cfg), "args": args, "rng": rngs})
+        run.last_checkpoint = (os.path.getsize(path) / 2**20, time.time() - t)
 
 
 def evaluate_during_training(run, model, data, state, phase, log):
@@ -772,6 +777,9 @@ def train(run, model, criterion, optimizer, state, streams, data):
         step += 1
         state["step"] = step
         state["streams"] = {t: s.state() for t, s in streams.items()}
+        if step == start_step + 1 and is_master():
+            print(f"first step done {time.time() - run.t_launch:.1f} s after the start (set-up, data, model, "
+                  f"one step)", flush=True)
         if is_master() and terms:
             last_terms[task] = " ".join(f"{k} {v:.3f}" for k, v in terms.items())  # the line shows both tasks
             record = {"step": step, "phase": phase, "task": task, "epoch": streams[task].epoch,
@@ -792,8 +800,9 @@ def train(run, model, criterion, optimizer, state, streams, data):
             evaluate_during_training(run, model, data, state, phase, log)
             checkpoint(run, model, optimizer, state)  # the best-so-far record travels with the checkpoint
     if is_master():
-        print(f"training done: {step} steps in {(time.time() - t_start) / 60:.1f} min; "
-              f"non-finite steps skipped: {state['skipped_nonfinite']}", flush=True)
+        size, seconds = getattr(run, "last_checkpoint", (0.0, 0.0))
+        print(f"training done: {step} steps in {(time.time() - t_start) / 60:.1f} min; non-finite steps skipped: "
+              f"{state['skipped_nonfinite']}; last checkpoint {size:.0f} MiB written in {seconds:.1f} s", flush=True)
     return log
 
 
@@ -816,12 +825,15 @@ def final_evaluation(run, model, data, state, log):
 def main(argv=None):
     args = parse_args(argv)
     run = setup(args)                                                # 1
+    run.t_launch = T_START
     data, streams = load_data(run)                                   # 2
     model, criterion, optimizer, state = build(run)                  # 3
     log = train(run, model, criterion, optimizer, state, streams, data)   # 4
     final_evaluation(run, model, data, state, log)                   # 5
     if log:
         log.close()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(f"rank {rank()}: peak resident memory {peak:.0f} MiB", flush=True)
     del streams  # stop the loader workers before the process group goes
     if dist.is_initialized():
         dist.destroy_process_group()
