@@ -1432,11 +1432,10 @@ class _CocoReader:
     def __call__(self, d):
         box = d.get("bbox")
         if box is not None:  # an annotation
+            where = (f"{self.path}: annotation id {d.get('id', '?')} (image {d.get('image_id', '?')}, entry "
+                     f"{len(self.ann_cat)} of 'annotations')")
             if type(box) is not list or len(box) != 4:
-                raise DataError(f"{self.path}: annotation id {d.get('id', '?')} (image {d.get('image_id', '?')}, "
-                                f"entry {len(self.ann_cat)} of 'annotations'): field 'bbox' = {box!r}: expected 4 "
-                                f"numbers [x, y, w, h]")
-            where = f"{self.path}: annotation id {d.get('id', '?')} (entry {len(self.ann_cat)} of 'annotations')"
+                raise DataError(f"{where}: field 'bbox' = {box!r}: expected 4 numbers [x, y, w, h]")
             try:
                 self.ann_box.extend(box)
             except TypeError:

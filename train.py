@@ -49,6 +49,13 @@ def parse_args(argv=None):
     p.add_argument("--vg_format", default="json", choices=["json", "h5"])
     p.add_argument("--hoi", default="", help="HICO-DET or V-COCO root (QPIC layout)")
     p.add_argument("--hoi_dataset", default="hico", choices=["hico", "vcoco"])
+    p.add_argument("--num_val_im", type=int, default=5000,
+                   help="--vg_format h5: the first N training images of the .h5 form the validation split (SGB)")
+    p.add_argument("--bad_images", default="stop", choices=["stop", "skip"],
+                   help="an image that cannot be decoded stops the run naming file and record, or is dropped from "
+                        "its batch with a warning and a count")
+    p.add_argument("--check_images_only", action="store_true",
+                   help="decode every train and test image once, list the bad ones, exit (1 if any is bad)")
     p.add_argument("--text_teacher", default="objects", choices=["objects", "none"],
                    help="Eq. 5 teacher without CLIP: mean text embedding of the image's objects (toy), or none")
     p.add_argument("--clip_cache", default="", help=".pt {image file: CLIP image embedding} for Eq. 5 (real data)")
