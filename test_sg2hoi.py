@@ -1160,3 +1160,32 @@ def test_check_images_only_flag_lists_the_bad_images_and_exits_1(fullsize_tiny, 
     assert r.returncode == 1, r.stderr[-2000:]
     assert "[check images] sgg train: 115 images decoded, 0 bad" in r.stdout
     assert "[check images] hoi test: 19 images decoded, 1 bad" in r.stdout and f"{victim} (record 3)" in r.stdout
+
+
+def test_fused_color_jitter_normalize_equals_torchvision_steps_and_leaves_boxes():
+    image = torchvision.tv_tensors.Image(torch.randint(0, 256, (3, 37, 53), dtype=torch.uint8))
+    boxes = torchvision.tv_tensors.BoundingBoxes(torch.tensor([[1., 2, 30, 20]]), format="XYXY", canvas_size=(37, 53))
+    reference = torchvision.transforms.v2.Compose([
+        torchvision.transforms.v2.ToDtype(torch.float32, scale=True), torchvision.transforms.v2.ColorJitter(0.4, 0.4),
+        torchvision.transforms.v2.Normalize(sg2hoi.IMAGENET_MEAN, sg2hoi.IMAGENET_STD)])
+    fused = sg2hoi.ColorJitterNormalize(0.4, 0.4)
+    for seed in range(6):  # both orders of brightness and contrast occur
+        torch.manual_seed(seed)
+        want, want_boxes = reference(image, boxes)
+        torch.manual_seed(seed)
+        got, got_boxes = fused(image, boxes)
+        assert isinstance(got, torchvision.tv_tensors.Image) and got.dtype == torch.float32
+        torch.testing.assert_close(got.as_subclass(torch.Tensor), want.as_subclass(torch.Tensor), atol=1e-5, rtol=0)
+        assert got_boxes.tolist() == boxes.tolist()
+    # the paper's training transform: boxes follow the flip and the multi-scale resize
+    tf = sg2hoi.make_transforms(True, 800, 1333)
+    big = torchvision.tv_tensors.Image(torch.zeros(3, 400, 600, dtype=torch.uint8))
+    b = torchvision.tv_tensors.BoundingBoxes(torch.tensor([[0., 0, 60, 40]]), format="XYXY", canvas_size=(400, 600))
+    for seed in range(4):
+        torch.manual_seed(seed)
+        out, out_b = tf(big, b)
+        scale = out.shape[-2] / 400
+        assert 480 <= out.shape[-2] <= 800 and abs(out.shape[-1] - 600 * scale) <= 1
+        x1 = out_b[0, 0].item()
+        assert out_b[0, 2:].tolist() == pytest.approx([x1 + 60 * scale, 40 * scale], abs=0.51)
+        assert x1 == 0 or x1 == pytest.approx(out.shape[-1] - 60 * scale, abs=0.51)  # flipped or not
