@@ -2593,11 +2593,21 @@ def collate(batch):
                         f"train.py --check_images_only lists every bad image")
     images, targets = zip(*kept)
     H, W = max(im.shape[1] for im in images), max(im.shape[2] for im in images)
-    out = images[0].new_zeros(len(images), 3, H, W)
+    shape = (len(images), 3, H, W)
+    if torch.utils.data.get_worker_info() is not None:
+        # in a DataLoader worker the batch is written straight into shared memory, as torch's default_collate does:
+        # sending it to the main process would otherwise copy it there (25-50 MB per batch at the paper's sizes)
+        storage = images[0]._typed_storage()._new_shared(math.prod(shape), device=images[0].device)
+        out = images[0].new(storage).resize_(shape)
+    else:
+        out = images[0].new_empty(shape)
     mask = torch.ones(len(images), H, W, dtype=torch.bool)
-    for i, im in enumerate(images):
-        out[i, :, : im.shape[1], : im.shape[2]] = im
-        mask[i, : im.shape[1], : im.shape[2]] = False
+    for i, im in enumerate(images):  # every element written once: the image, then zeros below and to the right
+        h, w = im.shape[1:]
+        out[i, :, :h, :w] = im
+        out[i, :, h:] = 0
+        out[i, :, :h, w:] = 0
+        mask[i, :h, :w] = False
     return out, mask, list(targets)
 
 
