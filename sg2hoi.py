@@ -1615,8 +1615,9 @@ def load_vg_json(root, split, check_images=True, bad_images="stop"):
         bad = (rels[:, 2] < 1) | (rels[:, 2] > len(predicate_names))
         if bad.any():
             r = int(np.where(bad)[0][0])
-            raise DataError(f"{rel_path}: {split}/{int(im_id[im_sel[rel_img[r]]])}: entry {r - int(rel_start[rel_img[r]])}"
-                            f" has predicate {rels[r, 2]}, outside 1..{len(predicate_names)}")
+            i = int(rel_img[r])
+            raise DataError(f"{rel_path}: {split}/{int(im_id[im_sel[i]])}: entry {r - int(rel_start[i])} has "
+                            f"predicate {rels[r, 2]}, outside 1..{len(predicate_names)}")
     rels[:, 2] -= 1  # predicates 1..50 -> 0..49
 
     xywh = coco["ann_box"][ann_rows]                                          # (B, 4) COCO xywh
@@ -2364,8 +2365,8 @@ def write_fullsize_annotations(root, scale=1.0, pool_size=32, seed=0, boxes_per_
         images = [{"file_name": f"{i}.jpg", "height": int(h), "width": int(w), "id": int(i)}
                   for i, (w, h) in zip(ids.tolist(), wh.tolist())]
         box_ids = ids[img_of_box].tolist()
-        annotations = [{"bbox": b, "category_id": c, "image_id": i, "id": next_ann_id + k, "area": round(b[2] * b[3], 2),
-                        "iscrowd": 0, "segmentation": None}
+        annotations = [{"bbox": b, "category_id": c, "image_id": i, "id": next_ann_id + k,
+                        "area": round(b[2] * b[3], 2), "iscrowd": 0, "segmentation": None}
                        for k, (b, c, i) in enumerate(zip(xywh.tolist(), cats.tolist(), box_ids))]
         next_ann_id += len(annotations)
         triples = np.stack([s, o, preds], 1).tolist()
@@ -2464,7 +2465,8 @@ class ColorJitterNormalize(v2.Transform):
 
     def __init__(self, brightness=0.4, contrast=0.4, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         super().__init__()
-        self.brightness, self.contrast = (max(0.0, 1 - brightness), 1 + brightness), (max(0.0, 1 - contrast), 1 + contrast)
+        self.brightness = (max(0.0, 1 - brightness), 1 + brightness)  # the factor ranges of ColorJitter
+        self.contrast = (max(0.0, 1 - contrast), 1 + contrast)
         self.mean, self.std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
         self.grey = torch.tensor([0.2989, 0.587, 0.114])
 

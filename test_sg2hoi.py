@@ -1051,8 +1051,8 @@ def test_item_11_bad_fields_give_one_line_naming_file_record_and_field(tmp_path)
     coco = json.load(open(f"{vg}/val.json"))
     coco["annotations"][1]["bbox"] = [5, 50, 60]
     json.dump(coco, open(f"{vg}/val.json", "w"))
-    with pytest.raises(sg2hoi.DataError, match=r"val.json: annotation id 2 \(image 7, entry 1 of 'annotations'\): field "
-                                               r"'bbox' "
+    with pytest.raises(sg2hoi.DataError, match=r"val.json: annotation id 2 \(image 7, entry 1 of 'annotations'\): "
+                                               r"field 'bbox' "
                                                r"= \[5, 50, 60\]: expected 4 numbers"):
         sg2hoi.load_vg_json(vg, "val")
     vg2 = str(tmp_path / "vg2")
@@ -1113,7 +1113,8 @@ def _h5_fixture(root, h5py, labels=((5,), (7,)), predicates=((31,),), relationsh
              "idx_to_predicate": {str(i + 1): n for i, n in enumerate(vocab["vg150_predicates"])}}
     json.dump(dicts, open(f"{root}/VG-SGG-dicts-with-attri.json", "w"))
     n = len(split)
-    json.dump([{"image_id": i + 1, "width": 512, "height": 256} for i in range(n)], open(f"{root}/image_data.json", "w"))
+    info = [{"image_id": i + 1, "width": 512, "height": 256} for i in range(n)]
+    json.dump(info, open(f"{root}/image_data.json", "w"))
     with h5py.File(f"{root}/VG-SGG-with-attri.h5", "w") as h5:
         h5["split"] = np.array(split, np.int32)
         h5["img_to_first_box"], h5["img_to_last_box"] = np.zeros(n, np.int32), np.ones(n, np.int32)
