@@ -1431,18 +1431,14 @@ class _CocoReader:
 
     def __call__(self, d):
         box = d.get("bbox")
-        if box is not None:  # an annotation
-            where = (f"{self.path}: annotation id {d.get('id', '?')} (image {d.get('image_id', '?')}, entry "
-                     f"{len(self.ann_cat)} of 'annotations')")
-            if type(box) is not list or len(box) != 4:
-                raise DataError(f"{where}: field 'bbox' = {box!r}: expected 4 numbers [x, y, w, h]")
+        if box is not None:  # an annotation: the common case first, with as few operations as possible
+            image = d.get("image_id")
+            if type(box) is not list or len(box) != 4 or type(image) is not int:
+                self._bad_annotation(d)
             try:
                 self.ann_box.extend(box)
             except TypeError:
-                raise DataError(f"{where}: field 'bbox' = {box!r}: expected 4 numbers [x, y, w, h]") from None
-            image = d.get("image_id")
-            if type(image) is not int:
-                raise DataError(f"{where}: field 'image_id' = {image!r}: missing or not an integer")
+                self._bad_annotation(d)
             self.ann_image.append(image)
             cat = d.get("category_id")
             self.ann_cat.append(cat if type(cat) is int else -(10 ** 9))  # not an int: reported with its record
@@ -1460,6 +1456,14 @@ class _CocoReader:
             self.im_h.append(d["height"])
             return None
         return d  # categories, info, the top level
+
+    def _bad_annotation(self, d):
+        where = (f"{self.path}: annotation id {d.get('id', '?')} (image {d.get('image_id', '?')}, entry "
+                 f"{len(self.ann_cat)} of 'annotations')")
+        box, image = d.get("bbox"), d.get("image_id")
+        if type(box) is not list or len(box) != 4 or not all(type(v) in (int, float) for v in box):
+            raise DataError(f"{where}: field 'bbox' = {box!r}: expected 4 numbers [x, y, w, h]")
+        raise DataError(f"{where}: field 'image_id' = {image!r}: missing or not an integer")
 
 
 class _RelSplit:
