@@ -2724,3 +2724,79 @@ def build_data(cfg: Config, data_args: dict, is_master=True, barrier=lambda: Non
                         print(f"  {file} (record {image_id}): {reason}")
         raise SystemExit(1 if total_bad else 0)
     return data
+
+
+# ---------------------------------------------------------------- Data benchmark at full size
+# python -c "import sg2hoi; sg2hoi.benchmark_data('/tmp/sg2hoi_fullsize')": the figures of the README's "Real data at
+# full size" section. Loader figures come from fresh processes (peak memory is a per-process high-water mark).
+
+_LOAD_PROBE = """
+import json, os, resource, sys, time
+sys.path.insert(0, {here!r})
+import sg2hoi
+
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+base, t0, out = rss(), time.perf_counter(), {{}}
+for kind, split in [("vg", "train"), ("vg", "test"), ("hico", "train"), ("hico", "test")]:
+    t = time.perf_counter()
+    records, _ = sg2hoi.load_dataset(kind, os.path.join({root!r}, kind), split)
+    out[kind + " " + split] = [len(records), round(time.perf_counter() - t, 2)]
+out["total_s"] = round(time.perf_counter() - t0, 2)
+out["peak_growth_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base)
+out["held_mb"] = round(rss() - base)
+print("PROBE" + json.dumps(out))
+"""
+
+
+def benchmark_data(root, scale=1.0, images=100, batch_size=4, workers=(1, 2)):
+    """Write the full-size synthetic annotations into root (reused when already there), then measure
+    (1) loading + checking VG150 train + test and HICO-DET train + test in a fresh process with an empty annotation
+    cache and again with the cache filled: seconds and peak resident-memory growth;
+    (2) images per second of one loader worker (one thread) with the paper's training transforms
+    (make_transforms(True, 800, 1333): decode, flip, multi-scale resize, colour jitter, normalisation) on the VG val
+    split's real-size JPEGs, in process and through a DataLoader with `workers` workers (batch_size, collate
+    included). Prints and returns the figures. On a shared machine the numbers vary from run to run."""
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    figures = {"counts": {"/".join(k): n for k, n in write_fullsize_annotations(root, scale=scale).items()}}
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, SG2HOI_CACHE=cache, OMP_NUM_THREADS="1")
+        code = _LOAD_PROBE.format(here=os.path.dirname(os.path.abspath(__file__)), root=root)
+        for label in ("cold cache", "warm cache"):
+            run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+            probe = [line for line in run.stdout.splitlines() if line.startswith("PROBE")]
+            if run.returncode or not probe:
+                raise RuntimeError(f"loader probe failed: {run.stderr[-2000:]}")
+            figures[f"load ({label})"] = json.loads(probe[0][5:])
+            print(f"[benchmark data] VG150 train+test and HICO-DET train+test, {label}: {figures[f'load ({label})']}")
+    records, meta = load_dataset("vg", os.path.join(root, "vg"), "val", check_images=False)
+    dataset = DetectionDataset(records[:images], meta, make_transforms(True, 800, 1333))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a DataLoader worker
+    try:
+        torch.manual_seed(0)
+        dataset[0]
+        t = time.perf_counter()
+        for i in range(len(dataset)):
+            dataset[i]
+        figures["images/s, one worker, in process"] = round(len(dataset) / (time.perf_counter() - t), 1)
+        for n in workers:
+            loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=n, collate_fn=collate,
+                                                 prefetch_factor=4)
+            it = iter(loader)
+            next(it)  # workers started and warm
+            t, count = time.perf_counter(), 0
+            for _, _, targets in it:
+                count += len(targets)
+            figures[f"images/s, DataLoader, {n} worker(s)"] = round(count / (time.perf_counter() - t), 1)
+    finally:
+        torch.set_num_threads(threads)
+    print(f"[benchmark data] paper training transforms on {len(dataset)} real-size JPEGs: "
+          f"{ {k: v for k, v in figures.items() if k.startswith('images/s')} }")
+    return figures
