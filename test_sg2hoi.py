@@ -1147,7 +1147,7 @@ def test_vg_h5_loader_checks_labels_predicates_indices_and_num_val_im(tmp_path):
         sg2hoi.load_dataset("vg_h5", str(root), "train")
 
 
-def test_check_images_only_flag_lists_the_bad_images_and_exits_1(fullsize_tiny, tmp_path):
+def test_check_images_only_lists_the_bad_images_and_exits_1(fullsize_tiny, tmp_path, capsys):
     root, _ = fullsize_tiny
     copy = str(tmp_path / "data")
     import shutil
@@ -1156,11 +1156,15 @@ def test_check_images_only_flag_lists_the_bad_images_and_exits_1(fullsize_tiny, 
     os.remove(f"{copy}/hico/images/test2015/{victim}")
     with open(f"{copy}/hico/images/test2015/{victim}", "w") as f:
         f.write("text")
-    r = _run(["train.py", "--vg", f"{copy}/vg", "--hoi", f"{copy}/hico", "--check_images_only", "--out",
-              str(tmp_path / "out")])
-    assert r.returncode == 1, r.stderr[-2000:]
-    assert "[check images] sgg train: 115 images decoded, 0 bad" in r.stdout
-    assert "[check images] hoi test: 19 images decoded, 1 bad" in r.stdout and f"{victim} (record 3)" in r.stdout
+    import train
+    args = train.parse_args(["--vg", f"{copy}/vg", "--hoi", f"{copy}/hico", "--check_images_only"])
+    assert (args.bad_images, args.num_val_im) == ("stop", 5000)  # the defaults of the other data flags
+    with pytest.raises(SystemExit) as stop:
+        sg2hoi.build_data(sg2hoi.make_config("toy"), vars(args))
+    assert stop.value.code == 1
+    out = capsys.readouterr().out
+    assert "[check images] sgg train: 115 images decoded, 0 bad" in out
+    assert "[check images] hoi test: 19 images decoded, 1 bad" in out and f"{victim} (record 3)" in out
 
 
 def test_fused_color_jitter_normalize_equals_torchvision_steps_and_leaves_boxes():
