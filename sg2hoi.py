@@ -17,6 +17,7 @@ The idea in five lines:
 from __future__ import annotations
 
 import array
+import concurrent.futures
 import dataclasses
 import gc
 import hashlib
@@ -1327,20 +1328,40 @@ def image_header_size(path):
         raise ValueError(f"not a readable image ({e})") from None
 
 
+def _read_headers(files):
+    """[(width, height) or the exception] for each file (for the thread pool of _check_image_files)."""
+    out = []
+    for file in files:
+        try:
+            out.append(image_header_size(file))
+        except (FileNotFoundError, ValueError) as e:
+            out.append(e)
+        except OSError as e:  # a folder, no permission, an I/O error
+            out.append(ValueError(f"cannot be read ({e.strerror or e})"))
+    return out
+
+
 def _check_image_files(files, where, bad_images, skips, expected=None):
     """Header sizes of `files` (see "What is checked when"). where(i) names record i for messages. expected:
     optional (n, 2) [width, height] from the annotation file, which must match. Returns (sizes (n, 2) int64,
     ok (n,) bool); ok is False only for unreadable headers with bad_images="skip" (counted in skips)."""
     sizes, ok = np.zeros((len(files), 2), np.int64), np.ones(len(files), bool)
-    for i, file in enumerate(files):
-        try:
-            sizes[i] = image_header_size(file)
-        except FileNotFoundError:
-            raise DataError(f"{where(i)}: image file {file} not found") from None
-        except ValueError as e:
+    # Reading headers waits on the file system: 8 threads over chunks of 1,000 files (the GIL is released during
+    # open / read). Measured on a local, page-cached disk: no gain and no loss (1.1 s for 57,723 files either way);
+    # on a network file system the waits overlap. Results come back in file order, so the first bad record is named.
+    chunks = [files[i:i + 1000] for i in range(0, len(files), 1000)]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = itertools.chain.from_iterable(pool.map(_read_headers, chunks))
+        for i, (file, result) in enumerate(zip(files, results)):
+            if isinstance(result, tuple):
+                sizes[i] = result
+                continue
+            if isinstance(result, FileNotFoundError):
+                raise DataError(f"{where(i)}: image file {file} not found")
+            e = result
             if bad_images != "skip":
                 raise DataError(f"{where(i)}: image file {file}: {e} (--bad_images skip drops such records; "
-                                f"--check_images_only lists them all)") from None
+                                f"--check_images_only lists them all)")
             ok[i] = False
             skips["records with an unreadable image header skipped"] += 1
     if expected is not None:
@@ -1685,7 +1706,14 @@ def load_vg_h5(root, split, num_val_im=5000, check_images=True, bad_images="stop
                             f"training: lower --num_val_im")
         index = index[num_val_im:]
     records, skips = [], Counter()
-    for i in index.tolist():
+    paths = [os.path.join(root, "images", f"{info[i]['image_id']}.jpg") for i in index.tolist()]
+    readable = np.ones(len(paths), bool)
+    if check_images:  # every file exists and has an image header; its size is not compared (see the docstring)
+        _, readable = _check_image_files(paths, lambda k: f"{h5_path}: image {info[index[k]]['image_id']} "
+                                                          f"(row {index[k]})", bad_images, skips)
+    for i, path, ok in zip(index.tolist(), paths, readable.tolist()):
+        if not ok:
+            continue
         where = f"{h5_path}: image {info[i]['image_id']} (row {i})"
         a, b = int(data["img_to_first_box"][i]), int(data["img_to_last_box"][i])
         ra, rb = int(data["img_to_first_rel"][i]), int(data["img_to_last_rel"][i])
@@ -1708,12 +1736,7 @@ def load_vg_h5(root, split, num_val_im=5000, check_images=True, bad_images="stop
             j = int(np.where(bad.any(1))[0][0])
             raise DataError(f"{where}: field 'relationships' row {ra + j} = {pairs[j].tolist()} but the image's "
                             f"boxes are rows {a}..{b}")
-        path = os.path.join(root, "images", f"{info[i]['image_id']}.jpg")
         w, h = info[i]["width"], info[i]["height"]
-        if check_images:  # the file exists and has an image header; its size is not compared (see the docstring)
-            _, ok = _check_image_files([path], lambda _: where, bad_images, skips)
-            if not ok[0]:
-                continue
         boxes = data["boxes_1024"][a:b + 1].astype(np.int32).copy()
         boxes[:, :2] = boxes[:, :2] - boxes[:, 2:] / 2  # float written back into int32: truncated, as SGB
         boxes[:, 2:] = boxes[:, :2] + boxes[:, 2:]
