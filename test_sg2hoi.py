@@ -1141,3 +1141,267 @@ def test_eval_cli_tables_pictures_and_saved_predictions(tiny_toy, tmp_path):
     with open(tmp_path / "again.json") as f:
         again = json.load(f)
     assert again["sgg"]["R@50"] == from_model["sgg"]["R@50"] and again["hico"] == from_model["hico"]
+
+
+# ==================================================================================================== data at full size, bad images, loader errors (issues 9 and 11)
+
+
+@pytest.fixture(scope="module")
+def fullsize_tiny(tmp_path_factory):
+    """The full-size generator at 1/500 of the real split sizes, with a pool of 3 real-size JPEGs."""
+    root = str(tmp_path_factory.mktemp("fullsize"))
+    counts = sg2hoi.write_fullsize_annotations(root, scale=0.002, pool_size=3, seed=1)
+    return root, counts
+
+
+def test_fullsize_generator_writes_real_formats_that_the_loaders_read_back(fullsize_tiny):
+    root, counts = fullsize_tiny
+    expected = {("vg", "train"): 115, ("vg", "val"): 10, ("vg", "test"): 53, ("hico", "train"): 75,
+                ("hico", "test"): 19, ("vcoco", "train"): 11, ("vcoco", "test"): 10}  # round(real size / 500)
+    assert counts == expected
+    pool = {os.path.join(root, "pool", f) for f in os.listdir(os.path.join(root, "pool"))}
+    assert len(pool) == 3
+    for f in pool:
+        w, h = sg2hoi.image_header_size(f)
+        assert 480 <= w <= 1024 and 480 <= h <= 1024
+    n_boxes, n_rels = [], []
+    for (kind, split), n in expected.items():
+        records, meta = sg2hoi.load_dataset(kind, os.path.join(root, kind), split)
+        assert len(records) == n, (kind, split)
+        for r in records:
+            assert os.path.islink(r["file"]) and os.path.realpath(r["file"]) in pool  # links, not copies
+            w, h = sg2hoi.image_header_size(r["file"])
+            assert (r["width"], r["height"]) == (w, h)
+            assert (r["boxes"][:, 2] <= w).all() and (r["boxes"][:, 3] <= h).all()
+            if kind == "vg":
+                n_boxes.append(len(r["boxes"]))
+                n_rels.append(len(r["rels"]))
+            elif kind == "hico":
+                assert 2 <= len(r["hois"]) <= 4 and (r["labels"][r["hois"][:, 0]] == 0).all()  # person subjects
+        if kind == "vg":
+            assert len(meta["entity_names"]) == 150 and len(meta["predicate_names"]) == 50
+    assert 9 <= np.mean(n_boxes) <= 13 and 5 <= np.mean(n_rels) <= 7  # about 11 boxes and 6 relations per image
+    image = torchvision.io.decode_image(sorted(pool)[0])
+    assert image.shape[0] == 3 and image.shape[1:] == sg2hoi.image_header_size(sorted(pool)[0])[::-1]
+    # the second call finds the files made with the same settings and writes nothing
+    stamp = os.path.getmtime(os.path.join(root, "vg", "train.json"))
+    assert sg2hoi.write_fullsize_annotations(root, scale=0.002, pool_size=3, seed=1) == expected
+    assert os.path.getmtime(os.path.join(root, "vg", "train.json")) == stamp
+
+
+def _jpeg_bytes(w=40, h=30):
+    return torchvision.io.encode_jpeg(torch.full((3, h, w), 120, dtype=torch.uint8)).numpy().tobytes()
+
+
+def test_image_header_size_reads_jpeg_past_a_long_exif_segment_png_and_rejects_text(tmp_path):
+    data = _jpeg_bytes(40, 30)
+    app1 = b"\xff\xe1" + (10002).to_bytes(2, "big") + b"E" * 10000  # a 10 kB APP1 (EXIF) segment before the frame
+    (tmp_path / "exif.jpg").write_bytes(data[:2] + app1 + data[2:])
+    _png(str(tmp_path / "a.png"), 33, 21)
+    (tmp_path / "text.jpg").write_text("not an image")
+    assert sg2hoi.image_header_size(str(tmp_path / "exif.jpg")) == (40, 30)
+    assert torchvision.io.decode_image(str(tmp_path / "exif.jpg")).shape == (3, 30, 40)  # still a valid JPEG
+    assert sg2hoi.image_header_size(str(tmp_path / "a.png")) == (33, 21)
+    with pytest.raises(ValueError, match="not a readable image"):
+        sg2hoi.image_header_size(str(tmp_path / "text.jpg"))
+    with pytest.raises(FileNotFoundError):
+        sg2hoi.image_header_size(str(tmp_path / "gone.jpg"))
+
+
+def _bad_image_records(tmp_path):
+    _png(str(tmp_path / "good.png"), 64, 48)
+    (tmp_path / "truncated.jpg").write_bytes(_jpeg_bytes(64, 48)[:300])
+    (tmp_path / "text.jpg").write_text("hello, I am text")
+    return [dict(file=str(tmp_path / f), image_id=k, width=64, height=48, boxes=np.array([[1, 2, 30, 40]], np.float32),
+                 labels=np.array([3]), rels=np.zeros((0, 3), np.int64))
+            for k, f in enumerate(["good.png", "truncated.jpg", "text.jpg"])]
+
+
+def test_bad_image_skip_mode_drops_the_item_counts_it_and_collate_leaves_it_out(tmp_path):
+    records = _bad_image_records(tmp_path)
+    ds = sg2hoi.DetectionDataset(records, {"task": "sgg", "bad_images": "skip"}, torchvision.transforms.v2.Identity())
+    with pytest.warns(sg2hoi.BadImageWarning, match=r"truncated.jpg.*record 1.*1 dropped"):
+        assert ds[1] is None
+    with pytest.warns(sg2hoi.BadImageWarning, match=r"text.jpg.*record 2.*2 dropped"):
+        assert ds[2] is None
+    assert ds.skipped == 2
+    images, mask, targets = sg2hoi.collate([ds[0], None, None])
+    assert images.shape == (1, 3, 48, 64) and [t["image_id"] for t in targets] == [0]
+    with pytest.raises(sg2hoi.DataError, match="all 2 images of a batch"):
+        sg2hoi.collate([None, None])
+    # the default stops with the file and the record named
+    stop = sg2hoi.DetectionDataset(records, {"task": "sgg"}, torchvision.transforms.v2.Identity())
+    with pytest.raises(sg2hoi.DataError, match=r"truncated.jpg: cannot read image of record 1 .*truncated"):
+        stop[1]
+
+
+def test_verify_images_finds_a_truncated_jpeg_a_text_file_and_a_wrong_size(tmp_path):
+    records = _bad_image_records(tmp_path)
+    records.append(dict(records[0], image_id=3, width=65))  # the record's size is not the image's
+    bad = sg2hoi.verify_images(records)
+    assert [(os.path.basename(f), i) for f, i, _ in bad] == [("truncated.jpg", 1), ("text.jpg", 2), ("good.png", 3)]
+    assert "truncated" in bad[0][2] and "decoded size 64 x 48 but the record says 65 x 48" in bad[2][2]
+
+
+def test_loader_header_check_stops_or_skips_a_text_file_named_jpg(tmp_path, capsys):
+    root = str(tmp_path)
+    _vg_fixture(root)
+    with open(f"{root}/images/7.jpg", "w") as f:
+        f.write("not an image")
+    with pytest.raises(sg2hoi.DataError, match=r"train.json: image 7: image file .*7.jpg: not a readable image"):
+        sg2hoi.load_vg_json(root, "train")
+    records, _ = sg2hoi.load_dataset("vg", root, "train", bad_images="skip")
+    assert records == [] and "unreadable image header skipped: 1" in capsys.readouterr().out
+
+
+def test_vg_json_size_that_differs_from_the_image_is_an_error_naming_file_record_and_field(tmp_path):
+    root = str(tmp_path)
+    _vg_fixture(root)
+    _png(f"{root}/images/7.jpg", 120, 90)  # the JSON says 100 x 90
+    with pytest.raises(sg2hoi.DataError, match=r"train.json: image 7: field 'width' = 100 but the image file "
+                                               r".*7.jpg is 120 x 90"):
+        sg2hoi.load_vg_json(root, "train")
+    assert len(sg2hoi.load_vg_json(root, "train", check_images=False)[0]) == 1  # no image check, no size check
+
+
+def test_item_11_bad_fields_give_one_line_naming_file_record_and_field(tmp_path):
+    vg = str(tmp_path / "vg")
+    _vg_fixture(vg)
+    coco = json.load(open(f"{vg}/train.json"))
+    del coco["images"][1]["width"]
+    json.dump(coco, open(f"{vg}/train.json", "w"))
+    with pytest.raises(sg2hoi.DataError, match=r"train.json: image 8 \(8.jpg, entry 1 of 'images'\): field 'width' "
+                                               r"missing"):
+        sg2hoi.load_vg_json(vg, "train")
+    coco = json.load(open(f"{vg}/val.json"))
+    coco["annotations"][1]["bbox"] = [5, 50, 60]
+    json.dump(coco, open(f"{vg}/val.json", "w"))
+    with pytest.raises(sg2hoi.DataError, match=r"val.json: annotation id 2 \(image 7, entry 1 of 'annotations'\): "
+                                               r"field 'bbox' "
+                                               r"= \[5, 50, 60\]: expected 4 numbers"):
+        sg2hoi.load_vg_json(vg, "val")
+    vg2 = str(tmp_path / "vg2")
+    _vg_fixture(vg2, rels_override={"7": [[0, 1, 3], [0, 1]]})
+    with pytest.raises(sg2hoi.DataError, match=r"rel.json: train/7: entry 1 = \[0, 1\]: expected 3 numbers"):
+        sg2hoi.load_vg_json(vg2, "train")
+    hico = str(tmp_path / "hico")
+    record = {"file_name": "HICO_test2015_00000001.jpg",
+              "annotations": [{"bbox": [0, 0, 20, 30], "category_id": 1}, {"bbox": [5, 5, 40, 50], "category_id": 3}],
+              "hoi_annotation": [{"subject_id": 0, "object_id": 1, "category_id": 5}]}
+    _hoia_fixture(hico, "test_hico.json", "test2015", [record, dict(record, hoi_annotation=[{"object_id": 1,
+                                                                                             "category_id": 5}])])
+    with pytest.raises(sg2hoi.DataError, match=r"test_hico.json: record 1 \(HICO_test2015_00000001.jpg\), "
+                                               r"hoi_annotation 0: field 'subject_id' missing"):
+        sg2hoi.load_hico(hico, "test")
+    _hoia_fixture(hico, "test_hico.json", "test2015", [dict(record, annotations=[{"bbox": [0, 0, 20], "category_id": 1},
+                                                                                record["annotations"][1]])])
+    with pytest.raises(sg2hoi.DataError, match=r"record 0 \(HICO_test2015_00000001.jpg\), annotation 0: field 'bbox' "
+                                               r"= \[0, 0, 20\]: expected 4 numbers"):
+        sg2hoi.load_hico(hico, "test")
+    _hoia_fixture(hico, "test_hico.json", "test2015", [record])
+    assert len(sg2hoi.load_hico(hico, "test")[0]) == 1
+    corre = f"{hico}/annotations/corre_hico.npy"
+    np.save(corre, np.array([{"a": 1}], dtype=object), allow_pickle=True)  # a pickle: never loaded
+    with pytest.raises(sg2hoi.DataError, match=r"corre_hico.npy: not a readable numpy .npy matrix"):
+        sg2hoi.load_hico(hico, "test")
+    with open(corre, "wb") as f:
+        f.write(b"\x93NUMPY garbage")
+    with pytest.raises(sg2hoi.DataError, match=r"corre_hico.npy: not a readable numpy .npy matrix"):
+        sg2hoi.load_hico(hico, "test")
+
+
+def test_annotation_cache_is_used_for_an_unchanged_file_and_renewed_after_a_change(tmp_path, monkeypatch):
+    root = str(tmp_path / "vg")
+    _vg_fixture(root)
+    monkeypatch.setenv("SG2HOI_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(sg2hoi, "CACHE_MIN_BYTES", 0)
+    first, _ = sg2hoi.load_vg_json(root, "train")
+    assert len(os.listdir(tmp_path / "cache")) == 2  # train.json and rel.json
+    parse = sg2hoi._parse_coco_json
+    monkeypatch.setattr(sg2hoi, "_parse_coco_json", lambda path: pytest.fail("parsed although cached"))
+    again, _ = sg2hoi.load_vg_json(root, "train")
+    assert len(again) == len(first) == 1
+    for a, b in zip(first, again):
+        for k in ("boxes", "labels", "rels"):
+            np.testing.assert_array_equal(a[k], b[k])
+    coco = json.load(open(f"{root}/train.json"))
+    coco["annotations"][0]["bbox"] = [11, 20, 30, 40]  # same length in bytes, different content
+    json.dump(coco, open(f"{root}/train.json", "w"))
+    monkeypatch.setattr(sg2hoi, "_parse_coco_json", parse)
+    changed, _ = sg2hoi.load_vg_json(root, "train")
+    assert changed[0]["boxes"][0].tolist() == [11, 20, 41, 60]
+
+
+def _h5_fixture(root, h5py, labels=((5,), (7,)), predicates=((31,),), relationships=((0, 1),), split=(2,)):
+    vocab = sg2hoi.load_vocab()
+    dicts = {"idx_to_label": {str(i + 1): n for i, n in enumerate(vocab["vg150_objects"])},
+             "idx_to_predicate": {str(i + 1): n for i, n in enumerate(vocab["vg150_predicates"])}}
+    json.dump(dicts, open(f"{root}/VG-SGG-dicts-with-attri.json", "w"))
+    n = len(split)
+    info = [{"image_id": i + 1, "width": 512, "height": 256} for i in range(n)]
+    json.dump(info, open(f"{root}/image_data.json", "w"))
+    with h5py.File(f"{root}/VG-SGG-with-attri.h5", "w") as h5:
+        h5["split"] = np.array(split, np.int32)
+        h5["img_to_first_box"], h5["img_to_last_box"] = np.zeros(n, np.int32), np.ones(n, np.int32)
+        h5["img_to_first_rel"], h5["img_to_last_rel"] = np.zeros(n, np.int32), np.zeros(n, np.int32)
+        h5["labels"] = np.array(labels)
+        h5["boxes_1024"] = np.array([[100, 50, 40, 21], [300, 200, 100, 100]], np.int32)
+        h5["relationships"] = np.array(relationships, np.int32)
+        h5["predicates"] = np.array(predicates)
+    for i in range(n):
+        _png(f"{root}/images/{i + 1}.jpg", 512, 256)
+
+
+def test_vg_h5_loader_checks_labels_predicates_indices_and_num_val_im(tmp_path):
+    h5py = pytest.importorskip("h5py")
+    for name, kw, pattern in [("label", dict(labels=((5,), (0,))), r"field 'labels' row 1 = 0, outside 1..150"),
+                              ("pred", dict(predicates=((0,),)), r"field 'predicates' row 0 = 0, outside 1..50"),
+                              ("index", dict(relationships=((0, 2),)), r"field 'relationships' row 0 = \[0, 2\] but "
+                                                                       r"the image's boxes are rows 0..1")]:
+        root = tmp_path / name
+        root.mkdir()
+        _h5_fixture(str(root), h5py, **kw)
+        with pytest.raises(sg2hoi.DataError, match=r"VG-SGG-with-attri.h5: image 1 \(row 0\): " + pattern):
+            sg2hoi.load_vg_h5(str(root), "test")
+    root = tmp_path / "split"
+    root.mkdir()
+    _h5_fixture(str(root), h5py, split=(0, 0, 0))
+    assert [r["image_id"] for r in sg2hoi.load_dataset("vg_h5", str(root), "val", num_val_im=1)[0]] == [1]
+    assert [r["image_id"] for r in sg2hoi.load_dataset("vg_h5", str(root), "train", num_val_im=1)[0]] == [2, 3]
+    with pytest.raises(sg2hoi.DataError, match=r"3 training images .* num_val_im = 5000 .* --num_val_im"):
+        sg2hoi.load_dataset("vg_h5", str(root), "train")
+
+
+def test_check_images_only_lists_the_bad_images_and_exits_1(fullsize_tiny, tmp_path, capsys):
+    root, _ = fullsize_tiny
+    copy = str(tmp_path / "data")
+    import shutil
+    shutil.copytree(root, copy, symlinks=True)
+    victim = sorted(os.listdir(f"{copy}/hico/images/test2015"))[3]
+    os.remove(f"{copy}/hico/images/test2015/{victim}")
+    with open(f"{copy}/hico/images/test2015/{victim}", "w") as f:
+        f.write("text")
+    import train
+    args = train.parse_args(["--vg", f"{copy}/vg", "--hoi", f"{copy}/hico", "--check_images_only"])
+    assert (args.bad_images, args.num_val_im) == ("stop", 5000)  # the defaults of the other data flags
+    with pytest.raises(SystemExit) as stop:
+        sg2hoi.build_data(sg2hoi.make_config("toy"), vars(args))
+    assert stop.value.code == 1
+    out = capsys.readouterr().out
+    assert "[check images] sgg train: 115 images decoded, 0 bad" in out
+    assert "[check images] hoi test: 19 images decoded, 1 bad" in out and f"{victim} (record 3)" in out
+
+
+def test_paper_training_transform_moves_boxes_with_the_flip_and_the_multi_scale_resize():
+    # the paper's training transform: boxes follow the flip and the multi-scale resize
+    tf = sg2hoi.make_transforms(True, 800, 1333)
+    big = torchvision.tv_tensors.Image(torch.zeros(3, 400, 600, dtype=torch.uint8))
+    b = torchvision.tv_tensors.BoundingBoxes(torch.tensor([[0., 0, 60, 40]]), format="XYXY", canvas_size=(400, 600))
+    for seed in range(4):
+        torch.manual_seed(seed)
+        out, out_b = tf(big, b)
+        scale = out.shape[-2] / 400
+        assert 480 <= out.shape[-2] <= 800 and abs(out.shape[-1] - 600 * scale) <= 1
+        x1 = out_b[0, 0].item()
+        assert out_b[0, 2:].tolist() == pytest.approx([x1 + 60 * scale, 40 * scale], abs=0.51)
+        assert x1 == 0 or x1 == pytest.approx(out.shape[-1] - 60 * scale, abs=0.51)  # flipped or not

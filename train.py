@@ -66,7 +66,7 @@ import sg2hoi
 # every Config field, the data, the seed, the initialisation) defines the experiment and is taken from the checkpoint.
 RUNTIME_FLAGS = {"out", "resume", "workers", "pin_memory", "prefetch", "log_every", "ckpt_every", "max_steps",
                  "nonfinite", "max_skips", "amp", "compile", "deterministic", "no_eval", "eval_limit", "eval_every",
-                 "best_metric", "micro_batch", "dist_timeout", "bad_images"}
+                 "best_metric", "micro_batch", "dist_timeout", "bad_images", "check_images_only"}
 PATH_FLAGS = ("toy_root", "vg", "hoi", "clip_cache", "init_detr")  # stored as absolute paths in checkpoints
 
 
@@ -94,6 +94,8 @@ def make_parser(suppress_defaults=False):
     add("--text_teacher", default="objects", choices=["objects", "none"],
         help="Eq. 5 teacher without CLIP: mean text embedding of the image's objects (toy), or none")
     add("--clip_cache", default="", help=".pt {image file name: CLIP image embedding} for Eq. 5 (real data)")
+    add("--num_val_im", type=int, default=5000,
+        help="--vg_format h5: the first N training images of the .h5 form the validation split (SGB)")
     add("--seed", type=int, default=0)
     # how to run (may change on --resume)
     add("--micro_batch", type=int, default=0,
@@ -122,7 +124,10 @@ def make_parser(suppress_defaults=False):
     add("--dist_timeout", type=float, default=60.0,
         help="minutes a process waits in a collective before the run fails (torch's own default is 10)")
     add("--bad_images", default="stop", choices=["stop", "skip"],
-        help="an unreadable training image stops the run naming it, or is skipped with a warning (counted)")
+        help="an image that cannot be decoded stops the run naming file and record, or is dropped from its batch "
+             "with a warning and a count")
+    add("--check_images_only", action="store_true", default=False,
+        help="decode every train and test image once, list the bad ones, exit (1 if any is bad)")
     for f in dataclasses.fields(sg2hoi.Config):  # every Config field is a flag
         if f.type in ("int", "float", "str", "bool", int, float, str, bool):
             kind = {"int": int, "float": float, "str": str, "bool": _bool}.get(f.type, f.type)
