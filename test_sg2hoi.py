@@ -916,3 +916,202 @@ def test_eval_cli_tables_pictures_and_saved_predictions(tiny_toy, tmp_path):
     with open(tmp_path / "again.json") as f:
         again = json.load(f)
     assert again["sgg"]["R@50"] == from_model["sgg"]["R@50"] and again["hico"] == from_model["hico"]
+
+
+# ==================================================================================================== metrics: vectorised
+# evaluators, V-COCO mask, non-rare split, input checks, output paths, distributed evaluation (issues 8, 9, 10, 11)
+
+
+def _ref_iou(a, b):
+    """One pair of boxes, +1 convention, float32 (metrics.md section 0)."""
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    one = np.float32(1)
+    iw = max(min(a[2], b[2]) - max(a[0], b[0]) + one, np.float32(0))
+    ih = max(min(a[3], b[3]) - max(a[1], b[1]) + one, np.float32(0))
+    inter = iw * ih
+    area = lambda x: (x[2] - x[0] + one) * (x[3] - x[1] + one)  # noqa: E731
+    return inter / (area(a) + area(b) - inter)
+
+
+def _ref_qpic_iou(a, b):
+    if max(a[0], b[0]) >= min(a[2], b[2]) or max(a[1], b[1]) >= min(a[3], b[3]):
+        return 0.0
+    return _ref_iou(a, b)
+
+
+def _ref_hico_map(gts, preds, correct_mat, rare, non_rare=None, known_object=False):
+    """Brute force, following metrics.md section 1, one image and one detection at a time."""
+    classes, npos, shows = [], {}, set()
+    for i, g in enumerate(gts):
+        for s, o, v in g["hois"].tolist():
+            t = (int(g["labels"][s]), int(g["labels"][o]), int(v))
+            if t not in npos:
+                classes.append(t)
+            npos[t] = npos.get(t, 0) + 1
+            shows.add((i, t[1]))
+    dets = {t: ([], [], []) for t in classes}
+    for i, (g, p) in enumerate(zip(gts, preds)):
+        if len(g["boxes"]) == 0:
+            continue
+        cand = []
+        for q in range(len(p["sub_ids"])):
+            s, o = p["sub_ids"][q], p["obj_ids"][q]
+            for v in range(p["verb_scores"].shape[1]):
+                score = np.float32(p["verb_scores"][q, v]) * np.float32(correct_mat[v, p["labels"][o]])
+                cand.append((float(score), s, o, v))
+        cand = sorted(cand, key=lambda c: c[0], reverse=True)[:100]  # Python's stable sort
+        matched = set()
+        for score, s, o, v in cand:
+            best, best_ov = None, -1.0
+            for k, (gs, go, gv) in enumerate(g["hois"].tolist()):
+                if gv != v or p["labels"][s] != g["labels"][gs] or p["labels"][o] != g["labels"][go]:
+                    continue
+                ov_s, ov_o = _ref_qpic_iou(p["boxes"][s], g["boxes"][gs]), _ref_qpic_iou(p["boxes"][o], g["boxes"][go])
+                if ov_s >= 0.5 and ov_o >= 0.5 and min(ov_s, ov_o) > best_ov:
+                    best, best_ov = k, min(ov_s, ov_o)
+            tp = best is not None and best not in matched
+            if tp:
+                matched.add(best)
+            t = (int(p["labels"][s]), int(p["labels"][o]), v)
+            if t in dets:
+                dets[t][0].append(i), dets[t][1].append(score), dets[t][2].append(tp)
+    ap = {}
+    for t in classes:
+        img, sc, tp = (np.array(x) for x in dets[t])
+        if known_object and len(img):
+            keep = np.array([(j, t[1]) in shows for j in img], bool)
+            sc, tp = sc[keep], tp[keep]
+        if len(sc) == 0:
+            ap[t] = 0.0
+            continue
+        order = np.argsort(-sc.astype(np.float32))
+        ctp, cfp = np.cumsum(tp[order]), np.cumsum(~tp[order])
+        ap[t] = ev.eleven_point_ap(ctp / npos[t], ctp / (ctp + cfp))
+    rare = {tuple(r) for r in rare}
+    non_rare = set(classes) - rare if non_rare is None else {tuple(r) for r in non_rare}
+    mean = lambda xs: float(np.mean(xs)) if xs else 0.0  # noqa: E731
+    return dict(mAP_full=mean([ap[t] for t in classes]), mAP_rare=mean([ap[t] for t in classes if t in rare]),
+                mAP_non_rare=mean([ap[t] for t in classes if t in non_rare]))
+
+
+def _ref_sgdet(gts, preds, C, ks, zeroshot):
+    """Brute force, following metrics.md section 3."""
+    rec, zrec, per = {}, {}, {}
+    for g, p in zip(gts, preds):
+        if len(g["rels"]) == 0 or len(p["rel_pairs"]) == 0:
+            continue
+        gc = [(a, b, 1 + int(np.argmax(p["rel_scores"][q, 1:]))) for q, (a, b) in enumerate(p["rel_pairs"].tolist())]
+        pair_s = p["scores"][p["rel_pairs"][:, 0]] * p["scores"][p["rel_pairs"][:, 1]]
+        top = np.argsort(-(pair_s[:, None] * p["rel_scores"][:, 1:]).ravel())[:100]
+        ng = [(*p["rel_pairs"][t // C].tolist(), int(t % C) + 1) for t in top]
+        for mode, trips in (("", gc), ("ng", ng)):
+            for k in ks:
+                hit = []
+                for s, o, r in g["rels"].tolist():
+                    gt_t = (g["labels"][s], r, g["labels"][o])
+                    hit.append(any((p["labels"][a], pr, p["labels"][b]) == gt_t
+                                   and _ref_iou(p["boxes"][a], g["boxes"][s]) >= 0.5
+                                   and _ref_iou(p["boxes"][b], g["boxes"][o]) >= 0.5 for a, b, pr in trips[:k]))
+                hit = np.array(hit)
+                rec.setdefault((mode, k), []).append(hit.mean())
+                for r in np.unique(g["rels"][:, 2]):
+                    per.setdefault((mode, k, int(r)), []).append(hit[g["rels"][:, 2] == r].mean())
+                zs = np.array([(g["labels"][s], g["labels"][o], r) in zeroshot for s, o, r in g["rels"].tolist()])
+                if zs.any():
+                    zrec.setdefault((mode, k), []).append(hit[zs].mean())
+    out = {}
+    for mode in ("", "ng"):
+        for k in ks:
+            out[f"{mode}R@{k}"] = float(np.mean(rec[(mode, k)]))
+            out[f"{mode}mR@{k}"] = float(np.mean([np.mean(per.get((mode, k, r), [0.0])) for r in range(1, C + 1)]))
+            out[f"{mode}zR@{k}"] = float(np.mean(zrec[(mode, k)])) if (mode, k) in zrec else 0.0
+    return out
+
+
+def _tied_synthetic(seed):
+    """Small HICO and SGDet data with many exact score ties, duplicate GT rows and duplicate predicted boxes."""
+    gts_h, preds_h, cm, rare = ev.synthetic_hico(12, num_pairs=30, num_verbs=6, num_objects=4, seed=seed)
+    rng = np.random.default_rng(seed)
+    for g, p in zip(gts_h, preds_h):
+        p["verb_scores"] = (rng.integers(0, 4, p["verb_scores"].shape) / 4).astype(np.float32)  # ties
+        g["hois"] = np.concatenate([g["hois"], g["hois"][:1]])  # a duplicate GT row
+        p["boxes"][1] = p["boxes"][0]  # duplicate predicted boxes
+    gts_h[3] = dict(boxes=np.zeros((0, 4), np.float32), labels=np.zeros(0, int), hois=np.zeros((0, 3), int))
+    gts_s, preds_s = ev.synthetic_sgdet(15, num_pairs=40, num_predicates=5, num_classes=4, seed=seed)
+    for g, p in zip(gts_s, preds_s):
+        p["rel_scores"] = (rng.integers(0, 3, p["rel_scores"].shape) / 3).astype(np.float32)
+        p["scores"] = (rng.integers(1, 3, p["scores"].shape) / 2).astype(np.float32)
+        g["rels"] = np.concatenate([g["rels"], g["rels"][:2]])  # duplicate GT triplets
+    gts_s[2]["rels"] = np.zeros((0, 3), int)  # skipped: no GT relation
+    preds_s[4] = dict(preds_s[4], rel_pairs=np.zeros((0, 2), int), rel_scores=np.zeros((0, 6), np.float32))
+    return (gts_h, preds_h, cm, rare), (gts_s, preds_s)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_vectorised_metrics_equal_a_per_image_reference_with_ties_and_duplicates(seed):
+    (gts, preds, cm, rare), (sg_gts, sg_preds) = _tied_synthetic(seed)
+    non_rare = [t for t in {tuple(int(x) for x in (g["labels"][s], g["labels"][o], v))
+                            for g in gts for s, o, v in g["hois"].tolist()} if t[2] % 2 == 0]
+    compact = ev.hico_candidates(preds, cm)
+    for mask in (cm, np.ones_like(cm)):
+        for ko in (False, True):
+            ref = _ref_hico_map(gts, preds, mask, rare, non_rare, known_object=ko)
+            got = ev.hico_map(gts, preds, mask, rare, known_object=ko, non_rare_triplets=non_rare)
+            assert {k: got[k] for k in ref} == ref
+    # the compact form (what distributed evaluation gathers) gives the same numbers
+    assert ev.hico_map(gts, compact, cm, rare) == ev.hico_map(gts, preds, cm, rare)
+    ks = (5, 20, 50)
+    zs = {(int(g["labels"][s]), int(g["labels"][o]), int(r)) for g in sg_gts[::3] for s, o, r in g["rels"].tolist()}
+    got = ev.sgdet_metrics(sg_gts, sg_preds, 5, ks=ks, zeroshot_triplets=sorted(zs))
+    assert {k: got[k] for k in _ref_sgdet(sg_gts, sg_preds, 5, ks, zs)} == _ref_sgdet(sg_gts, sg_preds, 5, ks, zs)
+    sg_compact = ev.sgdet_candidates(sg_preds, 5)
+    assert ev.sgdet_metrics(sg_gts, sg_compact, 5, ks=ks, zeroshot_triplets=sorted(zs)) == got
+
+
+def test_vcoco_impossible_verb_object_pair_gets_role_score_zero():
+    verbs = [{"name": "ride_instr", "action": "ride", "role": "instr"}, {"name": "stand", "action": "stand", "role": None}]
+    actions = [{"name": "ride", "roles": ["agent", "instr"]}, {"name": "stand", "roles": ["agent"]}]
+    correct_mat = np.array([[1, 0], [1, 1]], np.float32)  # (V = 2, 80 -> here 2 objects): ride_instr a cup: no
+    pred = dict(boxes=np.array([[0, 0, 9, 9], [0, 0, 9, 9], [5, 5, 20, 20], [5, 5, 20, 20]], np.float32),
+                labels=np.array([0, 0, 1, 2]), sub_ids=np.array([0, 1]), obj_ids=np.array([2, 3]),
+                verb_scores=np.array([[0.8, 0.5], [0.7, 0.6]], np.float32))
+    det = ev.vcoco_detections(pred, verbs, actions, correct_mat, missing_object_label=2)
+    assert det["role_scores"][0, 0, 0] == 0.0  # object 1 cannot be ridden: masked to 0 (was 0.8)
+    assert det["agent_scores"][0, 0] == 0.0
+    assert det["role_scores"][1, 0, 0] == pytest.approx(0.7)  # "no object" (label 2): the appended column of ones
+    assert np.isnan(det["role_boxes"][1, 0, 0]).all()
+    assert det["agent_scores"][0, 1] == pytest.approx(0.5)
+
+
+def test_hico_class_without_training_instances_is_neither_rare_nor_non_rare():
+    H, O1, O2 = [0, 0, 99, 99], [100, 100, 199, 199], [200, 200, 299, 299]
+    gt_a, pred_a = _hico_case([H, O1], [0, 1], [(0, 1)], [[0, 0.9, 0]], [H, O1], [0, 1], [[0, 1, 1]], O=3)
+    gt_b, pred_b = _hico_case([H, O2], [0, 2], [(0, 1)], [[0.9, 0, 0]], [H, O2], [0, 2], [[0, 1, 0]], O=3)
+    # training: (0, 1, 1) seen 12 times (non-rare); (0, 2, 0) never seen; (0, 2, 2) 3 times (rare, not in test)
+    rare, counts = sg2hoi.rare_triplets_from_training(
+        [dict(labels=np.array([0, 1]), hois=np.array([[0, 1, 1]] * 12)),
+         dict(labels=np.array([0, 2]), hois=np.array([[0, 1, 2]] * 3))])
+    non_rare = ev.non_rare_triplets(counts)
+    assert rare == [(0, 2, 2)] and non_rare == [(0, 1, 1)]
+    m = ev.hico_map([gt_a, gt_b], [pred_a, pred_b], np.ones((3, 3)), rare, non_rare_triplets=non_rare)
+    assert m["mAP_full"] == pytest.approx(1.0) and m["mAP_non_rare"] == pytest.approx(1.0)
+    assert m["mAP_rare"] == 0.0  # the rare class is not in the test set: empty mean
+    pred_b["boxes"][1] = [400, 400, 499, 499]  # the unseen class missed: Full drops, Non-rare does not count it
+    m = ev.hico_map([gt_a, gt_b], [pred_a, pred_b], np.ones((3, 3)), rare, non_rare_triplets=non_rare)
+    assert m["mAP_full"] == pytest.approx(0.5) and m["mAP_non_rare"] == pytest.approx(1.0)
+
+
+def test_metric_functions_name_missing_fields_and_length_mismatch():
+    gts, preds, cm, rare = ev.synthetic_hico(3, num_pairs=4, num_verbs=3, num_objects=2)
+    with pytest.raises(ValueError, match="3 ground-truth images but 2 predictions"):
+        ev.hico_map(gts, preds[:2], cm, rare)
+    bad = [dict(p) for p in preds]
+    del bad[1]["verb_scores"]
+    with pytest.raises(ValueError, match=r"prediction of image 1 lacks \['verb_scores'\]"):
+        ev.hico_map(gts, bad, cm, rare)
+    sg_gts, sg_preds = ev.synthetic_sgdet(3, num_pairs=4, num_predicates=3, num_classes=2)
+    del sg_gts[2]["rels"]
+    with pytest.raises(ValueError, match=r"ground truth of image 2 lacks \['rels'\]"):
+        ev.sgdet_metrics(sg_gts, sg_preds, 3)
+    with pytest.raises(ValueError, match="1 ground-truth images but 0 predictions"):
+        ev.vcoco_role_ap([_vcoco_setup()[1]], [], _vcoco_setup()[0])
