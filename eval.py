@@ -80,6 +80,11 @@ def _check_inputs(metric, gts, preds, gt_fields, pred_forms):
         missing = [f for f in gt_fields if f not in g]
         if missing:
             raise ValueError(f"{metric}: ground truth of image {i} lacks {missing}")
+    _check_preds(metric, preds, pred_forms)
+
+
+def _check_preds(metric, preds, pred_forms):
+    """Every prediction is a dict with one of the field sets in pred_forms (else ValueError naming the image)."""
     for i, p in enumerate(preds):
         if not isinstance(p, dict):
             raise ValueError(f"{metric}: prediction of image {i} is a {type(p).__name__}, expected a dict")
@@ -181,6 +186,7 @@ def sgdet_candidates(preds, num_predicates, max_ng=100, chunk=512):
       ng: the top max_ng (pair, predicate >= 1) candidates by (s_sub * s_obj) * p in float32, ranked exactly as
           np.argsort(-scores.ravel()) (SGB's SGNoGraphConstraintRecall).
     Each is a dict of sub_boxes (K, 4) float32, obj_boxes, sub_labels, obj_labels, predicates (1..C), scores."""
+    _check_preds("sgdet_metrics", preds, (SGDET_PRED_FIELDS, SGDET_COMPACT_FIELDS))
     out = [None] * len(preds)
     C = num_predicates
     groups = {}  # images with the same number of pairs are ranked together
@@ -386,12 +392,13 @@ def hico_candidates(preds, correct_mat, max_hois=100, chunk=256):
     scores = verb_scores x correct_mat[verb, object label] in float32 (masked candidates score 0, not removed),
     enumerated pair-major (p * V + v), stable descending sort, the first max_hois kept.
     Returns dicts of sub_boxes (D, 4) float32, obj_boxes, sub_labels, obj_labels, verbs, scores (D,) float32."""
+    _check_preds("hico_map", preds, (HICO_PRED_FIELDS, HICO_COMPACT_FIELDS))
     cm_t = np.asarray(correct_mat, np.float32).T  # (O, V)
     all_valid = bool((cm_t == 1).all())
     out = [None] * len(preds)
     groups = {}  # images with the same (P, V) are ranked together
     for i, p in enumerate(preds):
-        if "verbs" in p and "verb_scores" not in p:  # already compact
+        if "verb_scores" not in p:  # already compact
             out[i] = p
             continue
         vs = np.asarray(p["verb_scores"])

@@ -772,6 +772,15 @@ def tiny_toy(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def tiny_ckpt(tiny_toy, tmp_path_factory):
+    """A 2-step checkpoint on the tiny toy data (trained once per module), for the eval.py CLI tests."""
+    out = str(tmp_path_factory.mktemp("tinyrun"))
+    r = _run(["train.py", "--toy_root", tiny_toy, "--out", out, "--max_steps", "2", "--no_eval"] + TINY)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return os.path.join(out, "ckpt.pt")
+
+
 def _run(args, cwd=HERE, timeout=300, env=None):
     env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     return subprocess.run([sys.executable] + args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -900,16 +909,14 @@ def test_draw_prediction_panels_boxes_segmentation_and_legend():
     assert (pic[:, 384:] != 255).any()  # the legend has text
 
 
-def test_eval_cli_tables_pictures_and_saved_predictions(tiny_toy, tmp_path):
-    out = str(tmp_path / "run")
-    r = _run(["train.py", "--toy_root", tiny_toy, "--out", out, "--max_steps", "2", "--no_eval"] + TINY)
-    assert r.returncode == 0, r.stderr[-3000:]
-    ckpt, pics, preds = os.path.join(out, "ckpt.pt"), str(tmp_path / "pics"), str(tmp_path / "preds.pt")
+def test_eval_cli_tables_pictures_and_saved_predictions(tiny_ckpt, tmp_path):
+    ckpt = tiny_ckpt
+    pics, preds = str(tmp_path / "pics"), str(tmp_path / "preds.pt")
     r = _run(["eval.py", "--ckpt", ckpt, "--visualize", pics, "--num_visualize", "2", "--save-predictions", preds])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Table I" in r.stdout and "Table IV" in r.stdout and "wrote 4 pictures" in r.stdout
     assert sorted(f[:3] for f in os.listdir(pics)) == ["hoi", "hoi", "sgg", "sgg"]
-    with open(os.path.join(out, "metrics.json")) as f:
+    with open(os.path.join(os.path.dirname(ckpt), "eval_ckpt.json")) as f:  # beside the checkpoint
         from_model = json.load(f)
     r = _run(["eval.py", "--predictions", preds, "--json", str(tmp_path / "again.json")])
     assert r.returncode == 0, r.stderr[-3000:]
@@ -1115,3 +1122,99 @@ def test_metric_functions_name_missing_fields_and_length_mismatch():
         ev.sgdet_metrics(sg_gts, sg_preds, 3)
     with pytest.raises(ValueError, match="1 ground-truth images but 0 predictions"):
         ev.vcoco_role_ap([_vcoco_setup()[1]], [], _vcoco_setup()[0])
+
+
+def _synthetic_collected():
+    """A small collect()-style dict (no model), as --save-predictions writes it."""
+    sg_gts, sg_preds = ev.synthetic_sgdet(4, num_pairs=6, num_predicates=3, num_classes=3)
+    gts, preds, cm, rare = ev.synthetic_hico(4, num_pairs=6, num_verbs=3, num_objects=2)
+    return {"sgg": dict(gts=sg_gts, preds=ev.sgdet_candidates(sg_preds, 3), num_predicates=3,
+                        zeroshot=np.zeros((0, 3), int), longtail={"head": [1], "body": [2], "tail": [3]}),
+            "hoi": dict(dataset="hico", gts=gts, preds=ev.hico_candidates(preds, cm), correct_mat=cm,
+                        rare=rare, non_rare=np.zeros((0, 3), int))}
+
+
+def test_eval_cli_rejects_bad_prediction_files_naming_file_and_problem(tiny_ckpt, tmp_path):
+    good = str(tmp_path / "good.pt")
+    ev.save_predictions(_synthetic_collected(), good)
+    assert ev.main(["--predictions", good, "--json", str(tmp_path / "m.json")]) is None  # a valid file works
+    assert json.load(open(tmp_path / "m.json"))["sgg"]["num_images"] == 4
+    truncated = str(tmp_path / "truncated.pt")
+    with open(good, "rb") as f, open(truncated, "wb") as g:
+        g.write(f.read()[:300])
+    short = _synthetic_collected()
+    short["sgg"]["preds"] = short["sgg"]["preds"][:2]  # 2 predictions for 4 images
+    ev.save_predictions(short, str(tmp_path / "short.pt"))
+    no_field = _synthetic_collected()
+    del no_field["hoi"]["preds"][1]["verbs"]
+    ev.save_predictions(no_field, str(tmp_path / "no_field.pt"))
+    for path, problem in ((tiny_ckpt, "training checkpoint"), (truncated, "not a predictions file"),
+                          (str(tmp_path / "short.pt"), "'sgg' has 2 predictions for 4 ground-truth images"),
+                          (str(tmp_path / "no_field.pt"), "prediction of image 1 lacks ['verbs']")):
+        with pytest.raises(SystemExit) as e:
+            ev.main(["--predictions", path, "--json", str(tmp_path / "bad.json")])
+        message = str(e.value.code)
+        assert path in message and problem in message and "\n" not in message, message
+        assert not os.path.exists(tmp_path / "bad.json")  # never an empty result
+
+
+def test_eval_does_not_replace_training_metrics_and_checks_outputs_before_inference(tiny_ckpt, tmp_path, capsys):
+    args = ev.parse_args(["--ckpt", tiny_ckpt])
+    assert ev.output_paths(args)["--json"] == os.path.join(os.path.dirname(tiny_ckpt), "eval_ckpt.json")
+    with pytest.raises(SystemExit):
+        ev.parse_args(["--help"])
+    assert "eval_<checkpoint stem>.json" in " ".join(capsys.readouterr().out.split())  # --help says so
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    for flag in ("--save-predictions", "--json", "--visualize"):
+        target = str(blocker / "out")  # below a regular file: cannot be created
+        t = time.time()
+        with pytest.raises(SystemExit) as e:
+            ev.main(["--ckpt", tiny_ckpt, flag, target])
+        assert flag in str(e.value.code) and target in str(e.value.code)
+        assert time.time() - t < 2  # refused before loading the model and running the inference
+    with pytest.raises(SystemExit, match="is a folder"):
+        ev.main(["--ckpt", tiny_ckpt, "--json", str(tmp_path)])
+
+
+def test_distributed_evaluation_one_and_two_gloo_processes_write_identical_metrics(tiny_ckpt, tmp_path):
+    results = {}
+    for n in (1, 2):
+        out = str(tmp_path / f"m{n}.json")
+        r = _run(["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "eval.py", "--ckpt",
+                  tiny_ckpt, "--json", out, "--save-predictions", str(tmp_path / f"p{n}.pt")], timeout=300)
+        assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+        assert r.stdout.count("Table I ") == 1  # rank 0 alone prints
+        with open(out) as f:
+            results[n] = json.load(f)
+    for m in results.values():
+        m["sgg"].pop("time_per_image_s"), m["sgg"].pop("device")
+    assert results[1] == results[2]
+    p1, p2 = ev.load_predictions(str(tmp_path / "p1.pt")), ev.load_predictions(str(tmp_path / "p2.pt"))
+    assert len(p2["sgg"]["preds"]) == len(p1["sgg"]["preds"]) == 8  # every image once, in image order
+    for a, b in zip(p1["hoi"]["preds"] + [x["gc"] for x in p1["sgg"]["preds"]],
+                    p2["hoi"]["preds"] + [x["gc"] for x in p2["sgg"]["preds"]]):
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-4)
+    assert "verb_scores" not in p1["hoi"]["preds"][0] and "rel_scores" not in p1["sgg"]["preds"][0]  # compact
+
+
+def test_compact_and_full_predictions_give_identical_metrics_on_a_checkpoint(tiny_ckpt):
+    device = torch.device("cpu")
+    model, cfg, data = ev.load_model_and_data(tiny_ckpt, device)
+    full = ev.collect(model, cfg, data, device, limit=5, compact=False)
+    compact = ev.collect(model, cfg, data, device, limit=5)
+    assert "verb_scores" in full["hoi"]["preds"][0] and "verbs" in compact["hoi"]["preds"][0]
+    m_full, m_compact = ev.metrics_from_collected(full), ev.metrics_from_collected(compact)
+    for m in (m_full, m_compact):
+        m["sgg"].pop("time_per_image_s")
+    assert m_full == m_compact
+    # a fake score spread makes the comparison bite: both forms rank the same candidates
+    rng = np.random.default_rng(0)
+    for p in full["hoi"]["preds"]:
+        p["verb_scores"] = rng.random(p["verb_scores"].shape).astype(np.float32)
+        p["boxes"] = data["hoi"]["test"][0][0]["boxes"][rng.integers(0, 2, len(p["boxes"]))].astype(np.float32)
+    h = full["hoi"]
+    assert ev.hico_map(h["gts"], h["preds"], h["correct_mat"], h["rare"]) == \
+        ev.hico_map(h["gts"], ev.hico_candidates(h["preds"], h["correct_mat"]), h["correct_mat"], h["rare"])
