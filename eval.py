@@ -88,7 +88,7 @@ def _check_preds(metric, preds, pred_forms):
     for i, p in enumerate(preds):
         if not isinstance(p, dict):
             raise ValueError(f"{metric}: prediction of image {i} is a {type(p).__name__}, expected a dict")
-        if not any(all(f in p for f in form) for form in pred_forms):
+        if not any(p.keys() >= set(form) for form in pred_forms):
             best = min(pred_forms, key=lambda form: sum(f not in p for f in form))
             raise ValueError(f"{metric}: prediction of image {i} lacks {[f for f in best if f not in p]} "
                              f"(has {sorted(p)})")
@@ -244,13 +244,11 @@ def _iou_rows(a, b):
         return inter / (area_a + area_b - inter)
 
 
-def _sgdet_hits(gts, cands, ids, ks):
-    """A chunk of images -> {K: (B, R) bool GT relations hit by the first K candidates}, and the chunk's GT
-    triplets (B, R, 3) = (subject label, predicate, object label) with a (B, R) validity mask.
-    A hit needs all three labels equal and both IoUs >= 0.5 (+1 convention); one candidate may hit several GT."""
+def _sgdet_gt_chunk(gts, ids):
+    """A chunk of images' GT relations, padded: subject and object boxes (B, R, 4), triplets (B, R, 3) =
+    (subject label, predicate, object label) with padding -1, and the (B, R) validity mask."""
     rels = [np.asarray(gts[i]["rels"]).reshape(-1, 3) for i in ids]
     R = max(len(r) for r in rels)
-    P = max(len(cands[i]["predicates"]) for i in ids)
     gt_boxes = [np.asarray(gts[i]["boxes"], np.float32).reshape(-1, 4) for i in ids]
     gt_labels = [np.asarray(gts[i]["labels"]) for i in ids]
     g_sub = _pad_stack([b[r[:, 0]] for b, r in zip(gt_boxes, rels)], R, 0, (4,), np.float32)  # (B, R, 4)
@@ -258,7 +256,17 @@ def _sgdet_hits(gts, cands, ids, ks):
     g_trip = np.stack([_pad_stack([lab[r[:, 0]] for lab, r in zip(gt_labels, rels)], R, -1, (), np.int64),
                        _pad_stack([r[:, 2] for r in rels], R, -1, (), np.int64),
                        _pad_stack([lab[r[:, 1]] for lab, r in zip(gt_labels, rels)], R, -1, (), np.int64)],
-                      -1)  # (B, R, 3) = (subject label, predicate, object label); padding -1 never equals a label
+                      -1)  # (B, R, 3); padding -1 never equals a label
+    valid = np.arange(R)[None] < np.array([len(r) for r in rels])[:, None]
+    return g_sub, g_obj, g_trip, valid
+
+
+def _sgdet_hits(gt_chunk, cands, ids, ks):
+    """A chunk of images (its _sgdet_gt_chunk) -> {K: (B, R) bool GT relations hit by the first K candidates}.
+    A hit needs all three labels equal and both IoUs >= 0.5 (+1 convention); one candidate may hit several GT."""
+    g_sub, g_obj, g_trip, valid = gt_chunk
+    R = valid.shape[1]
+    P = max(len(cands[i]["predicates"]) for i in ids)
     c = [cands[i] for i in ids]
     p_sub = _pad_stack([x["sub_boxes"] for x in c], P, 0, (4,), np.float32)  # (B, P, 4)
     p_obj = _pad_stack([x["obj_boxes"] for x in c], P, 0, (4,), np.float32)
@@ -272,9 +280,7 @@ def _sgdet_hits(gts, cands, ids, ks):
     hits[b, p, r] = (_iou_rows(p_sub[b, p], g_sub[b, r]) >= IOU_THRESHOLD) & \
                     (_iou_rows(p_obj[b, p], g_obj[b, r]) >= IOU_THRESHOLD)
     cum = np.logical_or.accumulate(hits, axis=1) if P else hits  # (B, P, R): hit by one of the first p + 1
-    out = {k: cum[:, min(k, P) - 1] if P else np.zeros((len(ids), R), bool) for k in ks}
-    valid = np.arange(R)[None] < np.array([len(r) for r in rels])[:, None]
-    return out, g_trip, valid
+    return {k: cum[:, min(k, P) - 1] if P else np.zeros((len(ids), R), bool) for k in ks}
 
 
 def sgdet_metrics(gts, preds, num_predicates, ks=(20, 50, 100), zeroshot_triplets=None, longtail=None, chunk=1024):
@@ -311,10 +317,11 @@ def sgdet_metrics(gts, preds, num_predicates, ks=(20, 50, 100), zeroshot_triplet
     C = num_predicates
     cands = sgdet_candidates(preds, C)
     rels = [np.asarray(g["rels"]).reshape(-1, 3) for g in gts]
-    for i, r in enumerate(rels):
-        if len(r) and not ((r[:, 2] >= 1) & (r[:, 2] <= C)).all():
-            raise ValueError(f"sgdet_metrics: ground truth of image {i}: predicate ids must be 1..{C} "
-                             f"(column 3 of rels), got {sorted(set(r[:, 2].tolist()))}")
+    all_pred = np.concatenate([r[:, 2] for r in rels]) if rels else np.zeros(0, int)
+    if not ((all_pred >= 1) & (all_pred <= C)).all():  # checked at once; the loop only names the image
+        i = next(i for i, r in enumerate(rels) if len(r) and not ((r[:, 2] >= 1) & (r[:, 2] <= C)).all())
+        raise ValueError(f"sgdet_metrics: ground truth of image {i}: predicate ids must be 1..{C} "
+                         f"(column 3 of rels), got {sorted(set(rels[i][:, 2].tolist()))}")
     n_rels = np.array([len(r) for r in rels])
     n_pairs = np.array([len(c["gc"]["predicates"]) for c in cands])
     used = np.nonzero((n_rels > 0) & (n_pairs > 0))[0]  # SGB skips images without GT or without a pair
@@ -327,8 +334,10 @@ def sgdet_metrics(gts, preds, num_predicates, ks=(20, 50, 100), zeroshot_triplet
     for ids in _chunks_by_size(n_rels[used], chunk):
         ids = used[ids]
         B = len(ids)
+        gt_chunk = _sgdet_gt_chunk(gts, ids)
+        g_trip, valid = gt_chunk[2:]  # (B, R, 3), (B, R)
         for mode in modes:
-            hit, g_trip, valid = _sgdet_hits(gts, mode_cands[mode], ids, ks)  # {K: (B, R)}, (B, R, 3), (B, R)
+            hit = _sgdet_hits(gt_chunk, mode_cands[mode], ids, ks)  # {K: (B, R)}
             n_gt = valid.sum(1)  # (B,)
             code = np.arange(B)[:, None] * (C + 1) + np.where(valid, g_trip[:, :, 1], 0)  # (B, R) image x predicate
             present = np.bincount(code.ravel(), valid.ravel(), B * (C + 1)).reshape(B, C + 1)  # GT count
