@@ -122,8 +122,7 @@ def _stable_topk_desc(flat, k):
     index order; Python's list.sort(reverse=True) as QPIC). np.argpartition finds the best k in O(n); when the
     k-th and (k+1)-th best values differ, that set is the only possible one and only its k entries need
     sorting (by score, then index). A row with a tie across that boundary (or a NaN) is sorted in full."""
-    B, n = flat.shape
-    if n <= k:
+    if flat.shape[1] <= k:
         return np.argsort(-flat, axis=1, kind="stable")
     neg = -flat
     part = np.argpartition(neg, k, axis=1)  # position k: the (k+1)-th best; before it the best k, unordered
@@ -1361,8 +1360,7 @@ def agree(error):
     """Rank 0's error (or None) on every rank, so that all ranks stop together before any work."""
     import torch.distributed as dist
 
-    rank, world = _rank_world()
-    if world > 1:
+    if _rank_world()[1] > 1:
         box = [error]
         dist.broadcast_object_list(box, src=0)
         error = box[0]
@@ -1418,7 +1416,7 @@ def main(argv=None):
         run_benchmark(args.benchmark)
         return
     device = init_distributed()
-    rank, world = _rank_world()
+    rank = _rank_world()[0]
     try:
         # 1. every output path is writable, before any work (rank 0 checks, every rank stops on an error)
         paths = output_paths(args)
