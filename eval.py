@@ -539,17 +539,16 @@ def hico_map(gts, preds, correct_mat, rare_triplets, known_object=False, non_rar
     sorted_to_class = np.argsort(class_codes)  # position in sorted_codes -> class index
     for ids in _chunks_by_size([len(hois[i]) for i in used], chunk):
         ids = used[ids]
-        tp = _hico_match(gts, cands, ids)
-        for j, i in enumerate(ids):
-            c = cands[i]
-            n = len(c["verbs"])
-            codes = _triplet_codes(np.stack([c["sub_labels"], c["obj_labels"], c["verbs"]], 1).reshape(-1, 3) - lo,
-                                   bases)
-            if len(sorted_codes):
-                pos = np.minimum(np.searchsorted(sorted_codes, codes), len(sorted_codes) - 1)
-                det_class[i, :n] = np.where(sorted_codes[pos] == codes, sorted_to_class[pos], -1)
-            det_score[i, :n] = c["scores"]
-            det_tp[i, :n] = tp[j, :n]
+        tp = _hico_match(gts, cands, ids)  # (B, D') with D' <= D
+        fields = {f: _pad_stack([cands[i][f] for i in ids], D, -1, (), np.int64)
+                  for f in ("sub_labels", "obj_labels", "verbs")}  # (B, D) each; padding -1
+        codes = _triplet_codes(np.stack([fields["sub_labels"], fields["obj_labels"], fields["verbs"]], -1) - lo, bases)
+        if len(sorted_codes):
+            pos = np.minimum(np.searchsorted(sorted_codes, codes), len(sorted_codes) - 1)  # (B, D)
+            is_class = (sorted_codes[pos] == codes) & (fields["verbs"] >= 0)
+            det_class[ids] = np.where(is_class, sorted_to_class[pos], -1)
+        det_score[ids] = _pad_stack([cands[i]["scores"] for i in ids], D, 0, (), np.float32)
+        det_tp[ids, :tp.shape[1]] = tp
     flat_class, flat_score, flat_tp = det_class.ravel(), det_score.ravel(), det_tp.ravel()
     flat_image = np.repeat(np.arange(len(gts)), D)
     keep = flat_class >= 0
