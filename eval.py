@@ -29,28 +29,140 @@ IOU_THRESHOLD = 0.5  # every benchmark, tested as >= 0.5
 
 
 def iou_matrix(a, b):
-    """(N, 4), (M, 4) xyxy -> (N, M) IoU with the inclusive-pixel convention of every reference evaluator:
-    w = min(x2) - max(x1) + 1, area = (x2 - x1 + 1)(y2 - y1 + 1), in float32."""
-    a = np.asarray(a, np.float32).reshape(-1, 4)
-    b = np.asarray(b, np.float32).reshape(-1, 4)
-    iw = np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]) + 1
-    ih = np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]) + 1
+    """(..., N, 4), (..., M, 4) xyxy -> (..., N, M) IoU with the inclusive-pixel convention of every reference
+    evaluator: w = min(x2) - max(x1) + 1, area = (x2 - x1 + 1)(y2 - y1 + 1), in float32. Leading dimensions
+    (a batch of images) broadcast; 1-D inputs are read as (N, 4). The same float32 operations in the same order
+    for one image or a batch, so batched and per-image results are bitwise equal."""
+    a = np.asarray(a, np.float32)
+    b = np.asarray(b, np.float32)
+    a = a.reshape(-1, 4) if a.ndim < 2 else a
+    b = b.reshape(-1, 4) if b.ndim < 2 else b
+    iw = np.minimum(a[..., :, None, 2], b[..., None, :, 2]) - np.maximum(a[..., :, None, 0], b[..., None, :, 0]) + 1
+    ih = np.minimum(a[..., :, None, 3], b[..., None, :, 3]) - np.maximum(a[..., :, None, 1], b[..., None, :, 1]) + 1
     inter = np.clip(iw, 0, None) * np.clip(ih, 0, None)
-    area_a = (a[:, 2] - a[:, 0] + 1) * (a[:, 3] - a[:, 1] + 1)
-    area_b = (b[:, 2] - b[:, 0] + 1) * (b[:, 3] - b[:, 1] + 1)
+    area_a = (a[..., 2] - a[..., 0] + 1) * (a[..., 3] - a[..., 1] + 1)
+    area_b = (b[..., 2] - b[..., 0] + 1) * (b[..., 3] - b[..., 1] + 1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return inter / (area_a[:, None] + area_b[None, :] - inter)
+        return inter / (area_a[..., :, None] + area_b[..., None, :] - inter)
 
 
 def qpic_iou_matrix(a, b):
     """QPIC's compute_IOU: as iou_matrix, but 0 whenever the boxes do not overlap by more than zero pixels
     *without* the +1 (its test `max(x1) >= min(x2)`), which zeroes boxes overlapping by at most one pixel."""
-    a = np.asarray(a, np.float32).reshape(-1, 4)
-    b = np.asarray(b, np.float32).reshape(-1, 4)
+    a = np.asarray(a, np.float32)
+    b = np.asarray(b, np.float32)
+    a = a.reshape(-1, 4) if a.ndim < 2 else a
+    b = b.reshape(-1, 4) if b.ndim < 2 else b
     iou = iou_matrix(a, b)
-    no_overlap = (np.maximum(a[:, None, 0], b[None, :, 0]) >= np.minimum(a[:, None, 2], b[None, :, 2])) | \
-                 (np.maximum(a[:, None, 1], b[None, :, 1]) >= np.minimum(a[:, None, 3], b[None, :, 3]))
+    no_overlap = (np.maximum(a[..., :, None, 0], b[..., None, :, 0]) >= np.minimum(a[..., :, None, 2], b[..., None, :, 2])) | \
+                 (np.maximum(a[..., :, None, 1], b[..., None, :, 1]) >= np.minimum(a[..., :, None, 3], b[..., None, :, 3]))
     return np.where(no_overlap, 0.0, iou).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------ shared helpers
+# The evaluators below run in two stages, both vectorised over images:
+#   1. candidates: each image's raw prediction -> the few ranked detections the metric looks at (HICO: the top-100
+#      masked (pair, verb) candidates; SGDet: one triplet per pair + the top-100 no-graph-constraint candidates).
+#      This is also the "compact" form that distributed evaluation gathers and --save-predictions writes.
+#   2. matching: the candidates of a chunk of images (padded to the chunk's largest size) against the GT, with
+#      one batched IoU; the per-image bookkeeping (already-matched GT, R@K prefixes) becomes cumulative ops.
+
+
+def _check_inputs(metric, gts, preds, gt_fields, pred_forms):
+    """Clear errors for wrong inputs: equal lengths, dicts, the fields each side needs (pred_forms: the
+    alternative field sets a prediction may have, e.g. the raw model output or the compact candidates)."""
+    if len(gts) != len(preds):
+        raise ValueError(f"{metric}: {len(gts)} ground-truth images but {len(preds)} predictions "
+                         "(one prediction per test image, in the same order)")
+    for i, g in enumerate(gts):
+        if not isinstance(g, dict):
+            raise ValueError(f"{metric}: ground truth of image {i} is a {type(g).__name__}, expected a dict")
+        missing = [f for f in gt_fields if f not in g]
+        if missing:
+            raise ValueError(f"{metric}: ground truth of image {i} lacks {missing}")
+    _check_preds(metric, preds, pred_forms)
+
+
+def _check_preds(metric, preds, pred_forms):
+    """Every prediction is a dict with one of the field sets in pred_forms (else ValueError naming the image)."""
+    for i, p in enumerate(preds):
+        if not isinstance(p, dict):
+            raise ValueError(f"{metric}: prediction of image {i} is a {type(p).__name__}, expected a dict")
+        if not any(p.keys() >= set(form) for form in pred_forms):
+            best = min(pred_forms, key=lambda form: sum(f not in p for f in form))
+            raise ValueError(f"{metric}: prediction of image {i} lacks {[f for f in best if f not in p]} "
+                             f"(has {sorted(p)})")
+
+
+def _chunks_by_size(sizes, chunk=1024):
+    """Image indices in chunks of similar size (sorted by size, stable), so that padding a chunk to its largest
+    image wastes little. sizes (n,) -> list of index arrays."""
+    order = np.argsort(np.asarray(sizes), kind="stable")
+    return [order[i:i + chunk] for i in range(0, len(order), chunk)]
+
+
+def _pad_stack(arrays, length, fill, shape=(), dtype=None):
+    """List of (n_i, *shape) arrays -> (len, length, *shape) array, rows past n_i set to fill."""
+    if arrays and all(len(x) == length for x in arrays):  # nothing to pad (the usual case): one C-level copy
+        return np.stack(arrays).astype(dtype, copy=False).reshape((len(arrays), length) + tuple(shape))
+    out = np.full((len(arrays), length) + tuple(shape), fill, dtype)
+    for j, x in enumerate(arrays):
+        out[j, :len(x)] = x
+    return out
+
+
+def _triplet_codes(rows, bases):
+    """(..., 3) integer rows -> (...,) int64 codes, one per distinct triplet (bases: the three value ranges)."""
+    rows = np.asarray(rows, np.int64)
+    return (rows[..., 0] * bases[1] + rows[..., 1]) * bases[2] + rows[..., 2]
+
+
+def _stable_topk_desc(flat, k):
+    """(B, n) scores -> (B, min(k, n)) indices: the first k of a *stable* descending sort of each row (ties in
+    index order; Python's list.sort(reverse=True) as QPIC). np.argpartition finds the best k in O(n); when the
+    k-th and (k+1)-th best values differ, that set is the only possible one and only its k entries need
+    sorting (by score, then index). A row with a tie across that boundary (or a NaN) is sorted in full."""
+    if flat.shape[1] <= k:
+        return np.argsort(-flat, axis=1, kind="stable")
+    neg = -flat
+    part = np.argpartition(neg, k, axis=1)  # position k: the (k+1)-th best; before it the best k, unordered
+    idx = np.sort(part[:, :k], axis=1)  # the best k, in index (pair-major) order
+    vals = np.take_along_axis(neg, idx, 1)  # (B, k)
+    next_val = np.take_along_axis(neg, part[:, k:k + 1], 1)[:, 0]  # (B,) the (k+1)-th best
+    idx = np.take_along_axis(idx, np.argsort(vals, axis=1, kind="stable"), 1)  # by score, ties in index order
+    for r in np.nonzero(~(vals.max(1) < next_val))[0]:  # a tie across the boundary, or a NaN
+        idx[r] = np.argsort(neg[r], kind="stable")[:k]
+    return idx
+
+
+def _numpy_topk_desc(flat, k):
+    """(B, n) scores -> (B, min(k, n)): exactly np.argsort(-row)[:k] for every row (numpy's default, unstable
+    sort, as SGB's no-graph-constraint ranking). A row whose best k + 1 values are all distinct has only one
+    possible answer, found with np.partition and a sort of k values; a row with a tie there (or a NaN) calls
+    np.argsort on the whole row, so the tie order is numpy's own."""
+    B, n = flat.shape
+    if n <= k + 1:
+        return np.stack([np.argsort(-row)[:k] for row in flat]) if B else np.zeros((0, min(k, n)), np.int64)
+    neg = -flat
+    part = np.argpartition(neg, k, axis=1)[:, :k + 1]  # the k + 1 best, unordered
+    vals = np.take_along_axis(neg, part, 1)
+    order = np.argsort(vals, axis=1, kind="stable")
+    vals, part = np.take_along_axis(vals, order, 1), np.take_along_axis(part, order, 1)
+    unique = (np.diff(vals, axis=1) > 0).all(1)  # strictly increasing: no tie among the best k + 1, no NaN
+    out = part[:, :k].copy()
+    for r in np.nonzero(~unique)[0]:
+        out[r] = np.argsort(-flat[r])[:k]
+    return out
+
+
+def _in_rows(rows, table):
+    """(..., 3) integer rows, (T, 3) table -> (...,) bool: the row occurs in the table."""
+    rows, table = np.asarray(rows, np.int64), np.asarray(table, np.int64).reshape(-1, 3)
+    if len(table) == 0:
+        return np.zeros(rows.shape[:-1], bool)
+    lo = min(rows.min(initial=0), table.min())
+    bases = np.maximum(rows.reshape(-1, 3).max(0, initial=0), table.max(0)) - lo + 1
+    return np.isin(_triplet_codes(rows - lo, bases), _triplet_codes(table - lo, bases))
 
 
 # ------------------------------------------------------------------------------------------------ VG150 SGDet
@@ -61,24 +173,122 @@ def _triplet_set(rows):
     return {tuple(int(x) for x in row) for row in np.asarray(rows).reshape(-1, 3)}
 
 
-def _relation_hits(gt, pred_triplets, pred_boxes_s, pred_boxes_o):
-    """(P, R) bool: prediction p hits GT relation r (same three labels, both IoUs >= 0.5). Not one-to-one."""
-    rels = np.asarray(gt["rels"]).reshape(-1, 3)
-    labels, boxes = np.asarray(gt["labels"]), np.asarray(gt["boxes"], np.float32)
-    gt_trip = np.stack([labels[rels[:, 0]], rels[:, 2], labels[rels[:, 1]]], 1)  # (R, 3) = (s, p, o)
-    same = (pred_triplets[:, None, :] == gt_trip[None]).all(-1)  # (P, R)
-    if not same.any():
-        return same
-    return same & (iou_matrix(pred_boxes_s, boxes[rels[:, 0]]) >= IOU_THRESHOLD) \
-                & (iou_matrix(pred_boxes_o, boxes[rels[:, 1]]) >= IOU_THRESHOLD)
+SGDET_PRED_FIELDS = ("boxes", "labels", "scores", "rel_pairs", "rel_scores")
+SGDET_COMPACT_FIELDS = ("gc", "ng")
+_CANDIDATE_FIELDS = ("sub_boxes", "obj_boxes", "sub_labels", "obj_labels", "predicates", "scores")
 
 
-def sgdet_metrics(gts, preds, num_predicates, ks=(20, 50, 100), zeroshot_triplets=None, longtail=None):
+def sgdet_candidates(preds, num_predicates, max_ng=100, chunk=512):
+    """Raw SGDet predictions -> the compact form the evaluator needs, per image:
+      gc: one triplet per pair in the given order, predicate 1 + argmax(rel_scores[:, 1:]) (first max wins),
+          score s_sub * s_obj * p (kept for readers; the evaluator keeps the order it is given);
+      ng: the top max_ng (pair, predicate >= 1) candidates by (s_sub * s_obj) * p in float32, ranked exactly as
+          np.argsort(-scores.ravel()) (SGB's SGNoGraphConstraintRecall).
+    Each is a dict of sub_boxes (K, 4) float32, obj_boxes, sub_labels, obj_labels, predicates (1..C), scores."""
+    _check_preds("sgdet_metrics", preds, (SGDET_PRED_FIELDS, SGDET_COMPACT_FIELDS))
+    out = [None] * len(preds)
+    C = num_predicates
+    groups = {}  # images with the same number of pairs are ranked together
+    for i, p in enumerate(preds):
+        if "gc" in p:  # already compact
+            out[i] = p
+            continue
+        rs = np.asarray(p["rel_scores"])
+        pairs = np.asarray(p["rel_pairs"]).reshape(-1, 2)
+        if rs.shape != (len(pairs), C + 1):
+            raise ValueError(f"sgdet_metrics: prediction of image {i}: rel_scores has shape {rs.shape}, expected "
+                             f"({len(pairs)}, {C + 1}) = (pairs, 1 + num_predicates)")
+        groups.setdefault(len(pairs), []).append(i)
+    for Q, ids in groups.items():
+        for c in range(0, len(ids), chunk):
+            idx = ids[c:c + chunk]
+            B = len(idx)
+            pairs = np.stack([np.asarray(preds[i]["rel_pairs"]).reshape(-1, 2) for i in idx])  # (B, Q, 2)
+            rel = np.stack([np.asarray(preds[i]["rel_scores"], np.float32) for i in idx])  # (B, Q, C + 1)
+            M = max(len(np.asarray(preds[i]["labels"])) for i in idx)  # boxes per image (padded to the chunk's)
+            boxes = _pad_stack([np.asarray(preds[i]["boxes"], np.float32).reshape(-1, 4) for i in idx], M, 0, (4,),
+                               np.float32)  # (B, M, 4)
+            labels = _pad_stack([np.asarray(preds[i]["labels"]) for i in idx], M, -1, (), np.int64)  # (B, M)
+            obj_scores = _pad_stack([np.asarray(preds[i]["scores"], np.float32) for i in idx], M, 0, (), np.float32)
+            s_sub = np.take_along_axis(obj_scores, pairs[:, :, 0], 1)  # (B, Q)
+            s_obj = np.take_along_axis(obj_scores, pairs[:, :, 1], 1)
+            pair_scores = s_sub * s_obj  # (B, Q) float32, = scores[pairs].prod(1)
+            gc_pred = 1 + rel[:, :, 1:].argmax(2)  # (B, Q)
+            overall = (pair_scores[:, :, None] * rel[:, :, 1:]).reshape(B, Q * C)  # (B, Q * C) pair-major
+            top = _numpy_topk_desc(overall, max_ng) if Q else np.zeros((B, 0), np.int64)  # (B, T)
+            gc_score = pair_scores * np.take_along_axis(rel, gc_pred[:, :, None], 2)[:, :, 0]
+
+            rows = np.arange(B)[:, None]
+
+            def cands(pp, pr, sc):  # (B, K, 2) box indices, (B, K) predicates and scores -> batched fields
+                return dict(sub_boxes=boxes[rows, pp[:, :, 0]], obj_boxes=boxes[rows, pp[:, :, 1]],
+                            sub_labels=labels[rows, pp[:, :, 0]], obj_labels=labels[rows, pp[:, :, 1]],
+                            predicates=pr, scores=sc)
+            gc = cands(pairs, gc_pred, gc_score)
+            ng = cands(np.take_along_axis(pairs, (top // C)[:, :, None], 1), top % C + 1,
+                       np.take_along_axis(overall, top, 1))
+            for j, i in enumerate(idx):  # per image: views into the chunk's arrays
+                out[i] = dict(gc={k: v[j] for k, v in gc.items()}, ng={k: v[j] for k, v in ng.items()})
+    return out
+
+
+def _iou_rows(a, b):
+    """(K, 4), (K, 4) -> (K,) IoU of a[k] with b[k]: iou_matrix's float32 operations, element by element."""
+    iw = np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]) + 1
+    ih = np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]) + 1
+    inter = np.clip(iw, 0, None) * np.clip(ih, 0, None)
+    area_a = (a[:, 2] - a[:, 0] + 1) * (a[:, 3] - a[:, 1] + 1)
+    area_b = (b[:, 2] - b[:, 0] + 1) * (b[:, 3] - b[:, 1] + 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return inter / (area_a + area_b - inter)
+
+
+def _sgdet_gt_chunk(gts, ids):
+    """A chunk of images' GT relations, padded: subject and object boxes (B, R, 4), triplets (B, R, 3) =
+    (subject label, predicate, object label) with padding -1, and the (B, R) validity mask."""
+    rels = [np.asarray(gts[i]["rels"]).reshape(-1, 3) for i in ids]
+    R = max(len(r) for r in rels)
+    gt_boxes = [np.asarray(gts[i]["boxes"], np.float32).reshape(-1, 4) for i in ids]
+    gt_labels = [np.asarray(gts[i]["labels"]) for i in ids]
+    g_sub = _pad_stack([b[r[:, 0]] for b, r in zip(gt_boxes, rels)], R, 0, (4,), np.float32)  # (B, R, 4)
+    g_obj = _pad_stack([b[r[:, 1]] for b, r in zip(gt_boxes, rels)], R, 0, (4,), np.float32)
+    g_trip = np.stack([_pad_stack([lab[r[:, 0]] for lab, r in zip(gt_labels, rels)], R, -1, (), np.int64),
+                       _pad_stack([r[:, 2] for r in rels], R, -1, (), np.int64),
+                       _pad_stack([lab[r[:, 1]] for lab, r in zip(gt_labels, rels)], R, -1, (), np.int64)],
+                      -1)  # (B, R, 3); padding -1 never equals a label
+    valid = np.arange(R)[None] < np.array([len(r) for r in rels])[:, None]
+    return g_sub, g_obj, g_trip, valid
+
+
+def _sgdet_hits(gt_chunk, cands, ids, ks):
+    """A chunk of images (its _sgdet_gt_chunk) -> {K: (B, R) bool GT relations hit by the first K candidates}.
+    A hit needs all three labels equal and both IoUs >= 0.5 (+1 convention); one candidate may hit several GT."""
+    g_sub, g_obj, g_trip, valid = gt_chunk
+    R = valid.shape[1]
+    P = max(len(cands[i]["predicates"]) for i in ids)
+    c = [cands[i] for i in ids]
+    p_sub = _pad_stack([x["sub_boxes"] for x in c], P, 0, (4,), np.float32)  # (B, P, 4)
+    p_obj = _pad_stack([x["obj_boxes"] for x in c], P, 0, (4,), np.float32)
+    p_trip = np.stack([_pad_stack([x[f] for x in c], P, -2, (), np.int64)
+                       for f in ("sub_labels", "predicates", "obj_labels")], -1)  # (B, P, 3); padding -2 matches none
+    lo = min(p_trip.min(initial=0), g_trip.min(initial=0))
+    bases = np.maximum(p_trip.reshape(-1, 3).max(0, initial=0), g_trip.reshape(-1, 3).max(0, initial=0)) - lo + 1
+    same = _triplet_codes(p_trip - lo, bases)[:, :, None] == _triplet_codes(g_trip - lo, bases)[:, None, :]
+    b, p, r = np.nonzero(same)  # (B, P, R) same three labels: the IoUs only there
+    hits = np.zeros(same.shape, bool)
+    hits[b, p, r] = (_iou_rows(p_sub[b, p], g_sub[b, r]) >= IOU_THRESHOLD) & \
+                    (_iou_rows(p_obj[b, p], g_obj[b, r]) >= IOU_THRESHOLD)
+    cum = np.logical_or.accumulate(hits, axis=1) if P else hits  # (B, P, R): hit by one of the first p + 1
+    return {k: cum[:, min(k, P) - 1] if P else np.zeros((len(ids), R), bool) for k in ks}
+
+
+def sgdet_metrics(gts, preds, num_predicates, ks=(20, 50, 100), zeroshot_triplets=None, longtail=None, chunk=1024):
     """VG150 SGDet recall metrics, as Scene-Graph-Benchmark (SGB) and SGTR compute them.
 
     gts[i]   = {"boxes": (N, 4) xyxy pixels, "labels": (N,), "rels": (R, 3) [subject, object, predicate 1..C]}
     preds[i] = {"boxes": (M, 4), "labels": (M,), "scores": (M,), "rel_pairs": (Q, 2) indices into boxes, ranked
                 best first, "rel_scores": (Q, C + 1), column 0 = no relation}
+               or the compact form of sgdet_candidates ({"gc": ..., "ng": ...}), with the same numbers.
     zeroshot_triplets: rows (subject label, object label, predicate), SGB's column order.
     longtail: {"head": [...], "body": [...], "tail": [...]} predicate ids.
 
@@ -96,52 +306,73 @@ def sgdet_metrics(gts, preds, num_predicates, ks=(20, 50, 100), zeroshot_triplet
       * zR@K: over GT relations whose (subject label, object label, predicate) is zero-shot, the mean over the
         images that have at least one;
       * head/body/tail: the per-predicate recalls behind mR@K averaged inside each group (SGTR).
+    Vectorised: candidates per chunk of images with the same pair count, matching per chunk of images of
+    similar GT size; every per-image value and every mean is the same float64 operation on the same values,
+    in the same order, as a per-image loop (the test compares with one).
     Returns fractions (not percentages)."""
+    _check_inputs("sgdet_metrics", gts, preds, ("boxes", "labels", "rels"), (SGDET_PRED_FIELDS, SGDET_COMPACT_FIELDS))
     ks = tuple(sorted(ks))
-    zs = _triplet_set(zeroshot_triplets) if zeroshot_triplets is not None else set()
     modes = ("", "ng")
-    recall = {m: {k: [] for k in ks} for m in modes}
-    zrecall = {m: {k: [] for k in ks} for m in modes}
-    per_pred = {m: {k: [[] for _ in range(num_predicates + 1)] for k in ks} for m in modes}
-    for gt, pred in zip(gts, preds):
-        rels = np.asarray(gt["rels"]).reshape(-1, 3)
-        pairs = np.asarray(pred["rel_pairs"]).reshape(-1, 2)
-        if len(rels) == 0 or len(pairs) == 0:
-            continue
-        boxes, labels = np.asarray(pred["boxes"], np.float32), np.asarray(pred["labels"])
-        rel_scores = np.asarray(pred["rel_scores"], np.float32)
-        # graph constraint: the given order
-        gc_pred = 1 + rel_scores[:, 1:].argmax(1)
-        # no graph constraint: (pair, predicate) candidates, top 100
-        pair_scores = np.asarray(pred["scores"], np.float32)[pairs].prod(1)
-        overall = pair_scores[:, None] * rel_scores[:, 1:]
-        top = np.argsort(-overall.ravel())[:100]
-        ng_pairs, ng_pred = pairs[top // num_predicates], top % num_predicates + 1
-        gt_labels = np.asarray(gt["labels"])
-        zs_mask = np.array([(gt_labels[s], gt_labels[o], p) in zs for s, o, p in rels.tolist()], bool)
-        for mode, (pp, pr) in zip(modes, ((pairs, gc_pred), (ng_pairs, ng_pred))):
-            trip = np.stack([labels[pp[:, 0]], pr, labels[pp[:, 1]]], 1)
-            hits = _relation_hits(gt, trip, boxes[pp[:, 0]], boxes[pp[:, 1]])  # (P, R)
+    C = num_predicates
+    cands = sgdet_candidates(preds, C)
+    rels = [np.asarray(g["rels"]).reshape(-1, 3) for g in gts]
+    all_pred = np.concatenate([r[:, 2] for r in rels]) if rels else np.zeros(0, int)
+    if not ((all_pred >= 1) & (all_pred <= C)).all():  # checked at once; the loop only names the image
+        i = next(i for i, r in enumerate(rels) if len(r) and not ((r[:, 2] >= 1) & (r[:, 2] <= C)).all())
+        raise ValueError(f"sgdet_metrics: ground truth of image {i}: predicate ids must be 1..{C} "
+                         f"(column 3 of rels), got {sorted(set(rels[i][:, 2].tolist()))}")
+    n_rels = np.array([len(r) for r in rels])
+    n_pairs = np.array([len(c["gc"]["predicates"]) for c in cands])
+    used = np.nonzero((n_rels > 0) & (n_pairs > 0))[0]  # SGB skips images without GT or without a pair
+    zs = None if zeroshot_triplets is None else np.asarray(zeroshot_triplets, np.int64).reshape(-1, 3)
+    # per image (NaN = not averaged) and per (image, predicate) entries, filled chunk by chunk
+    recall = {(m, k): np.full(len(gts), np.nan) for m in modes for k in ks}
+    zrecall = {(m, k): np.full(len(gts), np.nan) for m in modes for k in ks}
+    per_pred = {(m, k): [] for m in modes for k in ks}  # arrays of rows (image, predicate, recall in that image)
+    mode_cands = {m: [c[key] for c in cands] for m, key in zip(modes, ("gc", "ng"))}
+    for ids in _chunks_by_size(n_rels[used], chunk):
+        ids = used[ids]
+        B = len(ids)
+        gt_chunk = _sgdet_gt_chunk(gts, ids)
+        g_trip, valid = gt_chunk[2:]  # (B, R, 3), (B, R)
+        for mode in modes:
+            hit = _sgdet_hits(gt_chunk, mode_cands[mode], ids, ks)  # {K: (B, R)}
+            n_gt = valid.sum(1)  # (B,)
+            code = np.arange(B)[:, None] * (C + 1) + np.where(valid, g_trip[:, :, 1], 0)  # (B, R) image x predicate
+            present = np.bincount(code.ravel(), valid.ravel(), B * (C + 1)).reshape(B, C + 1)  # GT count
+            b, p = np.nonzero(present[:, 1:])
+            p = p + 1
+            zs_mask = None
+            if zs is not None:  # zero-shot lookup in SGB's column order (subject label, object label, predicate)
+                zs_mask = _in_rows(g_trip[:, :, [0, 2, 1]], zs) & valid
+                n_zs = zs_mask.sum(1)
             for k in ks:
-                hit = hits[:k].any(0)  # (R,)
-                recall[mode][k].append(hit.mean())
-                for p in np.unique(rels[:, 2]):
-                    sel = rels[:, 2] == p
-                    per_pred[mode][k][p].append(hit[sel].mean())
-                if zs_mask.any():
-                    zrecall[mode][k].append(hit[zs_mask].mean())
+                h = hit[k] & valid
+                recall[mode, k][ids] = h.sum(1) / n_gt
+                hits_p = np.bincount(code.ravel(), h.ravel(), B * (C + 1)).reshape(B, C + 1)
+                per_pred[mode, k].append(np.stack([ids[b], p, hits_p[b, p] / present[b, p]], 1))
+                if zs_mask is not None:
+                    rows = n_zs > 0
+                    zrecall[mode, k][ids[rows]] = (h & zs_mask).sum(1)[rows] / n_zs[rows]
     out = {}
     for mode in modes:
         for k in ks:
-            rec = recall[mode][k]
-            out[f"{mode}R@{k}"] = float(np.mean(rec)) if rec else 0.0
-            per = np.array([np.mean(v) if v else 0.0 for v in per_pred[mode][k][1:]])
+            rec = recall[mode, k][~np.isnan(recall[mode, k])]  # image order
+            out[f"{mode}R@{k}"] = float(np.mean(rec)) if len(rec) else 0.0
+            entries = np.concatenate(per_pred[mode, k]) if per_pred[mode, k] else np.zeros((0, 3))
+            entries = entries[np.lexsort((entries[:, 0], entries[:, 1]))]  # by predicate, then image order
+            per = np.zeros(num_predicates)
+            if len(entries):
+                preds_sorted = entries[:, 1].astype(np.int64)
+                starts = np.flatnonzero(np.r_[True, preds_sorted[1:] != preds_sorted[:-1]])
+                for s, e in zip(starts, np.r_[starts[1:], len(entries)]):
+                    per[preds_sorted[s] - 1] = np.mean(entries[s:e, 2])
             out[f"{mode}mR@{k}"] = float(per.mean())
             if zeroshot_triplets is not None:
-                z = zrecall[mode][k]
-                out[f"{mode}zR@{k}"] = float(np.mean(z)) if z else 0.0
-            for group, ids in (longtail or {}).items():
-                out[f"{mode}mR@{k}_{group}"] = float(np.mean([per[i - 1] for i in ids])) if len(ids) else 0.0
+                z = zrecall[mode, k][~np.isnan(zrecall[mode, k])]
+                out[f"{mode}zR@{k}"] = float(np.mean(z)) if len(z) else 0.0
+            for group, ids_ in (longtail or {}).items():
+                out[f"{mode}mR@{k}_{group}"] = float(np.mean([per[i - 1] for i in ids_])) if len(ids_) else 0.0
     return out
 
 
@@ -159,48 +390,98 @@ def eleven_point_ap(rec, prec):
     return ap
 
 
-def _hico_image_detections(gt, pred, correct_mat, max_hois=100):
-    """One image -> list of (triplet, score, tp) for its top-100 detections, in QPIC's visit order."""
-    boxes, labels = np.asarray(pred["boxes"], np.float32), np.asarray(pred["labels"])
-    sub_ids, obj_ids = np.asarray(pred["sub_ids"]), np.asarray(pred["obj_ids"])
-    verb_scores = np.asarray(pred["verb_scores"], np.float32)
-    P, V = verb_scores.shape
-    scores = verb_scores * np.asarray(correct_mat, np.float32)[:, labels[obj_ids]].T  # (P, V), masked -> 0
-    flat = scores.ravel()  # pair-major: index p * V + v
-    order = np.argsort(-flat, kind="stable")[:max_hois]  # Python's stable list.sort(reverse=True)
-    det_p, det_v, det_s = order // V, order % V, flat[order]
-    det_sub, det_obj = sub_ids[det_p], obj_ids[det_p]
-    det_trip = np.stack([labels[det_sub], labels[det_obj], det_v], 1)  # (D, 3)
-
-    gt_boxes, gt_labels = np.asarray(gt["boxes"], np.float32), np.asarray(gt["labels"])
-    hois = np.asarray(gt["hois"]).reshape(-1, 3)
-    tp = np.zeros(len(order), bool)
-    if len(hois):
-        def overlaps(det_box_ids, gt_box_ids):  # (D, K) IoU, 0 for different labels (QPIC)
-            iou = qpic_iou_matrix(boxes[det_box_ids], gt_boxes[gt_box_ids])
-            return np.where(labels[det_box_ids][:, None] == gt_labels[gt_box_ids][None], iou, 0.0)
-        ov_s, ov_o = overlaps(det_sub, hois[:, 0]), overlaps(det_obj, hois[:, 1])
-        ok = (ov_s >= IOU_THRESHOLD) & (ov_o >= IOU_THRESHOLD) & (det_v[:, None] == hois[None, :, 2])
-        min_ov = np.where(ok, np.minimum(ov_s, ov_o), -1.0)
-        best = min_ov.argmax(1)  # first GT on ties (QPIC's strict '>')
-        # QPIC finds the matched GT with gt_hois.index(...): an exact duplicate maps to its first copy
-        first_copy = {}
-        canonical = np.array([first_copy.setdefault(tuple(h), i) for i, h in enumerate(hois.tolist())])
-        matched = np.zeros(len(hois), bool)
-        for d in range(len(order)):
-            if ok[d, best[d]]:
-                g = canonical[best[d]]
-                if not matched[g]:  # an already matched GT makes this a false positive (no fallback)
-                    matched[g] = tp[d] = True
-    return [(tuple(int(x) for x in det_trip[d]), float(det_s[d]), bool(tp[d])) for d in range(len(order))]
+HICO_PRED_FIELDS = ("boxes", "labels", "sub_ids", "obj_ids", "verb_scores")
+HICO_COMPACT_FIELDS = ("sub_boxes", "obj_boxes", "sub_labels", "obj_labels", "verbs", "scores")
 
 
-def hico_map(gts, preds, correct_mat, rare_triplets, known_object=False, non_rare_triplets=None, max_hois=100):
+def hico_candidates(preds, correct_mat, max_hois=100, chunk=256):
+    """Raw HICO predictions (QPIC's PostProcessHOI) -> the compact form the evaluator needs, per image: its top
+    max_hois (pair, verb) candidates after the verb-object mask, in QPIC's visit order:
+    scores = verb_scores x correct_mat[verb, object label] in float32 (masked candidates score 0, not removed),
+    enumerated pair-major (p * V + v), stable descending sort, the first max_hois kept.
+    Returns dicts of sub_boxes (D, 4) float32, obj_boxes, sub_labels, obj_labels, verbs, scores (D,) float32."""
+    _check_preds("hico_map", preds, (HICO_PRED_FIELDS, HICO_COMPACT_FIELDS))
+    cm_t = np.asarray(correct_mat, np.float32).T  # (O, V)
+    all_valid = bool((cm_t == 1).all())
+    out = [None] * len(preds)
+    groups = {}  # images with the same (P, V) are ranked together
+    for i, p in enumerate(preds):
+        if "verb_scores" not in p:  # already compact
+            out[i] = p
+            continue
+        vs = np.asarray(p["verb_scores"])
+        if vs.ndim != 2 or vs.shape[1] != cm_t.shape[1] or vs.shape[0] != len(np.asarray(p["obj_ids"])):
+            raise ValueError(f"hico_map: prediction of image {i}: verb_scores has shape {vs.shape}, expected "
+                             f"({len(np.asarray(p['obj_ids']))}, {cm_t.shape[1]}) = (pairs, verbs of correct_mat)")
+        groups.setdefault(vs.shape, []).append(i)
+    for (P, V), ids in groups.items():
+        for c in range(0, len(ids), chunk):
+            idx = ids[c:c + chunk]
+            labels = [np.asarray(preds[i]["labels"]) for i in idx]
+            sub_ids = [np.asarray(preds[i]["sub_ids"]) for i in idx]
+            obj_ids = [np.asarray(preds[i]["obj_ids"]) for i in idx]
+            obj_labels = np.stack([lab[o] for lab, o in zip(labels, obj_ids)])  # (B, P)
+            scores = np.stack([np.asarray(preds[i]["verb_scores"], np.float32) for i in idx])  # (B, P, V)
+            if not all_valid:  # x 1.0 changes nothing: a dense mask skips the multiplication
+                scores *= cm_t[obj_labels]
+            flat = scores.reshape(len(idx), P * V)  # (B, P * V) pair-major
+            top = _stable_topk_desc(flat, max_hois)  # (B, D)
+            for j, i in enumerate(idx):
+                boxes = np.asarray(preds[i]["boxes"], np.float32).reshape(-1, 4)
+                det_p, det_v = top[j] // V, top[j] % V
+                s, o = sub_ids[j][det_p], obj_ids[j][det_p]
+                out[i] = dict(sub_boxes=boxes[s], obj_boxes=boxes[o], sub_labels=labels[j][s],
+                              obj_labels=labels[j][o], verbs=det_v, scores=flat[j, top[j]])
+    return out
+
+
+def _hico_match(gts, cands, ids):
+    """A chunk of images (all with GT boxes) -> (B, D) bool true positives of their candidates, QPIC's rule:
+    a candidate matches the GT HOI of its verb with both boxes of the same label and QPIC IoU >= 0.5 and the
+    largest min(IoU_sub, IoU_obj) (first GT on ties); if that GT is already matched it is a false positive.
+    A duplicate GT row has the same column as its first copy, so argmax always picks the first copy."""
+    hois = [np.asarray(gts[i]["hois"]).reshape(-1, 3) for i in ids]
+    K = max(len(h) for h in hois)
+    D = max(len(cands[i]["verbs"]) for i in ids)
+    B = len(ids)
+    if K == 0 or D == 0:
+        return np.zeros((B, D), bool)
+    gb = [np.asarray(gts[i]["boxes"], np.float32).reshape(-1, 4) for i in ids]
+    gl = [np.asarray(gts[i]["labels"]) for i in ids]
+    g_sub = _pad_stack([b[h[:, 0]] for b, h in zip(gb, hois)], K, 0, (4,), np.float32)  # (B, K, 4)
+    g_obj = _pad_stack([b[h[:, 1]] for b, h in zip(gb, hois)], K, 0, (4,), np.float32)
+    g_sl = _pad_stack([lab[h[:, 0]] for lab, h in zip(gl, hois)], K, -1, (), np.int64)  # (B, K)
+    g_ol = _pad_stack([lab[h[:, 1]] for lab, h in zip(gl, hois)], K, -1, (), np.int64)
+    g_v = _pad_stack([h[:, 2] for h in hois], K, -1, (), np.int64)
+    c = [cands[i] for i in ids]
+    d_sub = _pad_stack([x["sub_boxes"] for x in c], D, 0, (4,), np.float32)  # (B, D, 4)
+    d_obj = _pad_stack([x["obj_boxes"] for x in c], D, 0, (4,), np.float32)
+    d_sl = _pad_stack([x["sub_labels"] for x in c], D, -2, (), np.int64)  # (B, D); -2 never equals GT
+    d_ol = _pad_stack([x["obj_labels"] for x in c], D, -2, (), np.int64)
+    d_v = _pad_stack([x["verbs"] for x in c], D, -2, (), np.int64)
+    # QPIC's compute_IOU returns 0 for boxes of different labels
+    ov_s = np.where(d_sl[:, :, None] == g_sl[:, None, :], qpic_iou_matrix(d_sub, g_sub), 0.0)  # (B, D, K)
+    ov_o = np.where(d_ol[:, :, None] == g_ol[:, None, :], qpic_iou_matrix(d_obj, g_obj), 0.0)
+    ok = (ov_s >= IOU_THRESHOLD) & (ov_o >= IOU_THRESHOLD) & (d_v[:, :, None] == g_v[:, None, :])
+    best = np.where(ok, np.minimum(ov_s, ov_o), -1.0).argmax(2)  # (B, D): first GT on ties (QPIC's strict '>')
+    has = np.take_along_axis(ok, best[:, :, None], 2)[:, :, 0]  # (B, D) the candidate has a GT to match
+    # the first candidate (in visit order) that picks a GT is its TP; later ones picking it are FPs
+    key = np.where(has, np.arange(B)[:, None] * K + best, -1).ravel()
+    tp = np.zeros(B * D, bool)
+    first = np.unique(key, return_index=True)[1]
+    tp[first] = key[first] >= 0
+    return tp.reshape(B, D)
+
+
+def hico_map(gts, preds, correct_mat, rare_triplets, known_object=False, non_rare_triplets=None, max_hois=100,
+             chunk=1024):
     """HICO-DET mAP as hitachi-rd-cv/qpic datasets/hico_eval.py (Default) and ho-rcnn eval_one.m (Known-Object).
 
     gts[i]   = {"boxes": (N, 4) xyxy, "labels": (N,), "hois": (K, 3) [subject index, object index, verb]}
     preds[i] = {"boxes", "labels", "sub_ids": (P,), "obj_ids": (P,), "verb_scores": (P, V)} (PostProcessHOI)
-    correct_mat (V, O) verb-object validity; rare_triplets rows (subject label, object label, verb).
+               or the compact form of hico_candidates (then correct_mat was applied there and is not used here).
+    correct_mat (V, O) verb-object validity; rare_triplets rows (subject label, object label, verb);
+    non_rare_triplets likewise (QPIC: training count >= 10; see below).
 
     Rules (metrics.md section 1):
       * classes are the (subject label, object label, verb) triplets of the test GT; detections of any other
@@ -213,50 +494,94 @@ def hico_map(gts, preds, correct_mat, rare_triplets, known_object=False, non_rar
         GT rows all count in npos but only the first can be matched;
       * per class: detections of all images concatenated in image order, re-ranked by np.argsort(-score) on
         float32 scores (numpy's default, unstable, sort: as QPIC), 11-point AP; a class with no detection: 0;
-      * Rare = classes in rare_triplets, Non-rare = the others (or non_rare_triplets when given: QPIC leaves a
-        class with zero training instances out of both);
+      * Rare = classes in rare_triplets, Non-rare = those in non_rare_triplets (QPIC: >= 10 training
+        instances, so a class with zero training instances is in neither and counts for Full only); without
+        non_rare_triplets, every class not in rare_triplets;
       * known_object: a class's detections are kept only on images whose GT has an HOI with that class's object
         label (the official rule, with the image-level table built from the box GT); npos unchanged.
+    Vectorised: candidate selection per chunk of images with np.partition, matching per chunk of images of
+    similar GT size, one per-class loop over flat arrays; the per-class arrays are the same values in the same
+    order as a per-image loop, so np.argsort's tie order and every float are unchanged.
     Returns fractions: mAP_full, mAP_rare, mAP_non_rare (and mean_max_recall)."""
-    gt_classes, npos = {}, {}
-    images_with_object = {}
-    for i, gt in enumerate(gts):
-        labels = np.asarray(gt["labels"])
-        for s, o, v in np.asarray(gt["hois"]).reshape(-1, 3).tolist():
-            trip = (int(labels[s]), int(labels[o]), int(v))
-            gt_classes.setdefault(trip, len(gt_classes))
-            npos[trip] = npos.get(trip, 0) + 1
-            images_with_object.setdefault(trip[1], set()).add(i)
-    dets = {c: ([], [], []) for c in gt_classes}  # class -> (image ids, scores, tp)
-    for i, (gt, pred) in enumerate(zip(gts, preds)):
-        if len(np.asarray(gt["boxes"]).reshape(-1, 4)) == 0:
-            continue
-        for trip, score, tp in _hico_image_detections(gt, pred, correct_mat, max_hois):
-            if trip in dets:
-                dets[trip][0].append(i)
-                dets[trip][1].append(score)
-                dets[trip][2].append(tp)
-    ap, max_recall = {}, {}
-    for trip in gt_classes:
-        image_ids, scores, tps = (np.asarray(x) for x in dets[trip])
-        if known_object and len(image_ids):
-            keep = np.isin(image_ids, list(images_with_object.get(trip[1], ())))
+    _check_inputs("hico_map", gts, preds, ("boxes", "labels", "hois"), (HICO_PRED_FIELDS, HICO_COMPACT_FIELDS))
+    # the GT classes in order of first appearance, their npos, and which images show which object label
+    hois = [np.asarray(g["hois"]).reshape(-1, 3) for g in gts]
+    gt_labels = [np.asarray(g["labels"]) for g in gts]
+    gt_trip = [np.stack([lab[h[:, 0]], lab[h[:, 1]], h[:, 2]], 1).astype(np.int64) for lab, h in zip(gt_labels, hois)]
+    all_gt = np.concatenate(gt_trip) if gt_trip else np.zeros((0, 3), np.int64)
+    gt_image = np.repeat(np.arange(len(gts)), [len(h) for h in hois])
+    has_boxes = np.array([len(np.asarray(g["boxes"]).reshape(-1, 4)) > 0 for g in gts], bool)
+    used = np.nonzero(has_boxes)[0]  # images without GT boxes: predictions dropped (QPIC)
+    cands = [None] * len(gts)
+    for i, c in zip(used, hico_candidates([preds[i] for i in used], correct_mat, max_hois)):
+        cands[i] = c
+    # every triplet as one int64 code (labels and verbs shifted to be >= 0)
+    det_trip = [np.stack([cands[i]["sub_labels"], cands[i]["obj_labels"], cands[i]["verbs"]], 1).reshape(-1, 3)
+                for i in used]
+    rows = np.concatenate([all_gt] + det_trip).astype(np.int64) if len(all_gt) + len(det_trip) else \
+        np.zeros((0, 3), np.int64)
+    lo = min(rows.min(initial=0), 0)
+    bases = rows.max(0, initial=0) - lo + 1 if len(rows) else np.ones(3, np.int64)
+    gt_codes = _triplet_codes(all_gt - lo, bases)
+    _, first_idx, class_of_gt = np.unique(gt_codes, return_index=True, return_inverse=True)
+    appearance = np.argsort(first_idx, kind="stable")  # classes in order of first appearance (QPIC)
+    rank = np.empty_like(appearance)
+    rank[appearance] = np.arange(len(appearance))
+    class_codes = np.unique(gt_codes)[appearance]  # (n_classes,)
+    gt_classes = [tuple(int(x) for x in all_gt[first_idx[j]]) for j in appearance]
+    npos = np.bincount(rank[class_of_gt.ravel()], minlength=len(gt_classes)) if len(gt_codes) else np.zeros(0, int)
+    # per image and candidate: class index (-1: not a GT class), score, true positive; image order x visit order
+    D = max((len(cands[i]["verbs"]) for i in used), default=0)
+    det_class = np.full((len(gts), D), -1, np.int64)
+    det_score = np.zeros((len(gts), D), np.float32)
+    det_tp = np.zeros((len(gts), D), bool)
+    sorted_codes = np.sort(class_codes)
+    sorted_to_class = np.argsort(class_codes)  # position in sorted_codes -> class index
+    for ids in _chunks_by_size([len(hois[i]) for i in used], chunk):
+        ids = used[ids]
+        tp = _hico_match(gts, cands, ids)  # (B, D') with D' <= D
+        fields = {f: _pad_stack([cands[i][f] for i in ids], D, -1, (), np.int64)
+                  for f in ("sub_labels", "obj_labels", "verbs")}  # (B, D) each; padding -1
+        codes = _triplet_codes(np.stack([fields["sub_labels"], fields["obj_labels"], fields["verbs"]], -1) - lo, bases)
+        if len(sorted_codes):
+            pos = np.minimum(np.searchsorted(sorted_codes, codes), len(sorted_codes) - 1)  # (B, D)
+            is_class = (sorted_codes[pos] == codes) & (fields["verbs"] >= 0)
+            det_class[ids] = np.where(is_class, sorted_to_class[pos], -1)
+        det_score[ids] = _pad_stack([cands[i]["scores"] for i in ids], D, 0, (), np.float32)
+        det_tp[ids, :tp.shape[1]] = tp
+    flat_class, flat_score, flat_tp = det_class.ravel(), det_score.ravel(), det_tp.ravel()
+    flat_image = np.repeat(np.arange(len(gts)), D)
+    keep = flat_class >= 0
+    flat_class, flat_score, flat_tp, flat_image = flat_class[keep], flat_score[keep], flat_tp[keep], flat_image[keep]
+    order = np.argsort(flat_class, kind="stable")  # grouped by class, image and visit order kept inside
+    flat_class, flat_score, flat_tp, flat_image = flat_class[order], flat_score[order], flat_tp[order], flat_image[order]
+    bounds = np.searchsorted(flat_class, np.arange(len(gt_classes) + 1))
+    if known_object:  # image-level table from the box GT: image i shows an HOI with object label o
+        obj_lo = int(min(all_gt[:, 1].min(initial=0), 0))
+        n_obj = int(all_gt[:, 1].max(initial=0)) - obj_lo + 1
+        shows = np.zeros((len(gts), n_obj), bool)
+        shows[gt_image, all_gt[:, 1] - obj_lo] = True
+    ap, max_recall = np.zeros(len(gt_classes)), np.zeros(len(gt_classes))
+    for c, trip in enumerate(gt_classes):
+        scores, tps = flat_score[bounds[c]:bounds[c + 1]], flat_tp[bounds[c]:bounds[c + 1]]
+        if known_object and len(scores):
+            keep = shows[flat_image[bounds[c]:bounds[c + 1]], trip[1] - obj_lo]
             scores, tps = scores[keep], tps[keep]
         if len(scores) == 0:
-            ap[trip], max_recall[trip] = 0.0, 0.0
-            continue
-        order = np.argsort(-scores.astype(np.float32))
-        tp = np.cumsum(tps[order])
-        fp = np.cumsum(~tps[order])
-        rec = tp / npos[trip]
+            continue  # AP 0, max recall 0
+        rank_order = np.argsort(-scores)  # float32, numpy's default sort (QPIC)
+        tp = np.cumsum(tps[rank_order])
+        fp = np.cumsum(~tps[rank_order])
+        rec = tp / npos[c]
         prec = tp / (tp + fp)
-        ap[trip], max_recall[trip] = eleven_point_ap(rec, prec), float(rec.max())
+        ap[c], max_recall[c] = eleven_point_ap(rec, prec), float(rec.max())
     rare = _triplet_set(rare_triplets)
     non_rare = _triplet_set(non_rare_triplets) if non_rare_triplets is not None else set(gt_classes) - rare
     mean = lambda xs: float(np.mean(xs)) if len(xs) else 0.0  # noqa: E731
-    return dict(mAP_full=mean([ap[c] for c in gt_classes]), mAP_rare=mean([ap[c] for c in gt_classes if c in rare]),
-                mAP_non_rare=mean([ap[c] for c in gt_classes if c in non_rare]),
-                mean_max_recall=mean([max_recall[c] for c in gt_classes]), num_classes=len(gt_classes))
+    return dict(mAP_full=mean([ap[c] for c in range(len(gt_classes))]),
+                mAP_rare=mean([ap[c] for c, t in enumerate(gt_classes) if t in rare]),
+                mAP_non_rare=mean([ap[c] for c, t in enumerate(gt_classes) if t in non_rare]),
+                mean_max_recall=mean([max_recall[c] for c in range(len(gt_classes))]), num_classes=len(gt_classes))
 
 
 # ------------------------------------------------------------------------------------------------ V-COCO
@@ -311,6 +636,8 @@ def vcoco_role_ap(gts, preds, actions, person_label=0):
     Returns agent_mAP (nansum / #actions, as printed by the official tool), role_mAP_S1/S2 (the numbers papers
     report: the mean over the action-roles without point-instr, 24 on V-COCO, as iCAN and QPIC), the official
     25-role nanmean as role_mAP_S1_all/role_mAP_S2_all, and the per action-role APs."""
+    _check_inputs("vcoco_role_ap", gts, preds, ("boxes", "labels", "actions", "role_ids"),
+                  (("person_boxes", "agent_scores", "role_boxes", "role_scores"),))
     A = len(actions)
     agent_rec = [([], [], []) for _ in range(A)]  # (tp, fp, scores)
     role_rec = {(a, r, s): ([], [], []) for a in range(A) for r in range(len(actions[a]["roles"]) - 1) for s in (1, 2)}
@@ -422,8 +749,10 @@ def _forward(model, images, mask, device):
         return model(images.to(device), mask.to(device))
 
 
-def predict(model, cfg, records, device, batch_size=8):
-    """Run the model on records; returns (relation predictions, HOI predictions) per image, original pixels."""
+def predict(model, cfg, records, device, batch_size=8, rel_post=None, hoi_post=None, want=("rel", "hoi")):
+    """Run the model on records; returns (relation predictions, HOI predictions) per image, original pixels.
+    rel_post / hoi_post: functions applied to each batch's list of predictions as soon as it is made (collect
+    uses them to keep only the compact form); want: which of the two to compute."""
     import torch
     import sg2hoi
 
@@ -434,9 +763,12 @@ def predict(model, cfg, records, device, batch_size=8):
     for images, mask, targets in loader:
         out = _forward(model, images, mask, device)
         sizes = [t["orig_size"].tolist() for t in targets]
-        rel_preds += sg2hoi.relation_predictions(out["rel"], sizes)
-        if "hoi" in out:
-            hoi_preds += sg2hoi.hoi_predictions(out["hoi"], sizes)
+        if "rel" in want:
+            batch = sg2hoi.relation_predictions(out["rel"], sizes)
+            rel_preds += rel_post(batch) if rel_post else batch
+        if "hoi" in want and "hoi" in out:
+            batch = sg2hoi.hoi_predictions(out["hoi"], sizes)
+            hoi_preds += hoi_post(batch) if hoi_post else batch
     return rel_preds, hoi_preds
 
 
@@ -464,64 +796,149 @@ def time_per_image(model, cfg, records, device, warmup=3, n=20):
     return float(np.mean(times)) if times else float("nan"), name
 
 
-def collect(model, cfg, data, device, limit=0):
-    """data: {"sgg": {"train": (records, meta), "test": (...)}, "hoi": {...}} -> everything the metrics need."""
+def _rank_world():
+    """(rank, world size) of the default process group, (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _gather_to_master(local):
+    """Every rank's object -> the list of all ranks' objects on rank 0 (None on the others); one collective.
+    Without a process group: [local]."""
+    import torch.distributed as dist
+
+    rank, world = _rank_world()
+    if world == 1:
+        return [local]
+    gathered = [None] * world if rank == 0 else None
+    dist.gather_object(local, gathered, dst=0)
+    return gathered
+
+
+def _interleave(shards, n):
+    """Rank r's shard holds images r, r + W, r + 2W, ... (W = len(shards)) -> one list in image order."""
+    out = [None] * n
+    for r, shard in enumerate(shards):
+        if len(shard) != len(range(r, n, len(shards))):
+            raise RuntimeError(f"rank {r} returned {len(shard)} predictions for {len(range(r, n, len(shards)))} images")
+        out[r::len(shards)] = shard
+    return out
+
+
+def collect(model, cfg, data, device, limit=0, compact=True):
+    """data: {"sgg": {"train": (records, meta), "test": (...)}, "hoi": {...}} -> everything the metrics need.
+
+    Distributed (a torch.distributed process group is initialised): every rank runs the model on its own shard
+    of each test split (rank r takes images r, r + W, r + 2W, ...: no padding, no image twice or lost), reduces
+    each prediction to the compact form (compact=True) and the shards are gathered to rank 0 in one
+    gather_object, put back in image order there. Rank 0 then builds the ground truth and times Table I (no
+    collective after the gather). Returns the dict on rank 0 and None on the other ranks.
+    The compact form keeps what the evaluator reads: HICO-DET the top-100 masked (pair, verb) candidates
+    (hico_candidates), SGDet each pair's graph-constrained triplet and the top-100 no-graph-constraint
+    candidates (sgdet_candidates), V-COCO the masked detections in float32 (vcoco_detections); the metrics are
+    the same as from the full predictions (compact=False keeps those, for tests)."""
     import sg2hoi
 
+    rank, world = _rank_world()
+    tests, local = {}, {}
+    if "sgg" in data:
+        test, meta = data["sgg"]["test"]
+        tests["sgg"] = test = test[:limit] if limit else test
+        C = len(meta["predicate_names"])
+        post = (lambda batch: sgdet_candidates(batch, C)) if compact else None
+        local["sgg"] = predict(model, cfg, test[rank::world], device, rel_post=post, want=("rel",))[0]
+    if "hoi" in data:
+        test, meta = data["hoi"]["test"]
+        tests["hoi"] = test = test[:limit] if limit else test
+        if not compact:
+            post = None
+        elif meta["dataset"] == "hico":
+            post = lambda batch: hico_candidates(batch, meta["correct_mat"])  # noqa: E731
+        else:
+            post = lambda batch: [vcoco_detections(p, meta["verbs"], meta["actions"], meta["correct_mat"])  # noqa
+                                  for p in batch]
+        local["hoi"] = predict(model, cfg, test[rank::world], device, hoi_post=post, want=("hoi",))[1]
+    gathered = _gather_to_master(local)
+    if rank != 0:
+        return None
+    preds = {task: _interleave([g[task] for g in gathered], len(tests[task])) for task in local}
     out = {}
     if "sgg" in data:
-        (train, _), (test, meta) = data["sgg"]["train"], data["sgg"]["test"]
-        test = test[:limit] if limit else test
-        rel_preds, _ = predict(model, cfg, test, device)
+        (train, _), (_, meta) = data["sgg"]["train"], data["sgg"]["test"]
+        test = tests["sgg"]
         vocab = sg2hoi.load_vocab()
         is_vg150 = meta["predicate_names"] == vocab["vg150_predicates"] and not meta.get("toy")
-        out["sgg"] = dict(gts=[sgg_ground_truth(r) for r in test], preds=rel_preds,
+        out["sgg"] = dict(gts=[sgg_ground_truth(r) for r in test], preds=preds["sgg"],
                           num_predicates=len(meta["predicate_names"]),
                           zeroshot=zeroshot_from_training(train, test),
                           longtail=vocab["vg150_longtail"] if is_vg150 else
                           longtail_groups(train, len(meta["predicate_names"])))
-        out["sgg"]["time"], out["sgg"]["device"] = time_per_image(model, cfg, test, device)
+        out["sgg"]["time"], out["sgg"]["device"] = time_per_image(model, cfg, test, device)  # rank 0 alone
     if "hoi" in data:
-        (train, _), (test, meta) = data["hoi"]["train"], data["hoi"]["test"]
-        test = test[:limit] if limit else test
-        _, hoi_preds = predict(model, cfg, test, device)
-        out["hoi"] = dict(dataset=meta["dataset"], preds=hoi_preds, correct_mat=meta["correct_mat"])
+        (train, _), (_, meta) = data["hoi"]["train"], data["hoi"]["test"]
+        test = tests["hoi"]
+        out["hoi"] = dict(dataset=meta["dataset"], preds=preds["hoi"], correct_mat=meta["correct_mat"])
         if meta["dataset"] == "hico":
             out["hoi"]["gts"] = [hico_ground_truth(r) for r in test]
-            out["hoi"]["rare"] = sg2hoi.rare_triplets_from_training(train)[0]
+            rare, counts = sg2hoi.rare_triplets_from_training(train)
+            out["hoi"]["rare"] = rare
+            out["hoi"]["non_rare"] = non_rare_triplets(counts)
         else:
             out["hoi"]["gts"] = [sg2hoi.vcoco_ground_truth(r, meta["verbs"], meta["actions"]) for r in test]
             out["hoi"]["verbs"], out["hoi"]["actions"] = meta["verbs"], meta["actions"]
     return out
 
 
-def vcoco_detections(pred, verbs, actions, missing_object_label=80):
-    """QPIC's generate_vcoco_official: one detection per query; a role score is its verb's score, its box the
-    object box (NaN when the object label is "no object"); the agent score is the role's score, the max of the
-    two role scores for two-role actions, or the agent-only verb's own score."""
+def non_rare_triplets(train_counts, threshold=10):
+    """QPIC's non-rare set: triplets with at least `threshold` training instances. A test class that never
+    occurs in training is in neither the rare nor the non-rare list (QPIC's set_rare_hois): Full only."""
+    return sorted(t for t, c in train_counts.items() if c >= threshold)
+
+
+def vcoco_detections(pred, verbs, actions, correct_mat=None, missing_object_label=80):
+    """QPIC's V-COCO post-processing and generate_vcoco_official: one detection per query.
+
+    First the verb scores are multiplied by the verb-object validity mask, as QPIC's and CDN's V-COCO
+    PostProcessHOI do (metrics.md section 2.2): score[q, v] *= correct_mat[v, object_label(q)], where
+    correct_mat is corre_vcoco (V, 80) with a column of ones appended for the "no object" class (a (V, 81) mask
+    that already has it is used as it is), so impossible (verb, object) pairs get score 0.
+    Then a role score is its verb's masked score, its box the object box (NaN when the object label is
+    "no object"); the agent score is the role's score, the max of the two role scores for two-role actions, or
+    the agent-only verb's own score. Everything in float32 (the evaluator's precision)."""
     Q = len(pred["sub_ids"])
     A = len(actions)
     names = [a["name"] for a in actions]
+    obj_labels = np.asarray(pred["labels"])[pred["obj_ids"]]  # (Q,)
+    verb_scores = np.asarray(pred["verb_scores"], np.float32)  # (Q, V)
+    if correct_mat is not None:
+        mask = np.asarray(correct_mat, np.float32)
+        if mask.shape[1] == missing_object_label:  # (V, 80): append the "no object" column of ones (QPIC)
+            mask = np.concatenate([mask, np.ones((len(mask), 1), np.float32)], 1)
+        verb_scores = verb_scores * mask[:, obj_labels].T  # (Q, V)
     agent = np.full((Q, A), np.nan, np.float32)
     role_scores = np.full((Q, A, 2), np.nan, np.float32)
     role_boxes = np.full((Q, A, 2, 4), np.nan, np.float32)
-    obj_boxes = pred["boxes"][pred["obj_ids"]].astype(np.float32)
-    obj_boxes[pred["labels"][pred["obj_ids"]] == missing_object_label] = np.nan
+    obj_boxes = np.asarray(pred["boxes"], np.float32)[pred["obj_ids"]]
+    obj_boxes[obj_labels == missing_object_label] = np.nan
     for v, verb in enumerate(verbs):
         a = names.index(verb["action"])
-        s = pred["verb_scores"][:, v]
+        s = verb_scores[:, v]
         if verb["role"] is None:
             agent[:, a] = s
         else:
             r = actions[a]["roles"].index(verb["role"]) - 1
             role_scores[:, a, r], role_boxes[:, a, r] = s, obj_boxes
             agent[:, a] = np.fmax(agent[:, a], s)  # single role: its score; two roles: their max
-    return dict(person_boxes=pred["boxes"][pred["sub_ids"]], agent_scores=agent, role_boxes=role_boxes,
-                role_scores=role_scores)
+    return dict(person_boxes=np.asarray(pred["boxes"], np.float32)[pred["sub_ids"]], agent_scores=agent,
+                role_boxes=role_boxes, role_scores=role_scores)
 
 
 def metrics_from_collected(c):
-    """The numbers of Tables I-IV from collect()'s output (or from a --predictions file)."""
+    """The numbers of Tables I-IV from collect()'s output (or from a --predictions file); predictions may be
+    in the full or the compact form."""
     m = {}
     if "sgg" in c:
         s = c["sgg"]
@@ -532,18 +949,24 @@ def metrics_from_collected(c):
     if "hoi" in c:
         h = c["hoi"]
         if h["dataset"] == "hico":
-            m["hico"] = {"default": hico_map(h["gts"], h["preds"], h["correct_mat"], h["rare"]),
-                         "known_object": hico_map(h["gts"], h["preds"], h["correct_mat"], h["rare"],
-                                                  known_object=True)}
+            kw = dict(rare_triplets=h["rare"], non_rare_triplets=h.get("non_rare"))
+            preds = hico_candidates(h["preds"], h["correct_mat"])  # once for both settings
+            m["hico"] = {"default": hico_map(h["gts"], preds, h["correct_mat"], **kw),
+                         "known_object": hico_map(h["gts"], preds, h["correct_mat"], known_object=True, **kw)}
         else:
-            dets = [vcoco_detections(p, h["verbs"], h["actions"]) for p in h["preds"]]
+            dets = [p if "person_boxes" in p else vcoco_detections(p, h["verbs"], h["actions"], h["correct_mat"])
+                    for p in h["preds"]]
             r = vcoco_role_ap(h["gts"], dets, h["actions"])
             m["vcoco"] = {k: v for k, v in r.items() if not isinstance(v, dict)}
     return m
 
 
 def evaluate(model, cfg, data, device, limit=0):
-    return metrics_from_collected(collect(model, cfg, data, device, limit))
+    """Tables I-IV of a model: call it on every rank when a process group is initialised (each rank runs its
+    shard, rank 0 computes the metrics). Returns the metrics dict on rank 0 and None on the other ranks, which
+    return right after the gather (no collective afterwards inside this function)."""
+    collected = collect(model, cfg, data, device, limit)
+    return None if collected is None else metrics_from_collected(collected)
 
 
 def format_tables(m):
@@ -724,9 +1147,41 @@ def save_predictions(collected, path):
 
 
 def load_predictions(path):
+    """A --save-predictions file -> collect()'s dict, checked for structure; PredictionsError (one line naming
+    the file and what is wrong) for a file that is not one: unreadable, a training checkpoint, missing fields,
+    fewer predictions than ground-truth images."""
     import torch
 
-    return _to_numpy(torch.load(path, map_location="cpu", weights_only=True))
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 (torch raises many types for a truncated or foreign file)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PredictionsError(f"{path}: not a predictions file written by eval.py --save-predictions "
+                               f"(torch.load failed: {reason})") from None
+    if isinstance(raw, dict) and ("model" in raw or "config" in raw):
+        raise PredictionsError(f"{path}: this is a training checkpoint (keys {sorted(raw)[:6]}), not saved "
+                               "predictions: pass it with --ckpt")
+    if not isinstance(raw, dict) or not raw or not set(raw) <= {"sgg", "hoi"}:
+        keys = sorted(raw)[:6] if isinstance(raw, dict) else type(raw).__name__
+        raise PredictionsError(f"{path}: expected a dict with 'sgg' and/or 'hoi' (as written by --save-predictions), "
+                               f"got {keys}")
+    collected = _to_numpy(raw)
+    needs = {"sgg": ("gts", "preds", "num_predicates", "zeroshot", "longtail"),
+             "hoi": ("dataset", "gts", "preds", "correct_mat")}
+    for task, c in collected.items():
+        missing = [k for k in needs[task] if not isinstance(c, dict) or k not in c]
+        if task == "hoi" and not missing:
+            missing = [k for k in (("rare",) if c["dataset"] == "hico" else ("verbs", "actions")) if k not in c]
+        if missing:
+            raise PredictionsError(f"{path}: '{task}' lacks {missing}")
+        if len(c["preds"]) != len(c["gts"]):
+            raise PredictionsError(f"{path}: '{task}' has {len(c['preds'])} predictions for {len(c['gts'])} "
+                                   "ground-truth images")
+    return collected
+
+
+class PredictionsError(ValueError):
+    """A --predictions file that cannot be evaluated (the message names the file and the problem)."""
 
 
 # ------------------------------------------------------------------------------------------------ benchmarks
@@ -777,19 +1232,27 @@ def synthetic_hico(num_images, num_pairs=100, num_verbs=117, num_objects=80, see
 
 
 def benchmark_metrics(sgdet_images=26446, hico_images=9658):
-    """Seconds for the full-size test sets: SGDet (graph constraint and not, 100 pairs per image) and HICO-DET
-    (Default and Known-Object, 100 pairs per image). The data generation is not timed."""
+    """Seconds for the full-size test sets: SGDet (graph constraint and not, zero-shot and long tail, 100 pairs
+    per image) and HICO-DET Default + Known-Object (100 pairs x 117 verbs per image) with the sparse
+    synthetic verb-object mask (about 7 % of the pairs allowed, like corre_hico) and with a dense mask (every
+    pair allowed: the worst case, e.g. a user's own dataset). Each hico_map call starts from the raw
+    predictions. The data generation is not timed."""
     gts, preds = synthetic_sgdet(sgdet_images)
-    t = time.perf_counter()
-    sgdet_metrics(gts, preds, 50, zeroshot_triplets=np.zeros((0, 3), int),
-                  longtail={"head": [1, 2], "body": [3, 4], "tail": [5, 6]})
-    t_sg = time.perf_counter() - t
+    zeroshot = np.array([[g["labels"][s], g["labels"][o], p] for g in gts[::50] for s, o, p in g["rels"].tolist()])
+    out = {"sgdet_images": sgdet_images, "hico_images": hico_images,
+           "note": "*_s: wall seconds; *_cpu_s: CPU seconds of this process (lower than wall on a shared machine)"}
+
+    def timed(name, fn):
+        t, c = time.perf_counter(), time.process_time()
+        fn()
+        out[f"{name}_s"], out[f"{name}_cpu_s"] = round(time.perf_counter() - t, 2), round(time.process_time() - c, 2)
+    timed("sgdet", lambda: sgdet_metrics(gts, preds, 50, zeroshot_triplets=zeroshot,
+                                         longtail={"head": [1, 2], "body": [3, 4], "tail": [5, 6]}))
     gts, preds, correct_mat, rare = synthetic_hico(hico_images)
-    t = time.perf_counter()
-    hico_map(gts, preds, correct_mat, rare)
-    hico_map(gts, preds, correct_mat, rare, known_object=True)
-    t_hico = time.perf_counter() - t
-    return {"sgdet_s": t_sg, "sgdet_images": sgdet_images, "hico_s": t_hico, "hico_images": hico_images}
+    for name, mask in (("sparse", correct_mat), ("dense", np.ones_like(correct_mat))):
+        timed(f"hico_{name}_mask", lambda: (hico_map(gts, preds, mask, rare),
+                                            hico_map(gts, preds, mask, rare, known_object=True)))
+    return out
 
 
 def benchmark_model(cfg, image_hw=(512, 512), warmup=2, n=5):
@@ -818,52 +1281,172 @@ def benchmark_model(cfg, image_hw=(512, 512), warmup=2, n=5):
 # ------------------------------------------------------------------------------------------------ command line
 
 
-def main(argv=None):
-    import torch
-    import sg2hoi
-
-    p = argparse.ArgumentParser(description="Evaluate an SG2HOI+ checkpoint: Tables I-IV of the paper.")
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Evaluate an SG2HOI+ checkpoint: Tables I-IV of the paper. Distributed: "
+                    "torchrun --nproc_per_node=N eval.py --ckpt ... (each process evaluates its share of the test "
+                    "images; rank 0 prints and writes).")
     p.add_argument("--ckpt", default="", help="checkpoint written by train.py")
     p.add_argument("--predictions", default="", help="evaluate a file written by --save-predictions (no model)")
-    p.add_argument("--save-predictions", dest="save_predictions", default="")
-    p.add_argument("--json", default="", help="write the metrics here (default: beside the checkpoint)")
+    p.add_argument("--save-predictions", dest="save_predictions", default="",
+                   help="write the ground truth and the compact predictions here (loadable by --predictions)")
+    p.add_argument("--json", default="",
+                   help="write the metrics here (default with --ckpt: eval_<checkpoint stem>.json beside the "
+                        "checkpoint, e.g. runs/toy/eval_ckpt.json; train.py's metrics.json is never replaced)")
     p.add_argument("--limit", type=int, default=0, help="first N test images only")
     p.add_argument("--visualize", default="", help="write Figure 2-4 style PNGs of test images into this folder")
     p.add_argument("--num_visualize", type=int, default=8, help="test images per task for --visualize")
     p.add_argument("--benchmark", choices=["metrics", "model"], default="",
                    help="metrics: speed at the full test-set sizes; model: paper config forward vs backbone (CPU)")
     args = p.parse_args(argv)
-    if args.benchmark == "metrics":
-        print(json.dumps(benchmark_metrics(), indent=1))
-        return
-    if args.benchmark == "model":
-        print(json.dumps(benchmark_model(sg2hoi.make_config("paper")), indent=1))
-        return
-    if not (args.ckpt or args.predictions):
+    if not args.benchmark and not (args.ckpt or args.predictions):
         p.error("give --ckpt (or --predictions)")
     if args.visualize and not args.ckpt:
         p.error("--visualize needs --ckpt (it runs the model)")
-    if args.ckpt:
-        ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=True)
-        cfg = sg2hoi.Config(**ckpt["config"])
-        model = sg2hoi.build_model(cfg)
-        model.load_state_dict(ckpt["model"])
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model.to(device)
-        data = sg2hoi.build_data(cfg, ckpt["args"])
-        if args.visualize:
-            paths = visualize(model, cfg, data, device, args.visualize, args.num_visualize)
-            print(f"wrote {len(paths)} pictures to {args.visualize}")
-    collected = load_predictions(args.predictions) if args.predictions else collect(model, cfg, data, device, args.limit)
+    if args.limit < 0:
+        p.error("--limit must be >= 0")
+    return args
+
+
+def output_paths(args):
+    """{what: path} of every file or folder this run will write (rank 0)."""
+    json_path = args.json or (os.path.join(os.path.dirname(args.ckpt) or ".",
+                                           f"eval_{os.path.splitext(os.path.basename(args.ckpt))[0]}.json")
+                              if args.ckpt else "")
+    paths = {"--json": json_path, "--save-predictions": args.save_predictions, "--visualize": args.visualize}
+    return {k: v for k, v in paths.items() if v}
+
+
+def check_writable(paths):
+    """Before any work: every output can be written (a file's folder is created if missing; a test file is
+    created and removed there). Returns None or the one-line error naming the flag and the path."""
+    import tempfile
+
+    for flag, path in paths.items():
+        folder = path if flag == "--visualize" else (os.path.dirname(os.path.abspath(path)))
+        try:
+            if flag != "--visualize" and os.path.isdir(path):
+                return f"eval.py: cannot write {flag} {path}: it is a folder"
+            os.makedirs(folder, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".eval_write_test"):
+                pass
+            if flag != "--visualize" and os.path.exists(path) and not os.access(path, os.W_OK):
+                return f"eval.py: cannot write {flag} {path}: the file is not writable"
+        except OSError as e:
+            return f"eval.py: cannot write {flag} {path}: {e.strerror or e}"
+    return None
+
+
+def init_distributed():
+    """Under torchrun (RANK in the environment): the process group (nccl with this process's GPU on CUDA,
+    gloo on CPU) and this rank's device; otherwise nothing and the default device."""
+    import torch
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return device
+
+
+def agree(error):
+    """Rank 0's error (or None) on every rank, so that all ranks stop together before any work."""
+    import torch.distributed as dist
+
+    if _rank_world()[1] > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    return error
+
+
+def load_model_and_data(ckpt_path, device):
+    """A train.py checkpoint -> (model on device, its Config, its data: the same test splits it was trained for)."""
+    import torch
+    import sg2hoi
+
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    cfg = sg2hoi.Config(**ckpt["config"])
+    model = sg2hoi.build_model(cfg)
+    model.load_state_dict(ckpt["model"])
+    model.to(device)
+    import torch.distributed as dist
+
+    rank, world = _rank_world()
+    barrier = dist.barrier if world > 1 else (lambda: None)  # the toy data is generated once, by rank 0
+    data = sg2hoi.build_data(cfg, ckpt["args"], is_master=rank == 0, barrier=barrier)
+    return model, cfg, data
+
+
+def run_benchmark(kind):
+    import sg2hoi
+
+    result = benchmark_metrics() if kind == "metrics" else benchmark_model(sg2hoi.make_config("paper"))
+    print(json.dumps(result, indent=1))
+
+
+def write_results(args, paths, collected, model=None, cfg=None, data=None, device=None):
+    """Rank 0: save the predictions, compute and print the tables, write the JSON, draw the pictures."""
     if args.save_predictions:
         save_predictions(collected, args.save_predictions)
+        print(f"wrote {args.save_predictions}")
     metrics = metrics_from_collected(collected)
     print(format_tables(metrics))
-    out = args.json or (os.path.join(os.path.dirname(args.ckpt), "metrics.json") if args.ckpt else "")
-    if out:
-        with open(out, "w") as f:
+    if "--json" in paths:
+        with open(paths["--json"], "w") as f:
             json.dump(metrics, f, indent=1)
-        print(f"wrote {out}")
+        print(f"wrote {paths['--json']}")
+    if args.visualize:
+        written = visualize(model, cfg, data, device, args.visualize, args.num_visualize)
+        print(f"wrote {len(written)} pictures to {args.visualize}")
+
+
+def main(argv=None):
+    import torch.distributed as dist
+
+    args = parse_args(argv)
+    if args.benchmark:
+        run_benchmark(args.benchmark)
+        return
+    device = init_distributed()
+    rank = _rank_world()[0]
+    try:
+        # 1. every output path is writable, before any work (rank 0 checks, every rank stops on an error)
+        paths = output_paths(args)
+        error = agree(check_writable(paths) if rank == 0 else None)
+        if error:
+            raise SystemExit(error)
+        # 2. the predictions: from a file (rank 0), or each rank runs the model on its shard of the test splits
+        model = cfg = data = None
+        if args.predictions:
+            if rank != 0:
+                return
+            try:
+                collected = load_predictions(args.predictions)
+            except PredictionsError as e:
+                raise SystemExit(f"eval.py: {e}") from None
+        else:
+            model, cfg, data = load_model_and_data(args.ckpt, device)
+            collected = collect(model, cfg, data, device, args.limit)
+        # 3. rank 0: metrics, tables, files, pictures
+        if rank == 0:
+            try:
+                write_results(args, paths, collected, model, cfg, data, device)
+            except PredictionsError as e:
+                raise SystemExit(f"eval.py: {e}") from None
+            except ValueError as e:  # a metric function's input check on a --predictions file
+                if not args.predictions:
+                    raise
+                raise SystemExit(f"eval.py: {args.predictions}: {e}") from None
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -772,6 +772,15 @@ def tiny_toy(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def tiny_ckpt(tiny_toy, tmp_path_factory):
+    """A 2-step checkpoint on the tiny toy data (trained once per module), for the eval.py CLI tests."""
+    out = str(tmp_path_factory.mktemp("tinyrun"))
+    r = _run(["train.py", "--toy_root", tiny_toy, "--out", out, "--max_steps", "2", "--no_eval"] + TINY)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return os.path.join(out, "ckpt.pt")
+
+
 def _run(args, cwd=HERE, timeout=300, env=None):
     env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     return subprocess.run([sys.executable] + args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -1125,16 +1134,14 @@ def test_draw_prediction_panels_boxes_segmentation_and_legend():
     assert (pic[:, 384:] != 255).any()  # the legend has text
 
 
-def test_eval_cli_tables_pictures_and_saved_predictions(tiny_toy, tmp_path):
-    out = str(tmp_path / "run")
-    r = _run(["train.py", "--toy_root", tiny_toy, "--out", out, "--max_steps", "2", "--no_eval"] + TINY)
-    assert r.returncode == 0, r.stderr[-3000:]
-    ckpt, pics, preds = os.path.join(out, "ckpt.pt"), str(tmp_path / "pics"), str(tmp_path / "preds.pt")
+def test_eval_cli_tables_pictures_and_saved_predictions(tiny_ckpt, tmp_path):
+    ckpt = tiny_ckpt
+    pics, preds = str(tmp_path / "pics"), str(tmp_path / "preds.pt")
     r = _run(["eval.py", "--ckpt", ckpt, "--visualize", pics, "--num_visualize", "2", "--save-predictions", preds])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Table I" in r.stdout and "Table IV" in r.stdout and "wrote 4 pictures" in r.stdout
     assert sorted(f[:3] for f in os.listdir(pics)) == ["hoi", "hoi", "sgg", "sgg"]
-    with open(os.path.join(out, "metrics.json")) as f:
+    with open(os.path.join(os.path.dirname(ckpt), "eval_ckpt.json")) as f:  # beside the checkpoint
         from_model = json.load(f)
     r = _run(["eval.py", "--predictions", preds, "--json", str(tmp_path / "again.json")])
     assert r.returncode == 0, r.stderr[-3000:]
@@ -1405,3 +1412,298 @@ def test_paper_training_transform_moves_boxes_with_the_flip_and_the_multi_scale_
         x1 = out_b[0, 0].item()
         assert out_b[0, 2:].tolist() == pytest.approx([x1 + 60 * scale, 40 * scale], abs=0.51)
         assert x1 == 0 or x1 == pytest.approx(out.shape[-1] - 60 * scale, abs=0.51)  # flipped or not
+
+
+# ==================================================================================================== metrics: vectorised
+# evaluators, V-COCO mask, non-rare split, input checks, output paths, distributed evaluation (issues 8, 9, 10, 11)
+
+
+def _ref_iou(a, b):
+    """One pair of boxes, +1 convention, float32 (metrics.md section 0)."""
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    one = np.float32(1)
+    iw = max(min(a[2], b[2]) - max(a[0], b[0]) + one, np.float32(0))
+    ih = max(min(a[3], b[3]) - max(a[1], b[1]) + one, np.float32(0))
+    inter = iw * ih
+    area = lambda x: (x[2] - x[0] + one) * (x[3] - x[1] + one)  # noqa: E731
+    return inter / (area(a) + area(b) - inter)
+
+
+def _ref_qpic_iou(a, b):
+    if max(a[0], b[0]) >= min(a[2], b[2]) or max(a[1], b[1]) >= min(a[3], b[3]):
+        return 0.0
+    return _ref_iou(a, b)
+
+
+def _ref_hico_map(gts, preds, correct_mat, rare, non_rare=None, known_object=False):
+    """Brute force, following metrics.md section 1, one image and one detection at a time."""
+    classes, npos, shows = [], {}, set()
+    for i, g in enumerate(gts):
+        for s, o, v in g["hois"].tolist():
+            t = (int(g["labels"][s]), int(g["labels"][o]), int(v))
+            if t not in npos:
+                classes.append(t)
+            npos[t] = npos.get(t, 0) + 1
+            shows.add((i, t[1]))
+    dets = {t: ([], [], []) for t in classes}
+    for i, (g, p) in enumerate(zip(gts, preds)):
+        if len(g["boxes"]) == 0:
+            continue
+        cand = []
+        for q in range(len(p["sub_ids"])):
+            s, o = p["sub_ids"][q], p["obj_ids"][q]
+            for v in range(p["verb_scores"].shape[1]):
+                score = np.float32(p["verb_scores"][q, v]) * np.float32(correct_mat[v, p["labels"][o]])
+                cand.append((float(score), s, o, v))
+        cand = sorted(cand, key=lambda c: c[0], reverse=True)[:100]  # Python's stable sort
+        matched = set()
+        for score, s, o, v in cand:
+            best, best_ov = None, -1.0
+            for k, (gs, go, gv) in enumerate(g["hois"].tolist()):
+                if gv != v or p["labels"][s] != g["labels"][gs] or p["labels"][o] != g["labels"][go]:
+                    continue
+                ov_s, ov_o = _ref_qpic_iou(p["boxes"][s], g["boxes"][gs]), _ref_qpic_iou(p["boxes"][o], g["boxes"][go])
+                if ov_s >= 0.5 and ov_o >= 0.5 and min(ov_s, ov_o) > best_ov:
+                    best, best_ov = k, min(ov_s, ov_o)
+            tp = best is not None and best not in matched
+            if tp:
+                matched.add(best)
+            t = (int(p["labels"][s]), int(p["labels"][o]), v)
+            if t in dets:
+                dets[t][0].append(i), dets[t][1].append(score), dets[t][2].append(tp)
+    ap = {}
+    for t in classes:
+        img, sc, tp = (np.array(x) for x in dets[t])
+        if known_object and len(img):
+            keep = np.array([(j, t[1]) in shows for j in img], bool)
+            sc, tp = sc[keep], tp[keep]
+        if len(sc) == 0:
+            ap[t] = 0.0
+            continue
+        order = np.argsort(-sc.astype(np.float32))
+        ctp, cfp = np.cumsum(tp[order]), np.cumsum(~tp[order])
+        ap[t] = ev.eleven_point_ap(ctp / npos[t], ctp / (ctp + cfp))
+    rare = {tuple(r) for r in rare}
+    non_rare = set(classes) - rare if non_rare is None else {tuple(r) for r in non_rare}
+    mean = lambda xs: float(np.mean(xs)) if xs else 0.0  # noqa: E731
+    return dict(mAP_full=mean([ap[t] for t in classes]), mAP_rare=mean([ap[t] for t in classes if t in rare]),
+                mAP_non_rare=mean([ap[t] for t in classes if t in non_rare]))
+
+
+def _ref_sgdet(gts, preds, C, ks, zeroshot):
+    """Brute force, following metrics.md section 3."""
+    rec, zrec, per = {}, {}, {}
+    for g, p in zip(gts, preds):
+        if len(g["rels"]) == 0 or len(p["rel_pairs"]) == 0:
+            continue
+        gc = [(a, b, 1 + int(np.argmax(p["rel_scores"][q, 1:]))) for q, (a, b) in enumerate(p["rel_pairs"].tolist())]
+        pair_s = p["scores"][p["rel_pairs"][:, 0]] * p["scores"][p["rel_pairs"][:, 1]]
+        top = np.argsort(-(pair_s[:, None] * p["rel_scores"][:, 1:]).ravel())[:100]
+        ng = [(*p["rel_pairs"][t // C].tolist(), int(t % C) + 1) for t in top]
+        for mode, trips in (("", gc), ("ng", ng)):
+            for k in ks:
+                hit = []
+                for s, o, r in g["rels"].tolist():
+                    gt_t = (g["labels"][s], r, g["labels"][o])
+                    hit.append(any((p["labels"][a], pr, p["labels"][b]) == gt_t
+                                   and _ref_iou(p["boxes"][a], g["boxes"][s]) >= 0.5
+                                   and _ref_iou(p["boxes"][b], g["boxes"][o]) >= 0.5 for a, b, pr in trips[:k]))
+                hit = np.array(hit)
+                rec.setdefault((mode, k), []).append(hit.mean())
+                for r in np.unique(g["rels"][:, 2]):
+                    per.setdefault((mode, k, int(r)), []).append(hit[g["rels"][:, 2] == r].mean())
+                zs = np.array([(g["labels"][s], g["labels"][o], r) in zeroshot for s, o, r in g["rels"].tolist()])
+                if zs.any():
+                    zrec.setdefault((mode, k), []).append(hit[zs].mean())
+    out = {}
+    for mode in ("", "ng"):
+        for k in ks:
+            out[f"{mode}R@{k}"] = float(np.mean(rec[(mode, k)]))
+            out[f"{mode}mR@{k}"] = float(np.mean([np.mean(per.get((mode, k, r), [0.0])) for r in range(1, C + 1)]))
+            out[f"{mode}zR@{k}"] = float(np.mean(zrec[(mode, k)])) if (mode, k) in zrec else 0.0
+    return out
+
+
+def _tied_synthetic(seed):
+    """Small HICO and SGDet data with many exact score ties, duplicate GT rows and duplicate predicted boxes."""
+    gts_h, preds_h, cm, rare = ev.synthetic_hico(12, num_pairs=30, num_verbs=6, num_objects=4, seed=seed)
+    rng = np.random.default_rng(seed)
+    for g, p in zip(gts_h, preds_h):
+        p["verb_scores"] = (rng.integers(0, 4, p["verb_scores"].shape) / 4).astype(np.float32)  # ties
+        g["hois"] = np.concatenate([g["hois"], g["hois"][:1]])  # a duplicate GT row
+        p["boxes"][1] = p["boxes"][0]  # duplicate predicted boxes
+    gts_h[3] = dict(boxes=np.zeros((0, 4), np.float32), labels=np.zeros(0, int), hois=np.zeros((0, 3), int))
+    gts_s, preds_s = ev.synthetic_sgdet(15, num_pairs=40, num_predicates=5, num_classes=4, seed=seed)
+    for g, p in zip(gts_s, preds_s):
+        p["rel_scores"] = (rng.integers(0, 3, p["rel_scores"].shape) / 3).astype(np.float32)
+        p["scores"] = (rng.integers(1, 3, p["scores"].shape) / 2).astype(np.float32)
+        g["rels"] = np.concatenate([g["rels"], g["rels"][:2]])  # duplicate GT triplets
+    gts_s[2]["rels"] = np.zeros((0, 3), int)  # skipped: no GT relation
+    preds_s[4] = dict(preds_s[4], rel_pairs=np.zeros((0, 2), int), rel_scores=np.zeros((0, 6), np.float32))
+    return (gts_h, preds_h, cm, rare), (gts_s, preds_s)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_vectorised_metrics_equal_a_per_image_reference_with_ties_and_duplicates(seed):
+    (gts, preds, cm, rare), (sg_gts, sg_preds) = _tied_synthetic(seed)
+    non_rare = [t for t in {tuple(int(x) for x in (g["labels"][s], g["labels"][o], v))
+                            for g in gts for s, o, v in g["hois"].tolist()} if t[2] % 2 == 0]
+    compact = ev.hico_candidates(preds, cm)
+    for mask in (cm, np.ones_like(cm)):
+        for ko in (False, True):
+            ref = _ref_hico_map(gts, preds, mask, rare, non_rare, known_object=ko)
+            got = ev.hico_map(gts, preds, mask, rare, known_object=ko, non_rare_triplets=non_rare)
+            assert {k: got[k] for k in ref} == ref
+    # the compact form (what distributed evaluation gathers) gives the same numbers
+    assert ev.hico_map(gts, compact, cm, rare) == ev.hico_map(gts, preds, cm, rare)
+    ks = (5, 20, 50)
+    zs = {(int(g["labels"][s]), int(g["labels"][o]), int(r)) for g in sg_gts[::3] for s, o, r in g["rels"].tolist()}
+    got = ev.sgdet_metrics(sg_gts, sg_preds, 5, ks=ks, zeroshot_triplets=sorted(zs))
+    assert {k: got[k] for k in _ref_sgdet(sg_gts, sg_preds, 5, ks, zs)} == _ref_sgdet(sg_gts, sg_preds, 5, ks, zs)
+    sg_compact = ev.sgdet_candidates(sg_preds, 5)
+    assert ev.sgdet_metrics(sg_gts, sg_compact, 5, ks=ks, zeroshot_triplets=sorted(zs)) == got
+
+
+def test_vcoco_impossible_verb_object_pair_gets_role_score_zero():
+    verbs = [{"name": "ride_instr", "action": "ride", "role": "instr"}, {"name": "stand", "action": "stand", "role": None}]
+    actions = [{"name": "ride", "roles": ["agent", "instr"]}, {"name": "stand", "roles": ["agent"]}]
+    correct_mat = np.array([[1, 0], [1, 1]], np.float32)  # (V = 2, 80 -> here 2 objects): ride_instr a cup: no
+    pred = dict(boxes=np.array([[0, 0, 9, 9], [0, 0, 9, 9], [5, 5, 20, 20], [5, 5, 20, 20]], np.float32),
+                labels=np.array([0, 0, 1, 2]), sub_ids=np.array([0, 1]), obj_ids=np.array([2, 3]),
+                verb_scores=np.array([[0.8, 0.5], [0.7, 0.6]], np.float32))
+    det = ev.vcoco_detections(pred, verbs, actions, correct_mat, missing_object_label=2)
+    assert det["role_scores"][0, 0, 0] == 0.0  # object 1 cannot be ridden: masked to 0 (was 0.8)
+    assert det["agent_scores"][0, 0] == 0.0
+    assert det["role_scores"][1, 0, 0] == pytest.approx(0.7)  # "no object" (label 2): the appended column of ones
+    assert np.isnan(det["role_boxes"][1, 0, 0]).all()
+    assert det["agent_scores"][0, 1] == pytest.approx(0.5)
+
+
+def test_hico_class_without_training_instances_is_neither_rare_nor_non_rare():
+    H, O1, O2 = [0, 0, 99, 99], [100, 100, 199, 199], [200, 200, 299, 299]
+    gt_a, pred_a = _hico_case([H, O1], [0, 1], [(0, 1)], [[0, 0.9, 0]], [H, O1], [0, 1], [[0, 1, 1]], O=3)
+    gt_b, pred_b = _hico_case([H, O2], [0, 2], [(0, 1)], [[0.9, 0, 0]], [H, O2], [0, 2], [[0, 1, 0]], O=3)
+    # training: (0, 1, 1) seen 12 times (non-rare); (0, 2, 0) never seen; (0, 2, 2) 3 times (rare, not in test)
+    rare, counts = sg2hoi.rare_triplets_from_training(
+        [dict(labels=np.array([0, 1]), hois=np.array([[0, 1, 1]] * 12)),
+         dict(labels=np.array([0, 2]), hois=np.array([[0, 1, 2]] * 3))])
+    non_rare = ev.non_rare_triplets(counts)
+    assert rare == [(0, 2, 2)] and non_rare == [(0, 1, 1)]
+    m = ev.hico_map([gt_a, gt_b], [pred_a, pred_b], np.ones((3, 3)), rare, non_rare_triplets=non_rare)
+    assert m["mAP_full"] == pytest.approx(1.0) and m["mAP_non_rare"] == pytest.approx(1.0)
+    assert m["mAP_rare"] == 0.0  # the rare class is not in the test set: empty mean
+    pred_b["boxes"][1] = [400, 400, 499, 499]  # the unseen class missed: Full drops, Non-rare does not count it
+    m = ev.hico_map([gt_a, gt_b], [pred_a, pred_b], np.ones((3, 3)), rare, non_rare_triplets=non_rare)
+    assert m["mAP_full"] == pytest.approx(0.5) and m["mAP_non_rare"] == pytest.approx(1.0)
+
+
+def test_metric_functions_name_missing_fields_and_length_mismatch():
+    gts, preds, cm, rare = ev.synthetic_hico(3, num_pairs=4, num_verbs=3, num_objects=2)
+    with pytest.raises(ValueError, match="3 ground-truth images but 2 predictions"):
+        ev.hico_map(gts, preds[:2], cm, rare)
+    bad = [dict(p) for p in preds]
+    del bad[1]["verb_scores"]
+    with pytest.raises(ValueError, match=r"prediction of image 1 lacks \['verb_scores'\]"):
+        ev.hico_map(gts, bad, cm, rare)
+    sg_gts, sg_preds = ev.synthetic_sgdet(3, num_pairs=4, num_predicates=3, num_classes=2)
+    del sg_gts[2]["rels"]
+    with pytest.raises(ValueError, match=r"ground truth of image 2 lacks \['rels'\]"):
+        ev.sgdet_metrics(sg_gts, sg_preds, 3)
+    with pytest.raises(ValueError, match="1 ground-truth images but 0 predictions"):
+        ev.vcoco_role_ap([_vcoco_setup()[1]], [], _vcoco_setup()[0])
+
+
+def _synthetic_collected():
+    """A small collect()-style dict (no model), as --save-predictions writes it."""
+    sg_gts, sg_preds = ev.synthetic_sgdet(4, num_pairs=6, num_predicates=3, num_classes=3)
+    gts, preds, cm, rare = ev.synthetic_hico(4, num_pairs=6, num_verbs=3, num_objects=2)
+    return {"sgg": dict(gts=sg_gts, preds=ev.sgdet_candidates(sg_preds, 3), num_predicates=3,
+                        zeroshot=np.zeros((0, 3), int), longtail={"head": [1], "body": [2], "tail": [3]}),
+            "hoi": dict(dataset="hico", gts=gts, preds=ev.hico_candidates(preds, cm), correct_mat=cm,
+                        rare=rare, non_rare=np.zeros((0, 3), int))}
+
+
+def test_eval_cli_rejects_bad_prediction_files_naming_file_and_problem(tiny_ckpt, tmp_path):
+    good = str(tmp_path / "good.pt")
+    ev.save_predictions(_synthetic_collected(), good)
+    assert ev.main(["--predictions", good, "--json", str(tmp_path / "m.json")]) is None  # a valid file works
+    assert json.load(open(tmp_path / "m.json"))["sgg"]["num_images"] == 4
+    truncated = str(tmp_path / "truncated.pt")
+    with open(good, "rb") as f, open(truncated, "wb") as g:
+        g.write(f.read()[:300])
+    short = _synthetic_collected()
+    short["sgg"]["preds"] = short["sgg"]["preds"][:2]  # 2 predictions for 4 images
+    ev.save_predictions(short, str(tmp_path / "short.pt"))
+    no_field = _synthetic_collected()
+    del no_field["hoi"]["preds"][1]["verbs"]
+    ev.save_predictions(no_field, str(tmp_path / "no_field.pt"))
+    for path, problem in ((tiny_ckpt, "training checkpoint"), (truncated, "not a predictions file"),
+                          (str(tmp_path / "short.pt"), "'sgg' has 2 predictions for 4 ground-truth images"),
+                          (str(tmp_path / "no_field.pt"), "prediction of image 1 lacks ['verbs']")):
+        with pytest.raises(SystemExit) as e:
+            ev.main(["--predictions", path, "--json", str(tmp_path / "bad.json")])
+        message = str(e.value.code)
+        assert path in message and problem in message and "\n" not in message, message
+        assert not os.path.exists(tmp_path / "bad.json")  # never an empty result
+
+
+def test_eval_does_not_replace_training_metrics_and_checks_outputs_before_inference(tiny_ckpt, tmp_path, capsys):
+    args = ev.parse_args(["--ckpt", tiny_ckpt])
+    assert ev.output_paths(args)["--json"] == os.path.join(os.path.dirname(tiny_ckpt), "eval_ckpt.json")
+    with pytest.raises(SystemExit):
+        ev.parse_args(["--help"])
+    assert "eval_<checkpoint stem>.json" in " ".join(capsys.readouterr().out.split())  # --help says so
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    for flag in ("--save-predictions", "--json", "--visualize"):
+        target = str(blocker / "out")  # below a regular file: cannot be created
+        t = time.time()
+        with pytest.raises(SystemExit) as e:
+            ev.main(["--ckpt", tiny_ckpt, flag, target])
+        assert flag in str(e.value.code) and target in str(e.value.code)
+        assert time.time() - t < 2  # refused before loading the model and running the inference
+    with pytest.raises(SystemExit, match="is a folder"):
+        ev.main(["--ckpt", tiny_ckpt, "--json", str(tmp_path)])
+
+
+def test_distributed_evaluation_one_and_two_gloo_processes_write_identical_metrics(tiny_ckpt, tmp_path):
+    results = {}
+    for n in (1, 2):
+        out = str(tmp_path / f"m{n}.json")
+        r = _run(["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "eval.py", "--ckpt",
+                  tiny_ckpt, "--json", out, "--save-predictions", str(tmp_path / f"p{n}.pt")], timeout=300)
+        assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+        assert r.stdout.count("Table I ") == 1  # rank 0 alone prints
+        with open(out) as f:
+            results[n] = json.load(f)
+    for m in results.values():
+        m["sgg"].pop("time_per_image_s"), m["sgg"].pop("device")
+    assert results[1] == results[2]
+    p1, p2 = ev.load_predictions(str(tmp_path / "p1.pt")), ev.load_predictions(str(tmp_path / "p2.pt"))
+    assert len(p2["sgg"]["preds"]) == len(p1["sgg"]["preds"]) == 8  # every image once, in image order
+    for a, b in zip(p1["hoi"]["preds"] + [x["gc"] for x in p1["sgg"]["preds"]],
+                    p2["hoi"]["preds"] + [x["gc"] for x in p2["sgg"]["preds"]]):
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-4)
+    assert "verb_scores" not in p1["hoi"]["preds"][0] and "rel_scores" not in p1["sgg"]["preds"][0]  # compact
+
+
+def test_compact_and_full_predictions_give_identical_metrics_on_a_checkpoint(tiny_ckpt):
+    device = torch.device("cpu")
+    model, cfg, data = ev.load_model_and_data(tiny_ckpt, device)
+    full = ev.collect(model, cfg, data, device, limit=5, compact=False)
+    compact = ev.collect(model, cfg, data, device, limit=5)
+    assert "verb_scores" in full["hoi"]["preds"][0] and "verbs" in compact["hoi"]["preds"][0]
+    m_full, m_compact = ev.metrics_from_collected(full), ev.metrics_from_collected(compact)
+    for m in (m_full, m_compact):
+        m["sgg"].pop("time_per_image_s")
+    assert m_full == m_compact
+    # a fake score spread makes the comparison bite: both forms rank the same candidates
+    rng = np.random.default_rng(0)
+    for p in full["hoi"]["preds"]:
+        p["verb_scores"] = rng.random(p["verb_scores"].shape).astype(np.float32)
+        p["boxes"] = data["hoi"]["test"][0][0]["boxes"][rng.integers(0, 2, len(p["boxes"]))].astype(np.float32)
+    h = full["hoi"]
+    assert ev.hico_map(h["gts"], h["preds"], h["correct_mat"], h["rare"]) == \
+        ev.hico_map(h["gts"], ev.hico_candidates(h["preds"], h["correct_mat"]), h["correct_mat"], h["rare"])
