@@ -2073,6 +2073,11 @@ TOY_SCENARIOS = {
 TOY_EXTRAS = [(1.0, 1.0, "cup", "on", "table"), (0.3, 0.3, "dog", "under", "chair"),
               (0.3, 0.3, "dog", "behind", "chair"), (0.0, 0.3, "dog", "under", "table"),
               (0.0, 0.3, "cup", "on", "chair")]
+# The scene-graph training set sees the relation cues of the two rare HOIs often (a person holding and near a bike, a
+# person sitting on a chair in front of a table), while the HOI training set has only a handful of those HOIs: as in
+# the real data, where VG annotates far more relations than HICO-DET annotates interactions, the SGG data carries
+# knowledge the HOI data alone lacks, so joint training *can* help the rare HOIs (Table V asks whether it does).
+TOY_SGG_TRAIN_WEIGHTS = {"walk_bike": 1.0, "sit_at_table": 1.0}  # scenario -> weight in the VG training set
 TOY_PREDICATES = ["near", "holding", "above", "on", "riding", "sitting on", "in front of", "under", "behind",
                   "looking at"]
 
@@ -2167,8 +2172,9 @@ def _place_scenario(canvas, rng, name, x0, ground):
     return ents, rels
 
 
-def toy_scene(rng, split, size=128):
-    """One image: a background, one or two person scenarios and maybe an object-object extra.
+def toy_scene(rng, split, size=128, scene_graph=False):
+    """One image: a background, one or two person scenarios and maybe an object-object extra. scene_graph: an image
+    of the VG training set (TOY_SGG_TRAIN_WEIGHTS).
 
     Returns (uint8 (H, W, 3) image, entities [(name, box)], relations [(s, o, predicate)], HOIs
     [(person, object, HICO verb)], V-COCO actions [(person, object or -1, V-COCO verb)])."""
@@ -2178,6 +2184,8 @@ def toy_scene(rng, split, size=128):
     col = 1 if split == "test" else 0
     names = list(TOY_SCENARIOS)
     weights = np.array([TOY_SCENARIOS[n][col] for n in names])
+    if scene_graph and split == "train":
+        weights = np.array([TOY_SGG_TRAIN_WEIGHTS.get(n, w) for n, w in zip(names, weights)])
     n_people = 1 if rng.random() < 0.55 else 2
     extra_w = np.array([e[col] for e in TOY_EXTRAS])
     has_extra = n_people == 1 and rng.random() < 0.5
@@ -2216,10 +2224,12 @@ def toy_scene(rng, split, size=128):
     return canvas, entities, rels, hois, actions
 
 
-def write_toy_datasets(root, num_train=3000, num_test=500, size=128, seed=0):
+def write_toy_datasets(root, num_train=3000, num_test=500, size=128, seed=0, num_train_hoi=None):
     """Generate the toy scenes and write them as VG150 (RelTR JSON), HICO-DET and V-COCO (QPIC JSON) datasets.
 
-    Three disjoint image sets (the datasets never share an image, as in the paper). Returns what was generated,
+    num_train VG training images, num_train_hoi (default: num_train) training images for each HOI dataset, num_test
+    test images each. Three disjoint image sets (the datasets never share an image, as in the paper). Returns what
+    was generated,
     {(dataset, split): {file: (boxes, labels, rels or hois)}} in the internal form, for round-trip tests."""
     import torchvision.io
 
@@ -2248,7 +2258,7 @@ def write_toy_datasets(root, num_train=3000, num_test=500, size=128, seed=0):
         rel_json[split] = {}
         for _ in range(n):
             image_id += 1
-            canvas, ents, rels, _, _ = toy_scene(rng, "test" if split != "train" else "train", size)
+            canvas, ents, rels, _, _ = toy_scene(rng, "test" if split != "train" else "train", size, scene_graph=True)
             path = os.path.join(vg, "images", f"{image_id}.png")
             save(canvas, path)
             coco["images"].append({"file_name": f"{image_id}.png", "height": size, "width": size, "id": image_id})
@@ -2273,6 +2283,7 @@ def write_toy_datasets(root, num_train=3000, num_test=500, size=128, seed=0):
         os.makedirs(os.path.join(ds_root, "annotations"), exist_ok=True)
         verb_id = (lambda v: hico_verb[v] - 1) if dataset == "hico" else vcoco_verb.get  # 0-based, internal form
         for split, n in splits:
+            n = num_train_hoi if (split == "train" and num_train_hoi is not None) else n
             images = []
             for k in range(n):
                 canvas, ents, _, hois, actions = toy_scene(rng, split, size)
@@ -2298,18 +2309,20 @@ def write_toy_datasets(root, num_train=3000, num_test=500, size=128, seed=0):
         corre = _hico_correct_mat(vocab) if dataset == "hico" else np.array(vocab["corre_vcoco"], np.float32)
         np.save(os.path.join(ds_root, "annotations", f"corre_{dataset}.npy"), corre)
     with open(os.path.join(root, "DONE"), "w") as f:
-        f.write(json.dumps(dict(num_train=num_train, num_test=num_test, size=size, seed=seed)))
+        f.write(json.dumps(dict(num_train=num_train, num_test=num_test, size=size, seed=seed,
+                                num_train_hoi=num_train_hoi)))
     return generated
 
 
 def ensure_toy_datasets(root, **kwargs):
     """Generate the toy datasets once; reuse them if `root/DONE` says they were made with the same settings."""
-    settings = dict(dict(num_train=3000, num_test=500, size=128, seed=0), **kwargs)
+    settings = dict(dict(num_train=3000, num_test=500, size=128, seed=0, num_train_hoi=None), **kwargs)
     done = os.path.join(root, "DONE")
     if os.path.exists(done):
         with open(done) as f:
             if json.load(f) == settings:
                 return root
+    print(f"generating the toy scenes into {os.path.abspath(root)} ({settings})", flush=True)
     write_toy_datasets(root, **settings)
     return root
 
@@ -2683,7 +2696,7 @@ def config_from_meta(cfg: Config, sgg_meta=None, hoi_meta=None) -> Config:
 # Where each dataset comes from, as train.py's and eval.py's command lines give it (and checkpoints record it).
 # bad_images: "stop" | "skip" (see DetectionDataset); num_val_im: SGB's validation split of the .h5; check_images_only:
 # decode every image of the train and test splits once, list the bad ones and exit (verify_images).
-DATA_ARGS = dict(toy_root="data/toy", toy_train=3000, toy_test=500, vg="", vg_format="json", hoi="", hoi_dataset="hico",
+DATA_ARGS = dict(toy_root="data/toy", toy_train=3000, toy_train_hoi=1000, toy_test=500, vg="", vg_format="json", hoi="", hoi_dataset="hico",
                  bad_images="stop", num_val_im=5000, check_images_only=False)
 
 
@@ -2698,7 +2711,8 @@ def build_data(cfg: Config, data_args: dict, is_master=True, barrier=lambda: Non
     a = {**DATA_ARGS, **{k: v for k, v in data_args.items() if k in DATA_ARGS}}
     if not a["vg"] and not a["hoi"]:
         if is_master:
-            ensure_toy_datasets(a["toy_root"], num_train=a["toy_train"], num_test=a["toy_test"], size=cfg.image_size)
+            ensure_toy_datasets(a["toy_root"], num_train=a["toy_train"], num_test=a["toy_test"], size=cfg.image_size,
+                                num_train_hoi=a["toy_train_hoi"])
         barrier()
         vg_root, vg_kind = os.path.join(a["toy_root"], "vg"), "vg"
         hoi_root, hoi_kind = os.path.join(a["toy_root"], a["hoi_dataset"]), a["hoi_dataset"]  # toy HICO or V-COCO

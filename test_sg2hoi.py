@@ -532,6 +532,14 @@ def test_toy_data_has_long_tail_rare_hois_and_zero_shot_triplets(toy_root):
     vocab = sg2hoi.load_vocab()
     fly = vocab["hico_verbs"].index("fly")
     assert any(v == fly for r in hico_train for v in r["hois"][:, 2].tolist())
+    # the scene-graph set carries the cues of the rare HOIs: "sit at table" = a person sitting on a chair in front of
+    # a table is common among the VG training scenes and rare among the HICO training HOIs
+    ent, pred = meta["entity_names"], meta["predicate_names"]
+    def sgg_cue(r):
+        rels = {(ent[r["labels"][s]], pred[p], ent[r["labels"][o]]) for s, o, p in r["rels"].tolist()}
+        return {("person", "sitting on", "chair"), ("person", "in front of", "table")} <= rels
+    sit_at = vocab["hico_verbs"].index("sit_at")
+    assert sum(map(sgg_cue, train)) >= 5 * max(1, sum(v == sit_at for r in hico_train for v in r["hois"][:, 2]))
 
 
 def test_horizontal_flip_moves_boxes_and_keeps_indices(tmp_path):
@@ -761,14 +769,14 @@ def test_vcoco_unannotated_person_detections_are_skipped_and_no_gt_person_gives_
 
 # ==================================================================================================== training (issue 4)
 
-TINY = ["--toy_train", "48", "--toy_test", "8", "--batch_size", "8", "--sgg_epochs", "1", "--joint_epochs", "1",
-        "--workers", "0", "--log_every", "1", "--num_rel_queries", "8", "--num_hoi_queries", "8"]
+TINY = ["--toy_train", "48", "--toy_train_hoi", "48", "--toy_test", "8", "--batch_size", "8", "--sgg_epochs", "1",
+        "--joint_epochs", "1", "--workers", "0", "--log_every", "1", "--num_rel_queries", "8", "--num_hoi_queries", "8"]
 
 
 @pytest.fixture(scope="module")
 def tiny_toy(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("tinytoy"))
-    sg2hoi.ensure_toy_datasets(root, num_train=48, num_test=8)
+    sg2hoi.ensure_toy_datasets(root, num_train=48, num_test=8, num_train_hoi=48)
     return root
 
 
@@ -1053,8 +1061,9 @@ def test_table_v_hoi_row_trains_the_hoi_part_on_a_frozen_sgg_part(tiny_toy, tmp_
 
 def test_zero_training_steps_and_bad_flags_are_errors(tmp_path):
     small = str(tmp_path / "small")
-    sg2hoi.ensure_toy_datasets(small, num_train=8, num_test=4)
-    r = _run(["train.py", "--toy_root", small, "--toy_train", "8", "--toy_test", "4", "--out", str(tmp_path / "o")])
+    sg2hoi.ensure_toy_datasets(small, num_train=8, num_test=4, num_train_hoi=8)
+    r = _run(["train.py", "--toy_root", small, "--toy_train", "8", "--toy_train_hoi", "8", "--toy_test", "4", "--out",
+              str(tmp_path / "o")])
     assert r.returncode != 0
     assert "8 usable images, fewer than the global batch of 16" in r.stderr
     assert not os.path.exists(tmp_path / "o" / "metrics.json")

@@ -85,7 +85,8 @@ def make_parser(suppress_defaults=False):
     add("--resume", default="", help="checkpoint to continue from (its config, data and schedule)")
     add("--init_detr", default="", help="DETR COCO checkpoint (.pth) to initialise from (Sec. IV-D)")
     add("--toy_root", default="data/toy", help="where the toy scenes are generated / cached")
-    add("--toy_train", type=int, default=3000, help="toy training images per task")
+    add("--toy_train", type=int, default=3000, help="toy scene-graph (VG) training images")
+    add("--toy_train_hoi", type=int, default=1000, help="toy HOI training images (HICO-DET and V-COCO each)")
     add("--toy_test", type=int, default=500, help="toy test images per task")
     add("--vg", default="", help="VG150 root (RelTR JSON layout, or the SGB .h5 with --vg_format h5)")
     add("--vg_format", default="json", choices=["json", "h5"])
@@ -140,7 +141,7 @@ def parse_args(argv=None):
     args = make_parser().parse_args(argv)
     args.explicit = set(vars(make_parser(suppress_defaults=True).parse_args(argv)))  # flags given on the line
     for name, low in (("log_every", 1), ("ckpt_every", 1), ("max_steps", 0), ("micro_batch", 0), ("prefetch", 1),
-                      ("max_skips", 1), ("eval_limit", 0), ("eval_every", -1), ("toy_train", 1), ("toy_test", 1),
+                      ("max_skips", 1), ("eval_limit", 0), ("eval_every", -1), ("toy_train", 1), ("toy_train_hoi", 1), ("toy_test", 1),
                       ("workers", -1)):
         if getattr(args, name) < low:
             raise SystemExit(f"train.py: --{name} must be >= {low}, got {getattr(args, name)}")
