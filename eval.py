@@ -1296,7 +1296,7 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, default=0, help="first N test images only")
     p.add_argument("--visualize", default="", help="write Figure 2-4 style PNGs of test images into this folder")
     p.add_argument("--num_visualize", type=int, default=8, help="test images per task for --visualize")
-    p.add_argument("--benchmark", choices=["metrics", "model"], default="",
+    p.add_argument("--benchmark", choices=["metrics", "model", "data", "rehearsal"], default="",
                    help="metrics: speed at the full test-set sizes; model: paper config forward vs backbone (CPU)")
     args = p.parse_args(argv)
     if not args.benchmark and not (args.ckpt or args.predictions):
@@ -1384,10 +1384,79 @@ def load_model_and_data(ckpt_path, device):
     return model, cfg, data
 
 
+def benchmark_rehearsal(root="/tmp/sg2hoi_fullsize", out="/tmp/sg2hoi_rehearsal", processes=2, subset=4):
+    """A rehearsal of the paper run on this machine: `processes` gloo processes train the paper preset (ResNet-50,
+    800 x 1333, 100 + 100 queries, VG150 and HICO-DET vocabularies) on the full-size synthetic annotations
+    (sg2hoi.write_fullsize_annotations; the loaders read and check all of them, training uses the first `subset`
+    images of each training split): phase 1 and phase 2 steps, a checkpoint at every step, a SIGKILL of the whole
+    run after the phase-1 checkpoint, a resume to the end, and an evaluation of 2 test images per task.
+    Returns what train.py reported: start-up time, seconds per step, checkpoint size and write time, peak memory."""
+    import re
+    import signal
+    import subprocess
+    import sys
+    import sg2hoi
+
+    t = time.perf_counter()
+    sg2hoi.write_fullsize_annotations(root)
+    report = {"annotations_s": round(time.perf_counter() - t, 1)}
+    here = os.path.dirname(os.path.abspath(__file__))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+                os.path.join(here, "train.py")]
+    batch = processes  # one image per process
+    common = ["--preset", "paper", "--vg", os.path.join(root, "vg"), "--hoi", os.path.join(root, "hico"),
+              "--train_subset", str(subset), "--batch_size", str(batch), "--sgg_epochs", "1", "--joint_epochs", "1",
+              "--eval_every", "0", "--eval_limit", "2", "--ckpt_every", "1", "--log_every", "1", "--workers", "1"]
+    phase1 = subset // batch
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // processes)))
+    if os.path.exists(out):
+        import shutil
+        shutil.rmtree(out)
+    # 1. start, wait for the first phase-2 step's line, kill everything with SIGKILL
+    t = time.perf_counter()
+    proc = subprocess.Popen(torchrun + common + ["--out", out], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    first_lines = []
+    for line in proc.stdout:
+        first_lines.append(line)
+        if re.match(rf"step {phase1 + 1}/", line):
+            break
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    report["killed_after_s"] = round(time.perf_counter() - t, 1)
+    # 2. resume to the end, with the final evaluation
+    t = time.perf_counter()
+    resumed = subprocess.run(torchrun + ["--resume", os.path.join(out, "ckpt.pt")], env=env, capture_output=True,
+                             text=True)
+    report["resume_run_s"] = round(time.perf_counter() - t, 1)
+    text = "".join(first_lines) + resumed.stdout
+    if resumed.returncode:
+        raise RuntimeError(f"rehearsal: the resumed run failed:\n{resumed.stdout[-3000:]}\n{resumed.stderr[-3000:]}")
+    with open(os.path.join(out, "log.jsonl")) as f:
+        log = [json.loads(line) for line in f]
+    steps = [x for x in log if "event" not in x]
+    times = [b["time"] - a["time"] for a, b in zip(steps, steps[1:]) if b["step"] == a["step"] + 1]
+    report.update(
+        steps=[x["step"] for x in steps], phases=[x["phase"] for x in steps],
+        seconds_per_step=round(float(np.median(times)), 1) if times else None,
+        first_step_after_s=[float(m) for m in re.findall(r"first step done ([\d.]+) s", text)],
+        checkpoint=re.findall(r"last checkpoint (\d+ MiB written in [\d.]+ s)", text),
+        peak_memory_mib=[int(m) for m in re.findall(r"peak resident memory (\d+) MiB", text)],
+        metrics_written=os.path.exists(os.path.join(out, "metrics.json")), out=out)
+    return report
+
+
 def run_benchmark(kind):
     import sg2hoi
 
-    result = benchmark_metrics() if kind == "metrics" else benchmark_model(sg2hoi.make_config("paper"))
+    if kind == "metrics":
+        result = benchmark_metrics()
+    elif kind == "model":
+        result = benchmark_model(sg2hoi.make_config("paper"))
+    elif kind == "data":
+        result = sg2hoi.benchmark_data("/tmp/sg2hoi_fullsize")
+    else:
+        result = benchmark_rehearsal()
     print(json.dumps(result, indent=1))
 
 

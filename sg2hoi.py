@@ -2696,8 +2696,8 @@ def config_from_meta(cfg: Config, sgg_meta=None, hoi_meta=None) -> Config:
 # Where each dataset comes from, as train.py's and eval.py's command lines give it (and checkpoints record it).
 # bad_images: "stop" | "skip" (see DetectionDataset); num_val_im: SGB's validation split of the .h5; check_images_only:
 # decode every image of the train and test splits once, list the bad ones and exit (verify_images).
-DATA_ARGS = dict(toy_root="data/toy", toy_train=3000, toy_train_hoi=1000, toy_test=500, vg="", vg_format="json", hoi="", hoi_dataset="hico",
-                 bad_images="stop", num_val_im=5000, check_images_only=False)
+DATA_ARGS = dict(toy_root="data/toy", toy_train=3000, toy_train_hoi=1000, toy_test=500, vg="", vg_format="json",
+                 hoi="", hoi_dataset="hico", bad_images="stop", num_val_im=5000, check_images_only=False, train_subset=0)
 
 
 def build_data(cfg: Config, data_args: dict, is_master=True, barrier=lambda: None):
@@ -2745,6 +2745,9 @@ def build_data(cfg: Config, data_args: dict, is_master=True, barrier=lambda: Non
     for splits in data.values():
         for _, meta in splits.values():
             meta["bad_images"] = a["bad_images"]
+        if a["train_subset"]:  # the first N training images only (rehearsals; the test splits stay whole)
+            records, meta = splits["train"]
+            splits["train"] = (records[:a["train_subset"]], meta)
     if check_only:
         total_bad = 0
         for task, splits in data.items():

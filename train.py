@@ -95,6 +95,8 @@ def make_parser(suppress_defaults=False):
     add("--text_teacher", default="objects", choices=["objects", "none"],
         help="Eq. 5 teacher without CLIP: mean text embedding of the image's objects (toy), or none")
     add("--clip_cache", default="", help=".pt {image file name: CLIP image embedding} for Eq. 5 (real data)")
+    add("--train_subset", type=int, default=0,
+        help="train on the first N images of each training split only (0 = all; for rehearsals at full size)")
     add("--num_val_im", type=int, default=5000,
         help="--vg_format h5: the first N training images of the .h5 form the validation split (SGB)")
     add("--seed", type=int, default=0)
@@ -141,8 +143,8 @@ def parse_args(argv=None):
     args = make_parser().parse_args(argv)
     args.explicit = set(vars(make_parser(suppress_defaults=True).parse_args(argv)))  # flags given on the line
     for name, low in (("log_every", 1), ("ckpt_every", 1), ("max_steps", 0), ("micro_batch", 0), ("prefetch", 1),
-                      ("max_skips", 1), ("eval_limit", 0), ("eval_every", -1), ("toy_train", 1), ("toy_train_hoi", 1), ("toy_test", 1),
-                      ("workers", -1)):
+                      ("max_skips", 1), ("eval_limit", 0), ("eval_every", -1), ("toy_train", 1), ("toy_train_hoi", 1),
+                      ("toy_test", 1), ("train_subset", 0), ("workers", -1)):
         if getattr(args, name) < low:
             raise SystemExit(f"train.py: --{name} must be >= {low}, got {getattr(args, name)}")
     if not args.dist_timeout > 0:
