@@ -58,6 +58,9 @@ class Config:
     num_rel_queries: int = 100  # N_rel
     num_hoi_queries: int = 100  # N_hoi
     seg_hidden: int = 128  # channels of the five 3x3 conv layers of FCN_seg (not given in the paper)
+    # normalisation in FCN_seg: "batch" = BatchNorm, the paper's (Sec. IV-D); "group" = GroupNorm, which does not
+    # depend on the micro-batch, so 1 or N processes train the same function (the toy preset; see TinyBackbone)
+    seg_norm: str = "batch"
     text_dim: int = 512  # CLIP ViT-B/32 embedding width (Sec. IV-D)
     # vocabularies (set from the datasets; defaults = VG150 and HICO-DET)
     # N_o has two meanings in the paper: the relation decoder's N_o = the 150 VG entity classes (here), and BBSeg's
@@ -104,7 +107,7 @@ class Config:
     # relation query is used for the HOI queries" read literally). Only used with hoi_queries_from_rel.
     relq_queries: str = "decoded"
     # matching and losses. The cost_* weights are used twice: as the matching costs alpha_1..3 of Eq. 9 AND as the
-    # weights of the same terms in the losses L_rel / L_hoi (SetCriterion), as the paper writes L_rel with Eq. 9's terms.
+    # weights of the same terms in the losses L_rel / L_hoi (SetCriterion): the paper writes L_rel with Eq. 9's terms.
     cost_box: float = 1.0  # alpha_1 in Eq. 9 (box cost = box_l1 * L1 - box_giou * GIoU); also the box loss weight
     box_l1: float = 2.5  # inside the box cost and loss: L1 weight (QPIC / CDN / GEN-VLKT; not given in the paper)
     box_giou: float = 1.0  # inside the box cost and loss: GIoU weight (QPIC / CDN / GEN-VLKT)
@@ -161,7 +164,8 @@ class Config:
             raise ValueError(f"Config.backbone: unknown backbone {self.backbone!r} (resnet50 | resnet101 | tiny)")
         choices = dict(tasks=("both", "sgg", "hoi"), semantic_embedding=("clip", "discrete", "glove"),
                        align_feature=("cls", "pool"), align_loss=("l1", "l2"), classifier_init=("random", "text"),
-                       query_transform_memory=("decoded", "learnable"), relq_queries=("decoded", "learnable"))
+                       query_transform_memory=("decoded", "learnable"), relq_queries=("decoded", "learnable"),
+                       seg_norm=("batch", "group"))
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"Config.{name}: {getattr(self, name)!r} is not one of {allowed}")
@@ -195,7 +199,7 @@ PRESETS = {
     # A model a 2-core CPU trains in minutes on the toy scenes (128 px images).
     "toy": dict(backbone="tiny", d_model=64, nheads=4, dim_feedforward=256, dropout=0.0, enc_layers=2,
                 rel_dec_layers=2, r2i_layers=1, feat_trans_layers=1, query_trans_layers=1, hoi_dec_layers=2,
-                num_rel_queries=16, num_hoi_queries=16, seg_hidden=32, text_dim=64, batch_size=16,
+                num_rel_queries=16, num_hoi_queries=16, seg_hidden=32, seg_norm="group", text_dim=64, batch_size=16,
                 lr=4e-4, lr_backbone=4e-4, lr_text_classifier=4e-4, lr_sgg_phase2=1e-4, clip_max_norm=0.1,
                 sgg_epochs=5, joint_epochs=3, lr_drop=0.9, image_size=128, max_size=128),
 }
@@ -396,19 +400,20 @@ def teacher_coverage(records, cache, name, min_fraction=0.99):
 class TinyBackbone(nn.Module):
     """A 4-layer CNN of stride 8 for the toy preset: 128 px images give a 16 x 16 feature map.
 
-    Normalisation is GroupNorm (8 groups), not BatchNorm: it normalises each image on its own, so the function the
-    model computes does not depend on how many images share a forward pass. The same global batch split over 1 or N
+    Normalisation is GroupNorm, not BatchNorm: it normalises each image on its own, so the function the model
+    computes does not depend on how many images share a forward pass. The same global batch split over 1 or N
     processes (or accumulation steps) then trains the same model; with BatchNorm the statistics would be those of
-    each process's micro-batch, and SyncBatchNorm (which would share them) does not run on CPU."""
+    each process's micro-batch, and SyncBatchNorm (which would share them) does not run on CPU. 32 groups (1, 2, 4
+    channels each): on the overfit-one-batch check, 8 groups learned about 4x slower than BatchNorm, 32 did not."""
 
     def __init__(self, channels=128):
         super().__init__()
         chans = [3, 32, 64, channels]
         layers = []
         for i in range(3):
-            layers += [nn.Conv2d(chans[i], chans[i + 1], 3, stride=2, padding=1), nn.GroupNorm(8, chans[i + 1]),
+            layers += [nn.Conv2d(chans[i], chans[i + 1], 3, stride=2, padding=1), nn.GroupNorm(32, chans[i + 1]),
                        nn.ReLU(inplace=True)]
-        layers += [nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(8, channels), nn.ReLU(inplace=True)]
+        layers += [nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(32, channels), nn.ReLU(inplace=True)]
         self.body = nn.Sequential(*layers)
         self.num_channels, self.stride = channels, 8
 
@@ -648,11 +653,13 @@ class BBSeg(nn.Module):
     """FCN_seg of Eq. 1: five 3x3 conv + BN + ReLU layers and a 1x1 classifier over N_seg + 1 classes
     (N_seg = entity and HOI object names together, 191 for VG150 + COCO-80; channel 0 = background)."""
 
-    def __init__(self, in_channels, hidden, num_classes_with_bg):
+    def __init__(self, in_channels, hidden, num_classes_with_bg, norm="batch"):
         super().__init__()
         layers, c = [], in_channels
         for _ in range(5):
-            layers += [nn.Conv2d(c, hidden, 3, padding=1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True)]
+            # "group": 8 groups (or fewer when hidden is not a multiple of 8); see Config.seg_norm
+            bn = nn.BatchNorm2d(hidden) if norm == "batch" else nn.GroupNorm(math.gcd(8, hidden), hidden)
+            layers += [nn.Conv2d(c, hidden, 3, padding=1, bias=False), bn, nn.ReLU(inplace=True)]
             c = hidden
         self.convs = nn.Sequential(*layers)
         self.classifier = nn.Conv2d(hidden, num_classes_with_bg, 1)
@@ -735,7 +742,7 @@ class SG2HOI(nn.Module):
                              persistent=False)
         if cfg.use_bbseg:
             num_seg = len(self.seg_names) + 1
-            self.bbseg = BBSeg(d, cfg.seg_hidden, num_seg)
+            self.bbseg = BBSeg(d, cfg.seg_hidden, num_seg, cfg.seg_norm)
             if cfg.semantic_embedding == "clip":
                 table = class_text_embeddings(self.seg_names, cfg.text_dim, cfg.text_embeddings)
             elif cfg.semantic_embedding == "glove":
@@ -876,19 +883,20 @@ class SG2HOI(nn.Module):
         return out
 
     # -------------------------------------------------------------------- which task trains which parameter
-    def task_outputs(self, out, task):
+    def task_outputs(self, out, task, align=True):
         """The outputs that the loss of a `task` batch ("sgg" | "hoi") reads in SetCriterion.forward: the
-        segmentation logits and the alignment vector when their terms are on (weight > 0), and the task's decoder
-        outputs (all layers: the auxiliary losses read them and the last layer depends on the others anyway)."""
+        segmentation logits and the alignment vector when their terms are on (weight > 0; align=False: a batch in
+        which no image has a teacher vector, so the criterion has no `align` term), and the task's decoder outputs
+        (all layers: the auxiliary losses read them and the last layer depends on the others anyway)."""
         cfg, used = self.cfg, []
         if cfg.use_bbseg and cfg.loss_seg > 0:
             used.append(out["seg_logits"])
-        if cfg.use_vl_distill and cfg.loss_align > 0:
+        if cfg.use_vl_distill and cfg.loss_align > 0 and align:
             used.append(out["align"])
         return used + list(out.get("rel" if task == "sgg" else "hoi", {}).values())
 
     def loss_reach(self):
-        """{task: names of the parameters the task's loss reaches}, found once per model by autograd.
+        """{(task, with align term): names of the parameters the task's loss reaches}, found once by autograd.
 
         One forward of a blank 64 x 64 image with the HOI branch on, in eval mode (no dropout, BatchNorm statistics
         untouched, no random numbers drawn) and with every parameter temporarily requiring grad (phase 1 freezes the
@@ -910,10 +918,11 @@ class SG2HOI(nn.Module):
                                torch.zeros(1, 64, 64, dtype=torch.bool, device=device), with_hoi=True)
                     reach = {}
                     for task in ("sgg", "hoi"):
-                        used = self.task_outputs(out, task)
-                        grads = torch.autograd.grad(sum(t.float().sum() for t in used), list(params.values()),
-                                                    allow_unused=True, retain_graph=True) if used else []
-                        reach[task] = {n for n, g in zip(params, grads) if g is not None}
+                        for align in (True, False):
+                            used = self.task_outputs(out, task, align)
+                            grads = torch.autograd.grad(sum(t.float().sum() for t in used), list(params.values()),
+                                                        allow_unused=True, retain_graph=True) if used else []
+                            reach[task, align] = {n for n, g in zip(params, grads) if g is not None}
             finally:
                 for n, p in params.items():
                     p.requires_grad_(flags[n])
@@ -921,13 +930,15 @@ class SG2HOI(nn.Module):
             self._reach = reach
         return self._reach
 
-    def idle_parameters(self, task):
+    def idle_parameters(self, task, losses=None):
         """Parameters that receive no gradient from a batch of `task` ("sgg" or "hoi"): those loss_reach() does not
-        list for it. idle_parameters("sgg") is also the HOI-only part (frozen in phase 1, trained at lr in phase 2).
+        list for it. losses: the criterion's output for the batch, if known; when it has no "align" term (no image of
+        the batch has a teacher vector) the alignment head is idle too. idle_parameters("sgg") is also the HOI-only
+        part (frozen in phase 1, trained at lr in phase 2).
 
         train.py sets their .grad to None after the (DDP-synchronised) backward, so AdamW neither moves nor
         decays them during the other task's steps."""
-        reached = self.loss_reach()[task]
+        reached = self.loss_reach()[task, losses is None or "align" in losses]
         return [p for n, p in self.named_parameters() if n not in reached]
 
     def parameter_groups(self):

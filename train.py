@@ -355,7 +355,7 @@ def main(argv=None):
         else:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            for p in model.idle_parameters(task):  # after DDP's reduction: AdamW must not touch the idle heads
+            for p in model.idle_parameters(task, losses):  # after DDP's reduction: AdamW must not touch the idle heads
                 p.grad = None
             if cfg.clip_max_norm > 0:
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None],
