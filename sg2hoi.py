@@ -88,9 +88,9 @@ class Config:
     align_feature: str = "cls"  # cls = SG2HOI+cls | pool = SG2HOI+pool (Table VII, Eq. 5)
     # l1 | l2 ("VLl2", Table VII). Both are element-wise losses averaged over the text_dim components: l1 = mean
     # absolute error (F.l1_loss), l2 = mean squared error (F.mse_loss). The paper's "l2 norm strategy" is read as the
-    # squared-L2 counterpart of its default element-wise l1, not as the (unsquared) Euclidean distance ||s - t||_2:
-    # "l1 vs l2" names the pair of regression losses (as L1Loss / MSELoss), and for the same ranking of students
-    # the two only differ in weighting (MSE = ||s - t||_2^2 / text_dim, a monotone function of the distance).
+    # L2 counterpart of its element-wise l1 default (the L1Loss / MSELoss pair of feature distillation), not as the
+    # unsquared Euclidean distance ||s - t||_2. Both have the same minimiser (MSE = ||s - t||_2^2 / text_dim); they
+    # differ in the gradient: MSE's shrinks with the error, the distance's has constant length.
     align_loss: str = "l1"
     classifier_init: str = "random"  # random | text (CLIP text embeddings as classifier weights, Sec. III-B)
     use_feature_transform: bool = True  # False = "-FETR" (Table VIII)
