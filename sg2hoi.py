@@ -794,7 +794,7 @@ class SG2HOI(nn.Module):
             if p.dim() > 1 and any(s in name for s in ("encoder", "decoder", "r2i", "_transform")) \
                     and "in_proj" not in name:
                 nn.init.xavier_uniform_(p)
-        self._reach = None  # {task: parameter names its loss reaches}, see loss_reach()
+        self._reach = None  # {(task, with align term): parameter names its loss reaches}, see loss_reach()
 
     # -------------------------------------------------------------------- forward
     def forward(self, images, mask, with_hoi=True):
