@@ -67,8 +67,14 @@ class Config:
     num_rel_queries: int = 100  # N_rel
     num_hoi_queries: int = 100  # N_hoi
     seg_hidden: int = 128  # channels of the five 3x3 conv layers of FCN_seg (not given in the paper)
+    # normalisation in FCN_seg: "batch" = BatchNorm, the paper's (Sec. IV-D); "group" = GroupNorm, which does not
+    # depend on the micro-batch, so 1 or N processes train the same function (the toy preset; see TinyBackbone)
+    seg_norm: str = "batch"
     text_dim: int = 512  # CLIP ViT-B/32 embedding width (Sec. IV-D)
     # vocabularies (set from the datasets; defaults = VG150 and HICO-DET)
+    # N_o has two meanings in the paper: the relation decoder's N_o = the 150 VG entity classes (here), and BBSeg's
+    # N_o = the classes of the segmentation map = the union of entity and HOI object names (VG150 + COCO-80: 191
+    # distinct names; SG2HOI.seg_names), written N_seg in this file.
     num_entity_classes: int = 150  # N_o for the relation decoder (VG150 objects)
     num_predicates: int = 50  # N_r
     num_hoi_objects: int = 80  # HOI object classes (COCO-80; 81 for V-COCO with "no object")
@@ -77,27 +83,46 @@ class Config:
     predicate_names: list = field(default_factory=list)
     hoi_object_names: list = field(default_factory=list)
     verb_names: list = field(default_factory=list)
-    text_embeddings: str = ""  # .pt file {name: (text_dim,) tensor}; "" = seeded stand-in (see ClassText)
-    word_vectors: str = ""  # GloVe-format .txt for semantic_embedding="glove" (HSSG)
-    # ablations (Tables V-VIII); the paper's full model is the default
+    text_embeddings: str = ""  # .pt file {name: (text_dim,) tensor} (build_clip_embeddings); "" = seeded stand-in
+    #                            (see class_text_embeddings)
+    word_vectors: str = ""  # GloVe-format .txt for semantic_embedding="glove" (HSSG); its width comes from the file
+    # Ablations (Tables V-VIII). The defaults are Sec. IV-D's stated defaults: SG2HOI+cls (align [CLS]) with randomly
+    # initialised classifiers. The FULL row of Tables V-VIII is SG2HOI+pool with CLIP-initialised classifiers
+    # (Sec. IV-E: "the latter three variants employ embeddings from CLIP"; "our full model (SG2HOI+pool)"): that is
+    # the preset "full" below (PRESETS), not these defaults.
     tasks: str = "both"  # both | sgg (Table V "SGG") | hoi (HOI data only: relation part trained by the HOI loss)
     hoi_on_frozen_sgg: bool = False  # True = Table V "HOI": phase 1 SGG as usual, phase 2 HOI batches only, SGG frozen
     use_bbseg: bool = True  # False = "-HSS" (Table VI)
     semantic_embedding: str = "clip"  # clip | discrete ("HSSD") | glove ("HSSG") (Table VI)
     use_vl_distill: bool = True  # False = "-VLpool" (Table VII)
     align_feature: str = "cls"  # cls = SG2HOI+cls | pool = SG2HOI+pool (Table VII, Eq. 5)
-    align_loss: str = "l1"  # l1 | l2 ("VLl2", Table VII)
+    # l1 | l2 ("VLl2", Table VII). Both are element-wise losses averaged over the text_dim components: l1 = mean
+    # absolute error (F.l1_loss), l2 = mean squared error (F.mse_loss). The paper's "l2 norm strategy" is read as the
+    # L2 counterpart of its element-wise l1 default (the L1Loss / MSELoss pair of feature distillation), not as the
+    # unsquared Euclidean distance ||s - t||_2. Both have the same minimiser (MSE = ||s - t||_2^2 / text_dim); they
+    # differ in the gradient: MSE's shrinks with the error, the distance's has constant length.
+    align_loss: str = "l1"
     classifier_init: str = "random"  # random | text (CLIP text embeddings as classifier weights, Sec. III-B)
     use_feature_transform: bool = True  # False = "-FETR" (Table VIII)
     use_query_transform: bool = True  # False = "-QUTR" (Table VIII)
     use_r2i: bool = True  # False = "-R2ITR" (Table VIII)
     hoi_queries_from_rel: bool = False  # True = "RELQ": relation queries are the HOI queries (Table VIII)
-    # matching and losses
-    cost_box: float = 1.0  # alpha_1 in Eq. 9 (box cost = box_l1 * L1 - box_giou * GIoU)
+    # Two literal variants of Sec. III-C (defaults = this implementation's choice; the comparison is an ablation run):
+    # keys/values of the query transformation: "decoded" = the relation decoder's last-layer output f_sg[-1] (the
+    # relation queries after they read this image), "learnable" = the learnable relation queries Q_rel themselves
+    # (the paper's words: "the relation queries Q_rel, which serve as both keys and values"; then the transformed
+    # HOI queries are the same for every image).
+    query_transform_memory: str = "decoded"
+    # RELQ's HOI queries: "decoded" = f_sg[-1], "learnable" = the learnable relation queries Q_rel (the paper's "the
+    # relation query is used for the HOI queries" read literally). Only used with hoi_queries_from_rel.
+    relq_queries: str = "decoded"
+    # matching and losses. The cost_* weights are used twice: as the matching costs alpha_1..3 of Eq. 9 AND as the
+    # weights of the same terms in the losses L_rel / L_hoi (SetCriterion): the paper writes L_rel with Eq. 9's terms.
+    cost_box: float = 1.0  # alpha_1 in Eq. 9 (box cost = box_l1 * L1 - box_giou * GIoU); also the box loss weight
     box_l1: float = 2.5  # inside the box cost and loss: L1 weight (QPIC / CDN / GEN-VLKT; not given in the paper)
     box_giou: float = 1.0  # inside the box cost and loss: GIoU weight (QPIC / CDN / GEN-VLKT)
-    cost_class: float = 2.0  # alpha_2 (subject/object labels)
-    cost_rel: float = 4.0  # alpha_3 (predicate / verbs)
+    cost_class: float = 2.0  # alpha_2 (subject/object labels); also their loss weight
+    cost_rel: float = 4.0  # alpha_3 (predicate / verbs); also their loss weight
     loss_seg: float = 2.0  # lambda_1 in Eq. 10
     loss_align: float = 4.0  # lambda_2 in Eq. 10
     eos_coef: float = 0.1  # weight of the "no object" / "no relation" class (DETR)
@@ -118,11 +143,40 @@ class Config:
     image_size: int = 800  # shorter side at test time (multi-scale 480..800 at training)
     max_size: int = 1333
 
+    # value checks of __post_init__ (a bad value fails where it is set, naming the field, not steps later)
+    _AT_LEAST_ONE = ("d_model", "nheads", "dim_feedforward", "enc_layers", "rel_dec_layers", "r2i_layers",
+                     "feat_trans_layers", "query_trans_layers", "hoi_dec_layers", "num_rel_queries", "num_hoi_queries",
+                     "seg_hidden", "text_dim", "num_entity_classes", "num_predicates", "num_hoi_objects", "num_verbs",
+                     "batch_size", "image_size", "max_size")
+    _AT_LEAST_ZERO_INT = ("sgg_epochs", "joint_epochs")
+    _AT_LEAST_ZERO_FLOAT = ("cost_box", "box_l1", "box_giou", "cost_class", "cost_rel", "loss_seg", "loss_align",
+                            "eos_coef", "lr", "lr_backbone", "lr_text_classifier", "lr_sgg_phase2", "weight_decay",
+                            "clip_max_norm")
+
     def __post_init__(self):
+        for name in self._AT_LEAST_ONE + self._AT_LEAST_ZERO_INT:
+            v, low = getattr(self, name), 1 if name in self._AT_LEAST_ONE else 0
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"Config.{name}: must be an integer >= {low}, got {v!r}")
+        for name in self._AT_LEAST_ZERO_FLOAT + ("dropout", "lr_drop"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"Config.{name}: must be a finite number >= 0, got {v!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"Config.dropout: must be in [0, 1), got {self.dropout!r}")
+        if not 0 < self.lr_drop <= 1:
+            raise ValueError(f"Config.lr_drop: the fraction of each phase after which lr drops must be in (0, 1] "
+                             f"(1 = never), got {self.lr_drop!r}")
+        for name in ("pretrained_backbone", "use_bbseg", "use_vl_distill", "use_feature_transform",
+                     "use_query_transform", "use_r2i", "hoi_queries_from_rel", "unmatched_loss", "aux_loss"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"Config.{name}: must be true or false, got {getattr(self, name)!r}")
         if self.backbone not in ("resnet50", "resnet101", "tiny"):
             raise ValueError(f"Config.backbone: unknown backbone {self.backbone!r} (resnet50 | resnet101 | tiny)")
         choices = dict(tasks=("both", "sgg", "hoi"), semantic_embedding=("clip", "discrete", "glove"),
-                       align_feature=("cls", "pool"), align_loss=("l1", "l2"), classifier_init=("random", "text"))
+                       align_feature=("cls", "pool"), align_loss=("l1", "l2"), classifier_init=("random", "text"),
+                       query_transform_memory=("decoded", "learnable"), relq_queries=("decoded", "learnable"),
+                       seg_norm=("batch", "group"))
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"Config.{name}: {getattr(self, name)!r} is not one of {allowed}")
@@ -150,12 +204,15 @@ class Config:
 
 
 PRESETS = {
-    # The paper's model (Sec. IV-D).
+    # The paper's model with Sec. IV-D's defaults (SG2HOI+cls, random classifiers).
     "paper": dict(),
+    # The FULL row of Tables V-VIII: SG2HOI+pool with CLIP-initialised classifiers (Sec. IV-E). Give it the CLIP
+    # text embeddings (--text_embeddings, build_clip_embeddings) or the classifiers start from seeded stand-ins.
+    "full": dict(align_feature="pool", classifier_init="text"),
     # A model a 2-core CPU trains in minutes on the toy scenes (128 px images).
     "toy": dict(backbone="tiny", d_model=64, nheads=4, dim_feedforward=256, dropout=0.0, enc_layers=2,
                 rel_dec_layers=2, r2i_layers=1, feat_trans_layers=1, query_trans_layers=1, hoi_dec_layers=2,
-                num_rel_queries=16, num_hoi_queries=16, seg_hidden=32, text_dim=64, batch_size=16,
+                num_rel_queries=16, num_hoi_queries=16, seg_hidden=32, seg_norm="group", text_dim=64, batch_size=16,
                 lr=4e-4, lr_backbone=4e-4, lr_text_classifier=4e-4, lr_sgg_phase2=1e-4, clip_max_norm=0.1,
                 sgg_epochs=5, joint_epochs=3, lr_drop=0.9, image_size=128, max_size=128),
 }
@@ -217,8 +274,11 @@ def class_text_embeddings(names, dim, path="") -> torch.Tensor:
     return F.normalize(emb, dim=-1)
 
 
-def load_word_vectors(path, names, dim) -> torch.Tensor:
-    """GloVe-format text file (word v1 ... vD per line) -> (len(names), dim); multi-word names are averaged."""
+def load_word_vectors(path, names, dim=None) -> torch.Tensor:
+    """GloVe-format text file (word v1 ... vD per line) -> (len(names), D); multi-word names are averaged.
+
+    The width D is the file's own (GloVe: 300); W_s of Eq. 3 adapts to it, so it is independent of Config.text_dim
+    (the CLIP width of Eq. 5 and of the text classifiers). `dim`, when given, is checked."""
     if not path:
         raise ValueError("Config.word_vectors: semantic_embedding='glove' (HSSG) needs a GloVe .txt file")
     wanted = {w for n in names for w in n.replace("_", " ").split()}
@@ -227,9 +287,10 @@ def load_word_vectors(path, names, dim) -> torch.Tensor:
         for line_no, line in enumerate(f, 1):
             parts = line.rstrip().split(" ")
             if parts[0] in wanted:
+                dim = dim or len(parts) - 1  # the first word read fixes the width
                 if len(parts) - 1 != dim:
                     raise ValueError(f"{path}:{line_no}: word {parts[0]!r} has {len(parts) - 1} values, "
-                                     f"Config.text_dim is {dim}")
+                                     f"the file's other vectors have {dim}")
                 vectors[parts[0]] = torch.tensor([float(x) for x in parts[1:]])
     out = []
     for n in names:
@@ -241,8 +302,42 @@ def load_word_vectors(path, names, dim) -> torch.Tensor:
     return torch.stack(out)
 
 
+# V-COCO's 81st object class "no object" (QPIC) labels an HOI whose role object is absent (agent-only actions such
+# as stand, smile, run, or an object outside the image). "A photo of a no object" is not an English phrase; the
+# class is embedded as CLIP's text for the absence of any object, "A photo of nothing". It is a real CLIP text
+# vector (unit norm, like the others), so a text-initialised classifier and the semantic map treat it as any class.
+CLIP_PROMPTS = {"no object": "A photo of nothing"}
+
+
+def clip_prompt(name: str) -> str:
+    """The text CLIP embeds for a class name (Sec. IV-D: "A photo of a [class]")."""
+    return CLIP_PROMPTS.get(name, f"A photo of a {name.replace('_', ' ')}")
+
+
+def class_names_for(sgg="vg", hoi="hico", vocab=None):
+    """Every class name a dataset combination looks up in the text-embedding file, once each, in a fixed order:
+    sgg="vg" (or None): VG150 entities + predicates; hoi="hico" | "vcoco" (or None): COCO-80 objects (+ "no object"
+    for V-COCO) + the verbs (HICO-DET's 117, V-COCO's 29 action_role names). The segmentation map's classes are the
+    union of entities and HOI objects (SG2HOI.seg_names), so they are covered. The names are those the loaders put in
+    the metas (load_vg_json, load_hico, load_vcoco), i.e. those config_from_meta gives the model."""
+    v = vocab or load_vocab()
+    names = []
+    if sgg == "vg":
+        names += v["vg150_objects"] + v["vg150_predicates"]
+    elif sgg is not None:
+        raise ValueError(f"class_names_for: unknown scene-graph dataset {sgg!r} (vg or None)")
+    if hoi == "hico":
+        names += [c["name"] for c in v["coco80"]] + v["hico_verbs"]
+    elif hoi == "vcoco":
+        names += [c["name"] for c in v["coco80"]] + ["no object"] + [x["name"] for x in v["vcoco_verbs"]]
+    elif hoi is not None:
+        raise ValueError(f"class_names_for: unknown HOI dataset {hoi!r} (hico, vcoco or None)")
+    return list(dict.fromkeys(names))
+
+
 def build_clip_embeddings(names, out_path, model_name="ViT-B-32", pretrained="openai"):
-    """Optional helper: CLIP text embeddings of "A photo of a [name]" saved as {name: tensor}.
+    """Optional helper: CLIP text embeddings of clip_prompt(name) saved as {name: tensor}, the file
+    --text_embeddings reads. names: class_names_for(...) for the datasets to train on.
 
     Needs the `open_clip` package and its weights (not in requirements; never called by default)."""
     import open_clip  # lazy: an optional extra
@@ -250,7 +345,7 @@ def build_clip_embeddings(names, out_path, model_name="ViT-B-32", pretrained="op
     model, _, _ = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
     tokenizer = open_clip.get_tokenizer(model_name)
     with torch.no_grad():
-        emb = model.encode_text(tokenizer([f"A photo of a {n.replace('_', ' ')}" for n in names])).float()
+        emb = model.encode_text(tokenizer([clip_prompt(n) for n in names])).float()
     torch.save({n: e for n, e in zip(names, F.normalize(emb, dim=-1))}, out_path)
 
 
@@ -271,32 +366,67 @@ def clip_image_teacher(model_name="ViT-B-32", pretrained="openai"):
     return encode
 
 
+def clip_image_key(path: str) -> str:
+    """The key of an image in the CLIP image cache: its file name without folders. It does not depend on where the
+    dataset lies (another machine, another data root) and is unique within each real dataset (VG ids "2343.jpg",
+    HICO-DET "HICO_train2015_00000001.jpg", COCO "COCO_train2014_000000000009.jpg"); build_clip_image_cache checks
+    that it is unique among the images it encodes."""
+    return os.path.basename(path)
+
+
 def build_clip_image_cache(records_list, out_path, model_name="ViT-B-32", pretrained="openai"):
-    """Optional helper: the CLIP image embedding of every training image, saved as {image file: (512,) tensor},
-    the file train.py --clip_cache reads (the teacher of Eq. 5). records_list: lists of records (load_dataset)."""
+    """Optional helper: the CLIP image embedding of every training image, saved as {clip_image_key(file): (512,)
+    tensor}, the file train.py --clip_cache reads (the teacher of Eq. 5). records_list: lists of records."""
     encode = clip_image_teacher(model_name, pretrained)
-    cache = {}
+    cache, source = {}, {}
     for records in records_list:
         for r in records:
-            cache[r["file"]] = encode(torchvision.io.decode_image(r["file"], mode=torchvision.io.ImageReadMode.RGB))
+            key = clip_image_key(r["file"])
+            if key in source and source[key] != r["file"]:
+                raise ValueError(f"build_clip_image_cache: {source[key]} and {r['file']} have the same file name "
+                                 f"{key!r}; the cache is keyed by file name")
+            source[key] = r["file"]
+            cache[key] = encode(torchvision.io.decode_image(r["file"], mode=torchvision.io.ImageReadMode.RGB))
     torch.save(cache, out_path)
     return out_path
+
+
+def teacher_coverage(records, cache, name, min_fraction=0.99):
+    """Check that the CLIP image cache holds a teacher vector for at least min_fraction of a training split's images;
+    return the fraction covered. Below it Eq. 5's `align` term would silently vanish from (most) batches, e.g. with a
+    cache built from another dataset; so this raises a ValueError with the counts (the choice here: a clear error
+    rather than a warning, since a run without its distillation term is not the experiment asked for)."""
+    found = sum(clip_image_key(r["file"]) in cache for r in records)
+    fraction = found / max(len(records), 1)
+    if records and fraction < min_fraction:
+        example = clip_image_key(records[0]["file"])
+        raise ValueError(f"CLIP image cache: only {found} of {len(records)} images of {name} ({100 * fraction:.1f} %) "
+                         f"have a teacher vector (needs >= {100 * min_fraction:g} %); keys are image file names, e.g. "
+                         f"{example!r}; cache keys look like {next(iter(cache), None)!r}. Rebuild the cache with "
+                         f"build_clip_image_cache for these images")
+    return fraction
 
 
 # ------------------------------------------------------------------------------------------------ Backbone + position encoding
 
 
 class TinyBackbone(nn.Module):
-    """A 4-layer CNN of stride 8 for the toy preset: 128 px images give a 16 x 16 feature map."""
+    """A 4-layer CNN of stride 8 for the toy preset: 128 px images give a 16 x 16 feature map.
+
+    Normalisation is GroupNorm, not BatchNorm: it normalises each image on its own, so the function the model
+    computes does not depend on how many images share a forward pass. The same global batch split over 1 or N
+    processes (or accumulation steps) then trains the same model; with BatchNorm the statistics would be those of
+    each process's micro-batch, and SyncBatchNorm (which would share them) does not run on CPU. 32 groups (1, 2, 4
+    channels each): on the overfit-one-batch check, 8 groups learned about 4x slower than BatchNorm, 32 did not."""
 
     def __init__(self, channels=128):
         super().__init__()
         chans = [3, 32, 64, channels]
         layers = []
         for i in range(3):
-            layers += [nn.Conv2d(chans[i], chans[i + 1], 3, stride=2, padding=1), nn.BatchNorm2d(chans[i + 1]),
+            layers += [nn.Conv2d(chans[i], chans[i + 1], 3, stride=2, padding=1), nn.GroupNorm(32, chans[i + 1]),
                        nn.ReLU(inplace=True)]
-        layers += [nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(inplace=True)]
+        layers += [nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(32, channels), nn.ReLU(inplace=True)]
         self.body = nn.Sequential(*layers)
         self.num_channels, self.stride = channels, 8
 
@@ -533,19 +663,22 @@ class Branch(nn.Module):
 
 
 class BBSeg(nn.Module):
-    """FCN_seg of Eq. 1: five 3x3 conv + BN + ReLU layers and a 1x1 classifier over N_o + 1 classes."""
+    """FCN_seg of Eq. 1: five 3x3 conv + BN + ReLU layers and a 1x1 classifier over N_seg + 1 classes
+    (N_seg = entity and HOI object names together, 191 for VG150 + COCO-80; channel 0 = background)."""
 
-    def __init__(self, in_channels, hidden, num_classes_with_bg):
+    def __init__(self, in_channels, hidden, num_classes_with_bg, norm="batch"):
         super().__init__()
         layers, c = [], in_channels
         for _ in range(5):
-            layers += [nn.Conv2d(c, hidden, 3, padding=1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True)]
+            # "group": 8 groups (or fewer when hidden is not a multiple of 8); see Config.seg_norm
+            bn = nn.BatchNorm2d(hidden) if norm == "batch" else nn.GroupNorm(math.gcd(8, hidden), hidden)
+            layers += [nn.Conv2d(c, hidden, 3, padding=1, bias=False), bn, nn.ReLU(inplace=True)]
             c = hidden
         self.convs = nn.Sequential(*layers)
         self.classifier = nn.Conv2d(hidden, num_classes_with_bg, 1)
         nn.init.constant_(self.classifier.bias, PRIOR_BIAS)  # most classes are absent at most pixels
 
-    def forward(self, v):  # (B, C', H, W) -> (B, N_o + 1, H, W)
+    def forward(self, v):  # (B, C', H, W) -> (B, N_seg + 1, H, W)
         return self.classifier(self.convs(v))
 
 
@@ -557,7 +690,7 @@ def bbseg_targets(boxes_list, labels_list, feat_hw, stride, num_classes_with_bg)
     labels image pixels and downsamples y to the size of s; taking the cell centres of the feature grid
     is that downsampling (nearest). A box smaller than one cell still marks the cell holding its centre,
     so small objects do not vanish. boxes: xyxy pixels of the padded batch canvas; labels: 0-based.
-    Returns (B, N_o + 1, H, W) float."""
+    Returns (B, N_seg + 1, H, W) float."""
     H, W = feat_hw
     B = len(boxes_list)
     y = torch.zeros(B, num_classes_with_bg, H, W)
@@ -574,11 +707,29 @@ def bbseg_targets(boxes_list, labels_list, feat_hw, stride, num_classes_with_bg)
 
 
 def loss_bbseg(seg_logits, seg_targets, feat_mask):
-    """Eq. 2 per image: sum over the N_o + 1 channels of the BCE averaged over the un-padded positions -> (B,).
-    (The criterion averages it over the images of the global batch.)"""
-    bce = F.binary_cross_entropy_with_logits(seg_logits, seg_targets.to(seg_logits), reduction="none")
-    valid = (~feat_mask).unsqueeze(1).float()  # (B, 1, H, W)
-    return (bce * valid).sum((1, 2, 3)) / valid.sum((1, 2, 3)).clamp(min=1)
+    """Eq. 2 per image: sum over the N_seg + 1 channels of the BCE averaged over the un-padded positions -> (B,).
+    (The criterion averages it over the images of the global batch.)
+
+    Computed in float32 whatever the autocast state (the logits come in bf16 under bf16 autocast), as every other
+    loss term: summing N_seg + 1 channels x H x W bf16 values would keep about three significant digits."""
+    with torch.autocast(seg_logits.device.type, enabled=False):
+        bce = F.binary_cross_entropy_with_logits(seg_logits.float(), seg_targets.float(), reduction="none")
+        valid = (~feat_mask).unsqueeze(1).float()  # (B, 1, H, W)
+        return (bce * valid).sum((1, 2, 3)) / valid.sum((1, 2, 3)).clamp(min=1)
+
+
+def downsample_mask(mask, feat_hw, stride):
+    """Padding mask (B, H, W) of the canvas -> (B, h, w) of a feature map of the given stride: a cell is padding when
+    every pixel of its stride x stride block is padding. For the backbones here (h, w) = ceil(H / stride),
+    ceil(W / stride), and the un-padded image alone would give exactly its ceil(height / stride) rows, so the valid
+    cells are those the image's own feature map has. DETR's F.interpolate(mask, size) (nearest) samples pixel
+    floor(i * H / h) instead, which is the same when H is a multiple of the stride and drifts otherwise (a 1,199 px
+    canvas gives a scale of 31.55, not 32)."""
+    valid = F.max_pool2d((~mask).float()[:, None], stride, stride, ceil_mode=True)[:, 0] > 0  # (B, h, w)
+    if tuple(valid.shape[-2:]) != tuple(feat_hw):
+        raise ValueError(f"downsample_mask: a {tuple(mask.shape[-2:])} canvas at stride {stride} gives "
+                         f"{tuple(valid.shape[-2:])} cells, the feature map has {tuple(feat_hw)}")
+    return ~valid
 
 
 # ------------------------------------------------------------------------------------------------ The model (III-A to III-C)
@@ -604,11 +755,11 @@ class SG2HOI(nn.Module):
                              persistent=False)
         if cfg.use_bbseg:
             num_seg = len(self.seg_names) + 1
-            self.bbseg = BBSeg(d, cfg.seg_hidden, num_seg)
+            self.bbseg = BBSeg(d, cfg.seg_hidden, num_seg, cfg.seg_norm)
             if cfg.semantic_embedding == "clip":
                 table = class_text_embeddings(self.seg_names, cfg.text_dim, cfg.text_embeddings)
             elif cfg.semantic_embedding == "glove":
-                table = load_word_vectors(cfg.word_vectors, self.seg_names, cfg.text_dim)
+                table = load_word_vectors(cfg.word_vectors, self.seg_names)  # width from the file (GloVe: 300)
             else:  # HSSD: discrete labels, i.e. one-hot class vectors
                 table = torch.eye(len(self.seg_names))
             # row 0 = background -> the zero vector (Sec. III-A); frozen, as CLIP is
@@ -656,21 +807,25 @@ class SG2HOI(nn.Module):
             if p.dim() > 1 and any(s in name for s in ("encoder", "decoder", "r2i", "_transform")) \
                     and "in_proj" not in name:
                 nn.init.xavier_uniform_(p)
+        self._reach = None  # {(task, with align term): parameter names its loss reaches}, see loss_reach()
 
     # -------------------------------------------------------------------- forward
     def forward(self, images, mask, with_hoi=True):
         """images (B, 3, H, W) normalised; mask (B, H, W) True on padding. Returns a dict of outputs.
-        with_hoi=False skips Sec. III-C (phase 1 of training trains the SGG part alone)."""
+
+        with_hoi=False skips Sec. III-C (phase 1 of training trains the SGG part alone). In phase 2 every step runs
+        the whole model, SGG steps included: the HOI outputs of an SGG step get no loss (only train.zero_touch's zero
+        weight, for DDP), and idle_parameters("sgg") lists the parameters that then must not move."""
         cfg, out = self.cfg, {}
         feat = self.backbone(images)  # (B, C, h, w)
-        fmask = F.interpolate(mask[None].float(), size=feat.shape[-2:])[0].bool()  # (B, h, w)
+        fmask = downsample_mask(mask, feat.shape[-2:], self.backbone.stride)  # (B, h, w)
         pos = sine_position_encoding(fmask, cfg.d_model).flatten(1, 2)  # (B, h*w, d)
         v = self.input_proj(feat)  # V: (B, d, h, w)
         out["feat_mask"], out["canvas_hw"] = fmask, images.shape[-2:]
 
         # Eq. 1 and 3: box-level segmentation, semantic map, aggregation
         if cfg.use_bbseg:
-            seg_logits = self.bbseg(v)  # s: (B, N_o + 1, h, w)
+            seg_logits = self.bbseg(v)  # s: (B, N_seg + 1, h, w)
             e_s = self.semantic_table[seg_logits.argmax(1)]  # E_s: (B, h, w, E); background -> 0
             f_agg = torch.cat([self.w_v(v), self.w_s(e_s.permute(0, 3, 1, 2).contiguous())], dim=1)  # (B, d, h, w)
             out["seg_logits"] = seg_logits
@@ -718,14 +873,19 @@ class SG2HOI(nn.Module):
             else:  # -R2ITR: the HOI decoder reads the encoder features
                 memory, mem_pos, mem_mask = f_en, tok_pos, tok_mask
             # query transformation: HOI queries attend to the relation queries
-            if cfg.hoi_queries_from_rel:  # RELQ
-                q_hoi = f_sg[-1]
+            if cfg.hoi_queries_from_rel:  # RELQ: decoded f_sg[-1] (default) or the learnable Q_rel (literal)
+                q_hoi = f_sg[-1] if cfg.relq_queries == "decoded" else q_rel  # (B, N_rel, d)
             else:
                 q_hoi = self.hoi_query_embed.weight.unsqueeze(0).expand(B, -1, -1)  # (B, N_hoi, d)
                 if cfg.use_query_transform:
-                    # keys/values: the decoded relation queries of this image (the relation cues to transfer)
+                    # keys/values: by default the decoded relation queries of this image (the relation cues to
+                    # transfer), with Q_rel as their position; "learnable" = Q_rel itself (the paper's words)
+                    if cfg.query_transform_memory == "decoded":
+                        kv, kv_pos = f_sg[-1], q_rel
+                    else:
+                        kv, kv_pos = q_rel, torch.zeros_like(q_rel)
                     for layer in self.query_transform:
-                        q_hoi = layer(q_hoi, torch.zeros_like(q_hoi), f_sg[-1], q_rel)
+                        q_hoi = layer(q_hoi, torch.zeros_like(q_hoi), kv, kv_pos)
             # Eq. 8: h_hoi = HOIDecoder(F_hoi, Q_hoi) and its five branches
             h_hoi = self.hoi_decoder(q_hoi, memory, mem_pos, mem_mask)  # (L, B, N_hoi, d)
             obj_logits, _ = self.hoi_obj(h_hoi)
@@ -735,23 +895,73 @@ class SG2HOI(nn.Module):
                               obj_boxes=self.hoi_obj_box(h_hoi).sigmoid())
         return out
 
-    def idle_parameters(self, task):
-        """Parameters that receive no gradient from a batch of `task` ("sgg" or "hoi").
+    # -------------------------------------------------------------------- which task trains which parameter
+    def task_outputs(self, out, task, align=True):
+        """The outputs that the loss of a `task` batch ("sgg" | "hoi") reads in SetCriterion.forward: the
+        segmentation logits and the alignment vector when their terms are on (weight > 0; align=False: a batch in
+        which no image has a teacher vector, so the criterion has no `align` term), and the task's decoder outputs
+        (all layers: the auxiliary losses read them and the last layer depends on the others anyway)."""
+        cfg, used = self.cfg, []
+        if cfg.use_bbseg and cfg.loss_seg > 0:
+            used.append(out["seg_logits"])
+        if cfg.use_vl_distill and cfg.loss_align > 0 and align:
+            used.append(out["align"])
+        return used + list(out.get("rel" if task == "sgg" else "hoi", {}).values())
+
+    def loss_reach(self):
+        """{(task, with align term): names of the parameters the task's loss reaches}, found once by autograd.
+
+        One forward of a blank 64 x 64 image with the HOI branch on, in eval mode (no dropout, BatchNorm statistics
+        untouched, no random numbers drawn) and with every parameter temporarily requiring grad (phase 1 freezes the
+        HOI part); then torch.autograd.grad of the sum of task_outputs with allow_unused=True: a parameter whose
+        gradient is None has no path to that task's loss in this configuration. Reachability is a property of the
+        graph, not of the image, so this holds for every batch (an argmax, as the semantic map's class lookup of
+        Eq. 3, is a cut in the graph as it is in training). It replaces hand-kept prefix lists that went wrong under
+        -R2ITR, where the relation branches' hidden layers reach nothing on HOI steps."""
+        if self._reach is None:
+            params = dict(self.named_parameters())
+            flags, was_training = {n: p.requires_grad for n, p in params.items()}, self.training
+            device = next(iter(params.values())).device
+            try:
+                for p in params.values():
+                    p.requires_grad_(True)
+                self.eval()
+                with torch.enable_grad(), torch.autocast(device.type, enabled=False):
+                    out = self(torch.zeros(1, 3, 64, 64, device=device),
+                               torch.zeros(1, 64, 64, dtype=torch.bool, device=device), with_hoi=True)
+                    reach = {}
+                    for task in ("sgg", "hoi"):
+                        for align in (True, False):
+                            used = self.task_outputs(out, task, align)
+                            grads = torch.autograd.grad(sum(t.float().sum() for t in used), list(params.values()),
+                                                        allow_unused=True, retain_graph=True) if used else []
+                            reach[task, align] = {n for n, g in zip(params, grads) if g is not None}
+            finally:
+                for n, p in params.items():
+                    p.requires_grad_(flags[n])
+                self.train(was_training)
+            self._reach = reach
+        return self._reach
+
+    def idle_parameters(self, task, losses=None):
+        """Parameters that receive no gradient from a batch of `task` ("sgg" or "hoi"): those loss_reach() does not
+        list for it. losses: the criterion's output for the batch, if known; when it has no "align" term (no image of
+        the batch has a teacher vector) the alignment head is idle too. idle_parameters("sgg") is also the HOI-only
+        part (frozen in phase 1, trained at lr in phase 2).
 
         train.py sets their .grad to None after the (DDP-synchronised) backward, so AdamW neither moves nor
         decays them during the other task's steps."""
-        if task == "sgg":
-            prefixes = ("w_t.", "r2i.", "feature_transform.", "query_transform.", "hoi_")
-        else:
-            prefixes = ("rel_sub_box.", "rel_obj_box.", "rel_sub.classifier.", "rel_obj.classifier.",
-                        "rel_pred.classifier.")
-        return [p for n, p in self.named_parameters() if n.startswith(prefixes)]
+        reached = self.loss_reach()[task, losses is None or "align" in losses]
+        return [p for n, p in self.named_parameters() if n not in reached]
 
     def parameter_groups(self):
-        """Names -> group: backbone, text_classifier, sgg (III-A, III-B), hoi (III-C); for the optimiser."""
+        """Parameter lists for the optimiser: backbone; text_classifier = the class-weight tensors initialised from
+        text embeddings (TextClassifier.weight: GEN-VLKT gives the small rate only to the CLIP-initialised weights;
+        the random projection, background row, temperature and bias train at lr with their branch); hoi = the
+        HOI-only part (III-C, idle_parameters("sgg")); sgg = the rest (III-A, III-B). Frozen parameters are left out."""
         groups = {"backbone": [], "text_classifier": [], "sgg": [], "hoi": []}
-        hoi_prefixes = ("w_t.", "r2i.", "feature_transform.", "query_transform.", "hoi_")
-        text = {id(p) for m in self.modules() if isinstance(m, TextClassifier) for p in m.parameters()}
+        hoi_only = {id(p) for p in self.idle_parameters("sgg")}
+        text = {id(m.weight) for m in self.modules() if isinstance(m, TextClassifier)}
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
@@ -759,7 +969,7 @@ class SG2HOI(nn.Module):
                 groups["backbone"].append(p)
             elif id(p) in text:
                 groups["text_classifier"].append(p)
-            elif name.startswith(hoi_prefixes):
+            elif id(p) in hoi_only:
                 groups["hoi"].append(p)
             else:
                 groups["sgg"].append(p)
@@ -804,14 +1014,21 @@ def hoi_targets(t, num_verbs, missing_object_label):
 
 
 def _box_costs(pred_cxcywh, tgt_cxcywh):
-    """(P, 4), (T, 4) -> L1 cost (P, T) and GIoU (P, T); the "box cost" of Eq. 9 is L1 - GIoU."""
+    """(P, 4), (T, 4) -> L1 cost (P, T) and GIoU (P, T); the matchers combine them into the "box cost" of Eq. 9,
+    box_l1 * L1 - box_giou * GIoU (2.5 L1 - GIoU by default)."""
     l1 = torch.cdist(pred_cxcywh, tgt_cxcywh, p=1)
     giou = generalized_box_iou(box_convert(pred_cxcywh, "cxcywh", "xyxy"), box_convert(tgt_cxcywh, "cxcywh", "xyxy"))
     return l1, giou
 
 
-def _assign(cost, sizes):
-    """cost (B, Q, sum(sizes)) -> per image (query indices, target indices) of the minimum-cost matching."""
+def _assign(cost, sizes, what):
+    """cost (B, Q, sum(sizes)) -> per image (query indices, target indices) of the minimum-cost matching.
+
+    Non-finite costs (a diverged model) raise FloatingPointError, which train.py's --nonfinite handling catches,
+    instead of scipy's ValueError "matrix contains invalid numeric entries"."""
+    if not torch.isfinite(cost).all():
+        raise FloatingPointError(f"non-finite matching cost: model outputs contain NaN/Inf ({what} matching, "
+                                 f"{int((~torch.isfinite(cost)).sum())} of {cost.numel()} costs)")
     out = []
     for b, c in enumerate(cost.split(sizes, -1)):
         rows, cols = linear_sum_assignment(c[b].numpy())
@@ -854,7 +1071,7 @@ class HungarianMatcher:
         c_cls = -(p_sub[:, cat["sub_labels"]] + p_obj[:, cat["obj_labels"]])
         c_rel = -p_rel[:, cat["preds"]]
         cost = self.a1 * c_box + self.a2 * c_cls + self.a3 * c_rel
-        return _assign(cost.view(B, Q, -1).cpu(), sizes)
+        return _assign(cost.view(B, Q, -1).cpu(), sizes, "relation")
 
     @torch.no_grad()
     def match_hois(self, out, tgts):
@@ -876,7 +1093,7 @@ class HungarianMatcher:
         c_verb = -0.5 * (p_verb @ y.t() / (y.sum(1)[None] + 1e-4)
                          + (1 - p_verb) @ (1 - y).t() / ((1 - y).sum(1)[None] + 1e-4))
         cost = self.a1 * c_box + self.a2 * c_cls + self.a3 * c_verb
-        return _assign(cost.view(B, Q, -1).cpu(), sizes)
+        return _assign(cost.view(B, Q, -1).cpu(), sizes, "HOI")
 
 
 def batch_counts(targets, task, num_queries):
@@ -922,9 +1139,10 @@ class SetCriterion(nn.Module):
     follow DETR by default: unmatched queries are trained towards the no-object / no-relation class with
     weight eos_coef = 0.1 (and towards all-zero verbs). unmatched_loss=False gives the paper's literal rule."""
 
-    def __init__(self, cfg: Config, entity_to_seg, hoi_object_to_seg, num_seg_classes):
+    def __init__(self, cfg: Config, entity_to_seg, hoi_object_to_seg, num_seg_classes, stride):
+        """stride: the backbone's real stride (model.backbone.stride), at which the BBSeg targets are drawn."""
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.stride = cfg, stride
         self.matcher = HungarianMatcher(cfg.cost_box, cfg.cost_class, cfg.cost_rel, cfg.box_l1, cfg.box_giou)
         self.register_buffer("entity_to_seg", entity_to_seg.clone())
         self.register_buffer("hoi_object_to_seg", hoi_object_to_seg.clone())
@@ -995,6 +1213,16 @@ class SetCriterion(nn.Module):
             "hoi_verb": cfg.cost_rel * verb,
         }
 
+    def seg_targets(self, outputs, targets, task):
+        """The BBSeg targets y of Eq. 2 (B, N_seg + 1, h, w) on the feature grid, cell i centred at (i + 0.5) * stride
+        pixels of the padded canvas, stride = the backbone's (not canvas / cells, which is not the stride when the
+        canvas is not a multiple of it: 1,199 px gives 31.55)."""
+        to_seg = self.entity_to_seg if task == "sgg" else self.hoi_object_to_seg
+        fm = outputs["feat_mask"]
+        return bbseg_targets([t["boxes"].float().cpu() for t in targets],
+                             [to_seg[t["labels"].long()].cpu() for t in targets],
+                             fm.shape[1:], self.stride, self.num_seg_classes).to(fm.device)
+
     def forward(self, outputs, targets, task, norm=None):
         """outputs: SG2HOI.forward(); targets: one dict per image; task: "sgg" or "hoi"; norm: the loss
         normalisers of the whole global batch (per-process share, see batch_counts; train.py computes them over
@@ -1011,25 +1239,25 @@ class SetCriterion(nn.Module):
         for t in targets:
             _check_target_boxes(t)
         if cfg.use_bbseg:
-            to_seg = self.entity_to_seg if task == "sgg" else self.hoi_object_to_seg
-            fm = outputs["feat_mask"]
-            stride = outputs["canvas_hw"][0] / fm.shape[1]
-            y = bbseg_targets([t["boxes"].float().cpu() for t in targets],
-                              [to_seg[t["labels"].long()].cpu() for t in targets],
-                              fm.shape[1:], stride, self.num_seg_classes).to(device)
-            losses["seg"] = cfg.loss_seg * loss_bbseg(outputs["seg_logits"], y, fm).sum() / max(norm["images"], 1.0)
-        if cfg.use_vl_distill:
+            y = self.seg_targets(outputs, targets, task)
+            losses["seg"] = cfg.loss_seg * loss_bbseg(outputs["seg_logits"], y, outputs["feat_mask"]).sum() \
+                / max(norm["images"], 1.0)
+        if cfg.use_vl_distill and norm["teachers"] > 0:  # some image of the global batch has a teacher vector
             has = [i for i, t in enumerate(targets) if t.get("clip") is not None]
             if has:
                 teacher = torch.stack([targets[i]["clip"].float() for i in has]).to(device)
                 student = outputs["align"][has].float()
-                dist = F.l1_loss if cfg.align_loss == "l1" else F.mse_loss  # Eq. 5
+                dist = F.l1_loss if cfg.align_loss == "l1" else F.mse_loss  # Eq. 5; l2 = MSE (see Config.align_loss)
                 losses["align"] = cfg.loss_align * dist(student, teacher, reduction="sum") \
-                    / (max(norm["teachers"], 1.0) * student.shape[1])
+                    / (norm["teachers"] * student.shape[1])
+            else:  # none in this micro-batch: a zero term, so that every process and micro-batch has the same terms
+                losses["align"] = outputs["align"].float().sum() * 0.0
         if task == "sgg":
             tgts = [{k: v.to(device) for k, v in relation_targets(t).items()} for t in targets]
             layer_fn, head = self.relation_losses, outputs["rel"]
         else:
+            # the label of a missing object (index -1) is the last HOI object class: V-COCO's "no object" (QPIC).
+            # HICO-DET has no HOI without an object (its loader rejects them), so there it is never used.
             tgts = [{k: v.to(device) for k, v in
                      hoi_targets(t, cfg.num_verbs, cfg.num_hoi_objects - 1).items()} for t in targets]
             layer_fn, head = self.hoi_losses, outputs["hoi"]
@@ -1055,7 +1283,8 @@ def _check_target_boxes(t):
 
 
 def build_criterion(model: SG2HOI) -> SetCriterion:
-    return SetCriterion(model.cfg, model.entity_to_seg, model.hoi_object_to_seg, len(model.seg_names) + 1)
+    return SetCriterion(model.cfg, model.entity_to_seg, model.hoi_object_to_seg, len(model.seg_names) + 1,
+                        model.backbone.stride)
 
 
 # ------------------------------------------------------------------------------------------------ Inference: triplets from queries
@@ -1145,8 +1374,22 @@ def hoi_triplets(pred, correct_mat=None, top_k=100):
 #   transformer.decoder.*    -> rel_decoder.*, hoi_decoder.*   (GEN-VLKT copies the decoder into both)
 #   bbox_embed.*             -> every box MLP
 #   query_embed.weight       -> rel_query_embed / hoi_query_embed (first N rows)
-# DETR's class_embed (92 COCO ids) does not fit VG150 and is left out. DETR's MultiheadAttention keeps
-# its out_proj name; its FFN is linear1/linear2 where ours is ffn.linear1/ffn.linear2.
+# DETR's MultiheadAttention keeps its out_proj name; its FFN is linear1/linear2 where ours is ffn.linear1/ffn.linear2.
+#
+# DETR's class_embed (a Linear d -> 92 over COCO-91 ids + "no object") is NOT used. QPIC maps it onto its COCO-80 HOI
+# object classifier because there the classifier reads the decoder output directly, as in DETR. Here every class
+# branch has a hidden layer first (Branch: Linear + ReLU, whose output is f_s / f_r / f_o of Eq. 7), which starts
+# random: a classifier copied behind it would read features it was never trained on, so its COCO knowledge would not
+# transfer (and VG150's relation branches have other classes anyway). The branches start from their own init.
+#
+# Checkpoints: DETR's released files hold {"model": ...}; a checkpoint written by DETR's main.py during training also
+# holds "optimizer", "lr_scheduler", "epoch" and "args", an argparse.Namespace, which torch.load(weights_only=True)
+# refuses. We allow-list exactly argparse.Namespace (torch.serialization.safe_globals) and never unpickle anything
+# else: a file that needs other classes fails with a message saying what to do.
+
+DETR_CLASS_EMBED_NOTE = ("class_embed (COCO-91 classifier) not used: every class branch here has a randomly "
+                         "initialised hidden layer before its classifier, so DETR's classifier would read untrained "
+                         "features (see the comment above detr_key_map)")
 
 
 def detr_key_map(model: SG2HOI, detr_keys):
@@ -1184,11 +1427,34 @@ def detr_key_map(model: SG2HOI, detr_keys):
     return mapping
 
 
+def load_detr_checkpoint(path):
+    """DETR's state dict from a released file ({"model": ...}) or a DETR main.py training checkpoint (with "args",
+    an argparse.Namespace, beside "model"), read with weights_only=True and only argparse.Namespace allow-listed."""
+    import argparse
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path}: cannot be read safely (torch.load weights_only=True, with argparse.Namespace "
+                         f"allowed): {str(e).splitlines()[0]}. If you trust the file, re-save its weights alone: "
+                         f"torch.save({{'model': torch.load(path, weights_only=False)['model']}}, 'detr_model.pth'), "
+                         f"and pass that file") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path}: expected a dict (a state dict or {{'model': state dict, ...}}), got {type(ckpt)}")
+    sd = ckpt.get("model", ckpt)
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise ValueError(f"{path}: its 'model' entry is not a state dict of tensors")
+    return sd
+
+
 def load_detr_weights(model: SG2HOI, state_dict_or_path, verbose=True):
-    """Copy DETR's COCO weights into `model` where names and shapes fit; returns (loaded, skipped)."""
+    """Copy DETR's COCO weights into `model` where names and shapes fit; returns (loaded, skipped).
+    state_dict_or_path: a file (load_detr_checkpoint), a state dict or {"model": state dict}."""
     sd = state_dict_or_path
     if isinstance(sd, (str, os.PathLike)):
-        sd = torch.load(sd, map_location="cpu", weights_only=True)
+        sd = load_detr_checkpoint(sd)
     sd = sd.get("model", sd)
     own = model.state_dict()
     loaded, skipped = [], []
@@ -1203,10 +1469,11 @@ def load_detr_weights(model: SG2HOI, state_dict_or_path, verbose=True):
         else:
             skipped.append(f"{ours} <- {theirs}: shape {tuple(src.shape)} vs {tuple(own[ours].shape)}")
     used = set(detr_key_map(model, sd).values())
-    skipped += [f"{k}: no place in SG2HOI+" for k in sd if k not in used]
+    skipped += [f"{k}: {DETR_CLASS_EMBED_NOTE}" if k.startswith("class_embed.") else f"{k}: no place in SG2HOI+"
+                for k in sd if k not in used]
     model.load_state_dict(own)
     if verbose:
-        print(f"DETR init: loaded {len(loaded)} tensors, skipped {len(skipped)}")
+        print(f"DETR init: loaded {len(loaded)} tensors, skipped {len(skipped)}; {DETR_CLASS_EMBED_NOTE}")
         for s in skipped:
             print("  skipped", s)
     return loaded, skipped
@@ -2616,7 +2883,7 @@ class DetectionDataset(torch.utils.data.Dataset):
         target = {"boxes": boxes[keep].as_subclass(torch.Tensor).float(), "labels": labels, self.key: pairs,
                   "size": torch.tensor(image.shape[-2:]), "orig_size": torch.tensor([h, w]), "image_id": r["image_id"]}
         if isinstance(self.teacher, dict):
-            target["clip"] = self.teacher.get(r["file"])
+            target["clip"] = self.teacher.get(clip_image_key(r["file"]))
         elif self.teacher is not None and len(labels):
             target["clip"] = F.normalize(self.teacher[labels].mean(0), dim=0)
         return image.as_subclass(torch.Tensor), target

@@ -1716,3 +1716,315 @@ def test_compact_and_full_predictions_give_identical_metrics_on_a_checkpoint(tin
     h = full["hoi"]
     assert ev.hico_map(h["gts"], h["preds"], h["correct_mat"], h["rare"]) == \
         ev.hico_map(h["gts"], ev.hico_candidates(h["preds"], h["correct_mat"]), h["correct_mat"], h["rare"])
+
+
+# ==================================================================================================== model review
+# fixes of issue 8 (items 2-7, 11-14, 16), issue 9 items 2 and 7, issue 10 item 1 (norms), issue 11 item 4 (stride)
+
+
+def _glove_file(path, names, dim):
+    """A GloVe-format file with a random vector for every word of `names`."""
+    words = sorted({w for n in names for w in n.replace("_", " ").split()})
+    rng = np.random.default_rng(0)
+    path.write_text("".join(f"{w} " + " ".join(f"{v:.4f}" for v in rng.random(dim)) + "\n" for w in words))
+    return str(path)
+
+
+# the Sec. III-C literal variants (Config fields) and the FULL row, checked like the ablations
+LITERAL_VARIANTS = {
+    "QUTR-on-Q_rel": dict(query_transform_memory="learnable"),
+    "RELQ-on-Q_rel": dict(hoi_queries_from_rel=True, relq_queries="learnable"),
+    "-R2ITR-RELQ": dict(use_r2i=False, hoi_queries_from_rel=True),
+    "FULL": dict(align_feature="pool", classifier_init="text"),
+}
+
+
+def test_seg_loss_is_computed_in_float32_under_bf16_autocast():
+    torch.manual_seed(0)
+    logits = (torch.randn(2, 12, 16, 16) * 3).to(torch.bfloat16)
+    y = (torch.rand(2, 12, 16, 16) > 0.8).float()
+    fm = torch.zeros(2, 16, 16, dtype=torch.bool)
+    fm[1, 10:] = True
+    ref = sg2hoi.loss_bbseg(logits.float(), y, fm)  # float32 of the same bf16 logits
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = sg2hoi.loss_bbseg(logits, y, fm)
+    assert got.dtype == torch.float32 and torch.allclose(got, ref, rtol=1e-6, atol=0)
+    # the whole criterion under autocast, on bf16 model outputs
+    cfg = toy_cfg()
+    model = sg2hoi.build_model(cfg)
+    crit = sg2hoi.build_criterion(model)
+    images, mask = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(images, mask)
+        assert out["seg_logits"].dtype == torch.bfloat16
+        losses = crit(out, sgg_targets(), "sgg")
+    y = crit.seg_targets(out, sgg_targets(), "sgg")
+    ref = cfg.loss_seg * sg2hoi.loss_bbseg(out["seg_logits"].float(), y, out["feat_mask"]).mean()
+    assert losses["seg"].dtype == torch.float32 and torch.allclose(losses["seg"], ref, rtol=1e-6, atol=0)
+
+
+def test_only_the_text_initialised_class_weights_get_the_text_classifier_learning_rate():
+    import train
+
+    cfg = toy_cfg(classifier_init="text", lr=3e-4, lr_backbone=2e-4, lr_text_classifier=1e-5)
+    model = sg2hoi.build_model(cfg)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = {g: {names[id(p)] for p in ps} for g, ps in model.parameter_groups().items()}
+    assert groups["text_classifier"] == {f"{b}.classifier.weight" for b in
+                                         ("rel_sub", "rel_obj", "rel_pred", "hoi_obj", "hoi_verb")}
+    # the randomly initialised parts of a text classifier train with their branch at lr
+    for n in ("rel_sub.classifier.proj.weight", "rel_sub.classifier.background", "rel_pred.classifier.logit_scale"):
+        assert n in groups["sgg"], n
+    for n in ("hoi_obj.classifier.proj.bias", "hoi_obj.classifier.background", "hoi_verb.classifier.bias",
+              "hoi_verb.classifier.logit_scale", "hoi_query_embed.weight", "w_t.weight"):
+        assert n in groups["hoi"], n
+    assert all(n.startswith("backbone.") for n in groups["backbone"])
+    assert set().union(*groups.values()) == {n for n, p in model.named_parameters() if p.requires_grad}
+    lr_of = {names[id(p)]: g["lr"] for g in train.make_optimizer(model, cfg).param_groups for p in g["params"]}
+    assert lr_of["rel_sub.classifier.weight"] == 1e-5 and lr_of["rel_sub.classifier.background"] == 3e-4
+    assert lr_of["hoi_verb.classifier.bias"] == 3e-4 and lr_of["backbone.body.0.weight"] == 2e-4
+
+
+@pytest.mark.parametrize("name", sorted({**ABLATIONS, **LITERAL_VARIANTS}))
+def test_a_train_step_moves_no_parameter_the_task_loss_does_not_reach(name, tmp_path):
+    """train.py's step (loss + zero_touch, backward, idle grads -> None, AdamW with weight decay) on an SGG then an
+    HOI batch: a parameter that the task's own loss gives no gradient must not move (AdamW's weight decay would move
+    it by itself, its momentum on later steps), and no parameter with a nonzero gradient may be idle."""
+    import train
+
+    kw = dict({**ABLATIONS, **LITERAL_VARIANTS}[name])
+    if kw.get("semantic_embedding") == "glove":
+        kw["word_vectors"] = _glove_file(tmp_path / "glove.txt", [f"entity {i}" for i in range(9)]
+                                         + [f"object {i}" for i in range(9)], 50)
+    cfg = toy_cfg(**kw, weight_decay=0.1, enc_layers=1, rel_dec_layers=1, hoi_dec_layers=1, dim_feedforward=64)
+    torch.manual_seed(0)
+    model = sg2hoi.build_model(cfg)
+    crit = sg2hoi.build_criterion(model)
+    opt = train.make_optimizer(model, cfg)
+    targets = {"sgg": sgg_targets, "hoi": hoi_targets}
+    for task in [t for t in ("sgg", "hoi") if getattr(cfg, t)]:
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt.zero_grad(set_to_none=True)
+        outputs = model(*batch(64, 64, pad_second=False))
+        losses = crit(outputs, targets[task](), task)
+        # what the task's loss alone reaches in this batch
+        losses["loss"].backward(retain_graph=True)
+        no_grad = {n for n, p in model.named_parameters() if p.grad is None}
+        nonzero = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+        idle = {id(p) for p in model.idle_parameters(task, losses)}
+        idle_names = {n for n, p in model.named_parameters() if id(p) in idle}
+        assert not nonzero & idle_names, (task, sorted(nonzero & idle_names))
+        assert no_grad <= idle_names, (task, sorted(no_grad - idle_names))
+        # the step exactly as train.py does it
+        opt.zero_grad(set_to_none=True)
+        (losses["loss"] + train.zero_touch(outputs)).backward()
+        for p in model.idle_parameters(task, losses):
+            p.grad = None
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], cfg.clip_max_norm)
+        opt.step()
+        moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+        assert not moved & no_grad, (task, sorted(moved & no_grad))
+        assert moved, task
+
+
+def test_idle_parameters_name_the_heads_of_the_other_task_in_every_ablation():
+    """Hand-checked ownership for a few ablations (the reachability itself, not a second reachability)."""
+    def idle_names(model, task):
+        ids = {id(p) for p in model.idle_parameters(task)}
+        return {n.split(".")[0] for n, p in model.named_parameters() if id(p) in ids}
+
+    full = sg2hoi.build_model(toy_cfg())
+    assert idle_names(full, "sgg") == {"w_t", "r2i", "feature_transform", "hoi_query_embed", "query_transform",
+                                       "hoi_decoder", "hoi_human", "hoi_obj", "hoi_verb", "hoi_human_box",
+                                       "hoi_obj_box"}
+    assert idle_names(full, "hoi") == {"rel_sub_box", "rel_obj_box", "rel_sub", "rel_obj", "rel_pred"}
+    full_hoi = {n for n, p in full.named_parameters() if id(p) in {id(q) for q in full.idle_parameters("hoi")}}
+    assert "rel_sub.hidden.weight" not in full_hoi  # Eq. 7 reads f_s: the hidden layer serves HOIs too
+    no_r2i = sg2hoi.build_model(toy_cfg(use_r2i=False))
+    ids = {id(p) for p in no_r2i.idle_parameters("hoi")}
+    assert {"rel_sub.hidden.weight", "rel_pred.hidden.bias"} <= {n for n, p in no_r2i.named_parameters()
+                                                                 if id(p) in ids}
+    relq = sg2hoi.build_model(toy_cfg(hoi_queries_from_rel=True))
+    assert "rel_decoder" not in idle_names(relq, "hoi") and "hoi_decoder" in idle_names(relq, "sgg")
+
+
+def test_glove_semantic_map_keeps_its_300_d_width_beside_512_d_clip(tmp_path):
+    """HSSG with the rest of the paper model: 300-d GloVe map, text-initialised classifiers, 512-d CLIP teacher."""
+    ent, pred = [f"entity {i}" for i in range(6)], [f"relation {i}" for i in range(4)]
+    obj, verb = [f"object {i}" for i in range(5)], [f"verb {i}" for i in range(7)]
+    glove = _glove_file(tmp_path / "glove.6B.300d.txt", ent + obj, 300)
+    cfg = sg2hoi.make_config("full", backbone="tiny", d_model=64, nheads=4, dim_feedforward=64, enc_layers=1,
+                             rel_dec_layers=1, r2i_layers=1, feat_trans_layers=1, query_trans_layers=1,
+                             hoi_dec_layers=1, num_rel_queries=4, num_hoi_queries=4, seg_hidden=16,
+                             semantic_embedding="glove", word_vectors=glove,
+                             num_entity_classes=6, entity_names=ent, num_predicates=4, predicate_names=pred,
+                             num_hoi_objects=5, hoi_object_names=obj, num_verbs=7, verb_names=verb)
+    assert cfg.text_dim == 512 and cfg.classifier_init == "text"
+    model = sg2hoi.build_model(cfg)
+    assert model.semantic_table.shape == (len(model.seg_names) + 1, 300)
+    assert model.rel_sub.classifier.weight.shape == (6, 512) and model.align_proj.out_features == 512
+    crit = sg2hoi.build_criterion(model)
+    for task, targets in (("sgg", sgg_targets()), ("hoi", hoi_targets())):
+        for t in targets:
+            t["labels"] = t["labels"].clamp(max=4)
+            t["clip"] = torch.nn.functional.normalize(torch.randn(512), dim=0)
+        if task == "sgg":
+            targets[0]["rels"][:, 2] = targets[0]["rels"][:, 2].clamp(max=3)
+        model.zero_grad()
+        losses = crit(model(*batch()), targets, task)
+        assert "align" in losses and torch.isfinite(losses["loss"])
+        losses["loss"].backward()
+        assert model.w_s.weight.grad.shape == (32, 300, 1, 1) and torch.isfinite(model.w_s.weight.grad).all()
+
+
+def _real_metas(hoi):
+    """The metas load_vg_json / load_hico / load_vcoco give for the real data (their vocabularies)."""
+    v = sg2hoi.load_vocab()
+    vg = dict(task="sgg", entity_names=v["vg150_objects"], predicate_names=v["vg150_predicates"])
+    objects = [c["name"] for c in v["coco80"]]
+    if hoi == "hico":
+        return vg, dict(task="hoi", object_names=objects, verb_names=v["hico_verbs"])
+    return vg, dict(task="hoi", object_names=objects + ["no object"], verb_names=[x["name"] for x in v["vcoco_verbs"]])
+
+
+@pytest.mark.parametrize("hoi", ["hico", "vcoco"])
+def test_the_clip_recipe_names_cover_every_name_the_model_looks_up(hoi, tmp_path):
+    names = sg2hoi.class_names_for("vg", hoi)
+    assert len(names) == len(set(names))
+    path = str(tmp_path / "clip_text.pt")  # what build_clip_embeddings writes, with random vectors
+    torch.save({n: torch.randn(512) for n in names}, path)
+    vg_meta, hoi_meta = _real_metas(hoi)
+    base = sg2hoi.make_config("toy", num_rel_queries=4, num_hoi_queries=4, text_dim=512, text_embeddings=path,
+                              classifier_init="text", semantic_embedding="clip")
+    model = sg2hoi.build_model(sg2hoi.config_from_meta(base, vg_meta, hoi_meta))
+    assert set(model.seg_names) <= set(names)
+    assert model.hoi_obj.classifier.weight.shape == (len(hoi_meta["object_names"]), 512)
+    if hoi == "vcoco":  # the HICO-DET names alone would miss V-COCO's "no object" and verbs
+        assert "no object" in names and "hold_obj" in names
+        torch.save({n: torch.randn(512) for n in sg2hoi.class_names_for("vg", "hico")}, path)
+        with pytest.raises(KeyError, match="no text embedding"):
+            sg2hoi.build_model(sg2hoi.config_from_meta(base, vg_meta, hoi_meta))
+    assert sg2hoi.clip_prompt("no object") == "A photo of nothing"
+    assert sg2hoi.clip_prompt("dining_table") == "A photo of a dining table"
+
+
+def test_clip_image_cache_is_keyed_by_file_name_and_low_coverage_is_an_error(tmp_path, monkeypatch):
+    for split in ("a", "b"):
+        for i in range(3):
+            _png(tmp_path / split / "images" / f"{split}{i}.jpg", 8, 6)
+    records = [dict(file=str(tmp_path / "a" / "images" / f"a{i}.jpg"), image_id=i, boxes=np.zeros((0, 4), np.float32),
+                    labels=np.zeros(0, np.int64), rels=np.zeros((0, 3), np.int64)) for i in range(3)]
+    # build_clip_image_cache with a stand-in encoder (open_clip is an optional extra)
+    monkeypatch.setattr(sg2hoi, "clip_image_teacher", lambda *a, **k: lambda im: torch.full((4,), float(im.shape[-1])))
+    cache_path = str(tmp_path / "clip_images.pt")
+    sg2hoi.build_clip_image_cache([records], cache_path)
+    cache = torch.load(cache_path, weights_only=True)
+    assert sorted(cache) == ["a0.jpg", "a1.jpg", "a2.jpg"]
+    # the same images under another data root find their teacher
+    moved = [dict(r, file=r["file"].replace(str(tmp_path), "/elsewhere/data")) for r in records]
+    ds = sg2hoi.DetectionDataset(records, dict(task="sgg"), sg2hoi.make_transforms(False, 8, 8), teacher=cache)
+    assert torch.equal(ds[1][1]["clip"], cache["a1.jpg"])
+    assert sg2hoi.teacher_coverage(moved, cache, "VG train") == 1.0
+    # two files with one name cannot share the cache
+    twin = dict(records[0], file=str(tmp_path / "b" / "images" / "a0.jpg"))
+    _png(twin["file"], 8, 6)
+    with pytest.raises(ValueError, match="same file name"):
+        sg2hoi.build_clip_image_cache([records, [twin]], cache_path)
+    # coverage: 99 of 100 is enough, 98 of 100 is an error with the counts
+    many = [dict(file=f"/x/{i}.jpg") for i in range(100)]
+    assert sg2hoi.teacher_coverage(many, {f"{i}.jpg": 0 for i in range(99)}, "HICO-DET train") == 0.99
+    with pytest.raises(ValueError, match=r"only 98 of 100 images of HICO-DET train"):
+        sg2hoi.teacher_coverage(many, {f"{i}.jpg": 0 for i in range(98)}, "HICO-DET train")
+
+
+class _NotAllowed:
+    pass
+
+
+def test_a_detr_training_checkpoint_with_argparse_args_loads_safely(tmp_path, capsys):
+    import argparse
+
+    model = sg2hoi.build_model(toy_cfg())
+    sd = {"transformer.decoder.norm.weight": torch.randn(64), "transformer.decoder.norm.bias": torch.randn(64),
+          "query_embed.weight": torch.randn(100, 64), "class_embed.weight": torch.randn(92, 64),
+          "class_embed.bias": torch.randn(92)}
+    path = str(tmp_path / "checkpoint.pth")  # as DETR's main.py writes it
+    torch.save({"model": sd, "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4, "params": [0]}]},
+                "lr_scheduler": {"step_size": 200}, "epoch": 299,
+                "args": argparse.Namespace(lr=1e-4, backbone="resnet50", dataset_file="coco")}, path)
+    loaded, skipped = sg2hoi.load_detr_weights(model, path)
+    assert {"rel_decoder.norm.weight", "hoi_decoder.norm.bias", "rel_query_embed.weight"} <= set(loaded)
+    assert torch.equal(model.rel_query_embed.weight, sd["query_embed.weight"][:8])
+    assert any(s.startswith("class_embed.weight") and "hidden layer" in s for s in skipped)
+    assert "class_embed (COCO-91 classifier) not used" in capsys.readouterr().out
+    # anything else than argparse.Namespace is refused with a message that says what to do
+    torch.save({"model": sd, "args": _NotAllowed()}, path)
+    with pytest.raises(ValueError, match="cannot be read safely.*re-save its weights"):
+        sg2hoi.load_detr_weights(model, path)
+
+
+def test_bbseg_targets_use_the_backbone_stride_on_an_odd_canvas():
+    """A 1,199 px high padded batch (ResNet: 38 rows of stride 32, not 1199 / 38 = 31.55): cell i is centred at
+    (i + 0.5) * 32, and a cell is padding when its whole 32-pixel block is."""
+    model = sg2hoi.build_model(toy_cfg(backbone="resnet50"))
+    crit = sg2hoi.build_criterion(model)
+    assert crit.stride == model.backbone.stride == 32
+    fm = torch.zeros(1, 38, 20, dtype=torch.bool)
+    t = [dict(boxes=torch.tensor([[0., 1150, 600, 1199]]), labels=torch.tensor([2]), size=torch.tensor([1199, 640]))]
+    y = crit.seg_targets({"feat_mask": fm}, t, "sgg")
+    rows = y[0, 1 + int(model.entity_to_seg[2])].any(1).nonzero().flatten().tolist()
+    assert rows == [36]  # centres 1136, 1168, 1200: only 1168 lies in [1150, 1199] (31.55 would add row 37)
+    # mask: an image 1,010 px high in the 1,199 px canvas has ceil(1010 / 32) = 32 valid rows (DETR's nearest
+    # interpolation would give 33)
+    mask = torch.zeros(1, 1199, 640, dtype=torch.bool)
+    mask[0, 1010:] = True
+    fmask = sg2hoi.downsample_mask(mask, (38, 20), 32)
+    assert (~fmask[0]).all(1).nonzero().flatten().tolist() == list(range(32)) and fmask[0, 32:].all()
+    # the toy model on an odd canvas: stride 8, ceil(203 / 8) = 26 rows; the second image (150 px) has 19
+    toy = sg2hoi.build_model(toy_cfg())
+    x, m = torch.randn(2, 3, 203, 64), torch.zeros(2, 203, 64, dtype=torch.bool)
+    m[1, 150:] = True
+    out = toy(x, m)
+    assert out["feat_mask"].shape == (2, 26, 8) and (~out["feat_mask"][1]).all(1).sum() == 19
+    tt = [dict(boxes=torch.tensor([[0., 196, 64, 203]]), labels=torch.tensor([1]), rels=torch.zeros(0, 3).long(),
+               size=torch.tensor([203, 64]))] * 2
+    y = sg2hoi.build_criterion(toy).seg_targets(out, tt, "sgg")
+    assert y[0, 1 + int(toy.entity_to_seg[1])].any(1).nonzero().flatten().tolist() == [24]  # centre 196, not 25 (204)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("lr_backbone", -1.0), ("lr_text_classifier", float("nan")), ("lr", float("inf")), ("loss_seg", -0.5),
+    ("cost_rel", -1.0), ("weight_decay", -1e-4), ("batch_size", 0), ("num_rel_queries", 0), ("num_hoi_queries", -1),
+    ("enc_layers", 0), ("hoi_dec_layers", 0), ("image_size", 0), ("max_size", 0), ("d_model", 0), ("nheads", 0),
+    ("sgg_epochs", -1), ("joint_epochs", 1.5), ("lr_drop", 0.0), ("lr_drop", 1.5), ("dropout", 1.0),
+    ("use_r2i", "yes"), ("query_transform_memory", "keys"), ("relq_queries", "random")])
+def test_every_config_value_is_validated_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=f"Config.{field}"):
+        sg2hoi.make_config("toy", **{field: value})
+    sg2hoi.make_config("toy", lr_drop=1.0, sgg_epochs=0, loss_seg=0.0, dropout=0.0)  # the edges are allowed
+
+
+def test_the_toy_backbone_computes_the_same_function_for_any_batch_split():
+    torch.manual_seed(0)
+    net = sg2hoi.TinyBackbone().train()
+    x = torch.randn(4, 3, 32, 32)
+    whole = net(x)
+    halves = torch.cat([net(x[:2]), net(x[2:])])
+    assert torch.allclose(whole, halves, atol=1e-5)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules())
+
+
+def test_non_finite_matching_costs_raise_a_named_floating_point_error():
+    cfg = toy_cfg()
+    model = sg2hoi.build_model(cfg)
+    crit = sg2hoi.build_criterion(model)
+    out = model(*batch())
+    out["rel"]["sub_logits"] = out["rel"]["sub_logits"].detach().clone()
+    out["rel"]["sub_logits"][0, 1, 3] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"non-finite matching cost: model outputs contain NaN/Inf "
+                                                 r"\(relation matching"):
+        crit(out, sgg_targets(), "sgg")
+    out["hoi"]["obj_boxes"] = out["hoi"]["obj_boxes"].detach().clone()
+    out["hoi"]["obj_boxes"][-1, 0, 2, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match=r"HOI matching"):
+        crit(out, hoi_targets(), "hoi")

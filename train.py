@@ -515,6 +515,11 @@ def load_data(run):
     teachers = dict.fromkeys(data)
     if args.clip_cache and cfg.use_vl_distill:
         cache = torch.load(args.clip_cache, weights_only=True)
+        for task in data:  # a cache keyed for other images would silently switch Eq. 5 off
+            try:
+                sg2hoi.teacher_coverage(data[task]["train"][0], cache, f"{task} training split")
+            except ValueError as e:
+                raise SystemExit(f"--clip_cache {args.clip_cache}: {e}") from None
         teachers = dict.fromkeys(data, cache)
     elif args.text_teacher == "objects" and cfg.use_vl_distill:
         teachers = {task: sg2hoi.class_text_embeddings(
@@ -576,11 +581,13 @@ def build(run):
 # ------------------------------------------------------------------------------------------------ 4. training
 
 
-def set_learning_rates(optimizer, cfg, phase, progress):
-    """Phase 2 lowers the SGG part to lr_sgg_phase2; lr x 0.1 after cfg.lr_drop of each phase."""
+def set_learning_rates(optimizer, cfg, phase, progress, sgg_pretrained=True):
+    """Phase 2 lowers the SGG part to lr_sgg_phase2 (when phase 1 trained it); lr x 0.1 after cfg.lr_drop of each
+    phase."""
     factor = 0.1 if progress >= cfg.lr_drop else 1.0
     for g in optimizer.param_groups:
-        base = cfg.lr_sgg_phase2 if (phase == 2 and g["name"] == "sgg") else g["base_lr"]
+        lowered = phase == 2 and sgg_pretrained and g["name"] == "sgg"
+        base = cfg.lr_sgg_phase2 if lowered else g["base_lr"]
         g["lr"] = base * factor
 
 
@@ -667,7 +674,7 @@ def train_step(run, ddp_model, model, criterion, optimizer, micro_batches, task,
     if problem:
         optimizer.zero_grad(set_to_none=True)
         return None, problem
-    for p in model.idle_parameters(task):  # after DDP's reduction: AdamW must not touch the idle heads
+    for p in model.idle_parameters(task, summed):  # after DDP's reduction: AdamW must not touch the idle heads
         p.grad = None
     if cfg.clip_max_norm > 0:
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], cfg.clip_max_norm)
@@ -762,7 +769,7 @@ def train(run, model, criterion, optimizer, state, streams, data):
             if args.compile:
                 ddp_model = torch.compile(ddp_model)
             ddp_phase = phase
-        set_learning_rates(optimizer, cfg, phase, sched.progress(step))
+        set_learning_rates(optimizer, cfg, phase, sched.progress(step), sgg_pretrained=sched.phase1_steps > 0)
         train_mode(model)
         micro_batches = [streams[task].next() for _ in range(run.accumulation)]
         terms, problem = train_step(run, ddp_model, model, criterion, optimizer, micro_batches, task,
