@@ -735,11 +735,15 @@ def load_model_from_checkpoint(path, device):
                          f"(tasks={cfg.tasks!r}); train.py sets them from the datasets")
     # The text-embedding table is only read to initialise tensors that the checkpoint overwrites, so the model is
     # built without it: a checkpoint trained elsewhere runs without that file.
-    model = sg2hoi.build_model(dataclasses.replace(cfg, text_embeddings=""))
+    try:
+        model = sg2hoi.build_model(dataclasses.replace(cfg, text_embeddings=""))
+    except (OSError, ValueError, KeyError) as e:  # e.g. an HSSG model whose GloVe file (word_vectors) is not here
+        raise InputError(f"{path}: cannot build the model of the checkpoint's config ({e})") from None
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
-        raise InputError(f"{path}: the weights do not fit the checkpoint's config ({str(e).splitlines()[0]})") from None
+        raise InputError(f"{path}: the weights do not fit the checkpoint's config "
+                         f"({' '.join(str(e).split())[:400]})") from None
     return model.to(device).eval(), cfg
 
 
@@ -1111,7 +1115,8 @@ def draw_scene_graph(image_uint8, graph):
     entities, colours = graph["entities"], _palette(len(graph["entities"]))
     index = {e["id"]: k for k, e in enumerate(entities)}
     boxes = [[v * scale for v in e["box"]] for e in entities]
-    pos = _spread([((b[0] + b[2]) / 2, (b[1] + b[3]) / 2) for b in boxes], 3 * r, (r, r, W - r, H - r))
+    pos = _spread([((b[0] + b[2]) / 2, (b[1] + b[3]) / 2) for b in boxes], max(3 * r, 5 * font_px),
+                  (r, r, W - r, H - r))
     edge_colour = {"relation": (30, 30, 30), "hoi": (20, 80, 200)}
     # arrows: one per (source, target, kind) with all its predicates; side by side when they share two nodes
     groups = {}
@@ -1137,8 +1142,14 @@ def draw_scene_graph(image_uint8, graph):
         direction = (pos[b] - pos[a]) / max(float(np.hypot(*(pos[b] - pos[a]))), 1e-6)
         start = pos[a] + normal * offset + direction * (r + lw)
         end = pos[b] + normal * offset - direction * (r + lw)
-        anchors = [(*(start + (end - start) * t + normal * o), 0.5, 0.5)
-                   for t in (0.5, 0.4, 0.6, 0.3, 0.7, 0.2, 0.8) for o in (0, font_px, -font_px)]
+        # label candidates along the arrow, from its middle outwards: above, below, right of, left of the point
+        anchors = []
+        for t in (0.5, 0.4, 0.6, 0.3, 0.7, 0.2, 0.8):
+            x, y = start + (end - start) * t
+            anchors += [(x, y - 2 * lw, 0.5, 1), (x, y + 2 * lw, 0.5, 0), (x + 2 * lw, y, 0, 0.5), (x - 2 * lw, y, 1, 0.5)]
+        # the arrow itself is an obstacle for labels: small squares along it
+        steps = max(2, int(np.hypot(*(end - start)) / lw))
+        placed += [(x - lw, y - lw, x + lw, y + lw) for x, y in np.linspace(start, end, steps)]
         arrows.append((key, start, end, text, anchors))
     # labels: nodes first (right of the node, else left, above, below), then the edges
     node_labels = []
@@ -1174,6 +1185,16 @@ def draw_scene_graph(image_uint8, graph):
         draw.text(xy, text, font=font, fill=edge_colour[kind])
     if not entities:
         draw.text((pad, pad), "no relation or HOI scores above the threshold", font=font, fill=(0, 0, 0))
+    kinds = {d["kind"] for d in graph["edges"]}
+    if len(kinds) == 2:  # a key, bottom left, when both kinds of arrow are drawn
+        key = [("solid: predicate", edge_colour["relation"]), ("   dashed: HOI verb", edge_colour["hoi"])]
+        width = sum(draw.textlength(t, font=font) for t, _ in key)
+        top = H - round(1.4 * font_px) - 2 * pad
+        draw.rectangle((0, top, width + 2 * pad, H), fill=(255, 255, 255))
+        x = pad
+        for text, colour in key:
+            draw.text((x, top + pad), text, font=font, fill=colour)
+            x += draw.textlength(text, font=font)
     return canvas
 
 

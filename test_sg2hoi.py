@@ -1100,13 +1100,15 @@ def test_image_command_bad_checkpoints_name_the_file(tmp_path, capsys):
     torchvision.io.write_png(torch.zeros(3, 8, 8, dtype=torch.uint8), image)
     garbage = tmp_path / "garbage.pt"
     garbage.write_text("not a checkpoint")
-    nameless = str(tmp_path / "nameless.pt")
     import dataclasses
+    nameless, weightless = str(tmp_path / "nameless.pt"), str(tmp_path / "weightless.pt")
     torch.save({"config": dataclasses.asdict(sg2hoi.make_config("toy")), "model": {}}, nameless)
+    torch.save({"config": dataclasses.asdict(_names_cfg()), "model": {}}, weightless)
     out = str(tmp_path / "out")
     for ckpt, message in [(str(tmp_path / "missing.pt"), "missing.pt: checkpoint not found"),
                           (str(garbage), "garbage.pt: cannot read the checkpoint"),
-                          (nameless, "nameless.pt: the checkpoint's config lacks the class names entity_names")]:
+                          (nameless, "nameless.pt: the checkpoint's config lacks the class names entity_names"),
+                          (weightless, "weightless.pt: the weights do not fit the checkpoint's config")]:
         assert ev.run_on_images(ckpt, [image], out) == 2
         assert message in capsys.readouterr().err
     assert not os.path.exists(out)  # nothing written
