@@ -891,10 +891,10 @@ def merge_entities(result, iou_threshold=MERGE_IOU):
         best, vocabulary, _ = cands[i]
         entities.append({"id": f"n{k}", "name": best["name"], "label": best["label"], "vocabulary": vocabulary,
                          "box": best["box"], "score": best["score"], "members": [], "actions": []})
-    where = {}
+    where = {}  # (key, index, role) -> entity index
     for c, k in zip(cands, node_of.tolist()):
         entities[k]["members"].append(c[2])
-        where[tuple(c[2])] = entities[k]["id"]
+        where[tuple(c[2])] = k
     # display names: "person" when one person, else "person 1", "person 2" (by score)
     for name in class_names:
         same = [e for e in entities if e["name"] == name]
@@ -905,10 +905,10 @@ def merge_entities(result, iou_threshold=MERGE_IOU):
                                  ("hoi", "hois", "human", "object", "verb")):
         for i, t in enumerate(result[key]):
             if t[b] is None:
-                e = entities[int(where[(key, i, a)][1:])]
+                e = entities[where[(key, i, a)]]
                 e["actions"] += [t[rel]["name"]] if t[rel]["name"] not in e["actions"] else []
                 continue
-            edge_key = (where[(key, i, a)], where[(key, i, b)], t[rel]["name"], kind)
+            edge_key = (entities[where[(key, i, a)]]["id"], entities[where[(key, i, b)]]["id"], t[rel]["name"], kind)
             if edge_key not in edges:
                 edges[edge_key] = {"source": edge_key[0], "target": edge_key[1], "label": edge_key[2], "kind": kind,
                                    "score": t["score"], "from": []}
@@ -956,13 +956,15 @@ def _font(size):
 
 def _canvas(image_uint8, min_side=MIN_DRAW_SIDE):
     """(3, H, W) uint8 -> (PIL RGB image, scale from original to canvas pixels): upscaled so that its longer side
-    is at least min_side, otherwise the image itself. Text and lines are then sized from the canvas."""
+    is at least min_side, otherwise the image itself. Text and lines are then sized from the canvas. Upscaling is
+    nearest-neighbour: the model saw those pixels, so they stay crisp blocks (and the PNG stays small)."""
+    from torchvision.transforms import InterpolationMode
     from torchvision.transforms.v2 import functional as TF
 
     H, W = image_uint8.shape[-2:]
     scale = max(1.0, min_side / max(H, W))
     if scale > 1:
-        image_uint8 = TF.resize(image_uint8, [round(H * scale), round(W * scale)], antialias=True)
+        image_uint8 = TF.resize(image_uint8, [round(H * scale), round(W * scale)], InterpolationMode.NEAREST)
     return TF.to_pil_image(image_uint8), scale
 
 
@@ -1258,8 +1260,8 @@ def run_on_images(ckpt_path, image_args, out_dir, top=10, threshold=0.1, merge_i
         H, W = image.shape[-2:]
         graph = merge_entities(result, merge_iou)
         files = _outputs_for(path, out_dir, used)
-        draw_image_predictions(image, result, graph).save(files["prediction"])
-        draw_scene_graph(image, graph).save(files["graph"])
+        draw_image_predictions(image, result, graph).save(files["prediction"], optimize=True)
+        draw_scene_graph(image, graph).save(files["graph"], optimize=True)
         with open(files["dot"], "w") as f:
             f.write(scene_graph_dot(graph, (H, W), title=os.path.basename(path)))
         record = {"image": path, "width": int(W), "height": int(H), "checkpoint": ckpt_path,
