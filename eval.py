@@ -1016,8 +1016,9 @@ def _member_entities(graph):
 
 def draw_image_predictions(image_uint8, result, graph):
     """Picture (a), a PIL image: the image (upscaled to MIN_DRAW_SIDE when smaller) with each graph entity's box
-    in its own colour, tagged with its display name, and under it a legend, one line per kept relation triplet
-    (R1, R2, ...) and HOI (H1, ...): "subject  predicate  object  score", entity names in their box's colour."""
+    in its own colour, tagged with its display name, and under it a legend, one line per distinct relation
+    triplet (R1, R2, ...) and HOI (H1, ...) between entities: "subject  predicate  object  best score",
+    entity names in their box's colour."""
     from PIL import Image, ImageDraw
 
     canvas, scale = _canvas(image_uint8)
@@ -1036,19 +1037,24 @@ def draw_image_predictions(image_uint8, result, graph):
         rect, xy = _place_label(draw, e["display_name"], font, anchors, placed, (0, 0, W, H), pad)
         draw.rectangle(rect, fill=c)
         draw.text(xy, e["display_name"], font=font, fill=_readable_on(c))
-    # the legend: lines of (text, colour) segments
+    # the legend: one line per distinct (subject entity, predicate, object entity), best first, as (text, colour)
+    # segments; several queries predicting the same triplet (one-stage models do) share a line, "(n queries)"
     node = _member_entities(graph)
     grey, black = (110, 110, 110), (0, 0, 0)
-    lines = []
-    for key, tag, a, rel, b in (("relations", "R", "subject", "predicate", "object"), ("hois", "H", "human", "verb", "object")):
+    distinct = {}  # (key, subject entity, predicate, object entity or None) -> [best score, number of queries]
+    for key, a, rel, b in (("relations", "subject", "predicate", "object"), ("hois", "human", "verb", "object")):
         for i, t in enumerate(result[key]):
-            line = [(f"{tag}{i + 1}  ", grey)]
-            line.append((graph["entities"][node[(key, i, a)]]["display_name"], _darker(colours[node[(key, i, a)]])))
-            line.append((f"  {t[rel]['name']}  ", black))
-            if t[b] is not None:
-                line.append((graph["entities"][node[(key, i, b)]]["display_name"], _darker(colours[node[(key, i, b)]])))
-            line.append((f"   {t['score']:.2f}", grey))
-            lines.append(line)
+            k = (key, node[(key, i, a)], t[rel]["name"], None if t[b] is None else node[(key, i, b)])
+            distinct.setdefault(k, [t["score"], 0])[1] += 1
+    lines, counter = [], {"relations": 0, "hois": 0}
+    for (key, a, name, b), (score, n) in distinct.items():
+        counter[key] += 1
+        line = [(f"{'R' if key == 'relations' else 'H'}{counter[key]}  ", grey),
+                (graph["entities"][a]["display_name"], _darker(colours[a])), (f"  {name}  ", black)]
+        if b is not None:
+            line.append((graph["entities"][b]["display_name"], _darker(colours[b])))
+        line.append((f"   {score:.2f}" + (f"  ({n} queries)" if n > 1 else ""), grey))
+        lines.append(line)
     if not lines:
         lines = [[("no relation or HOI scores above the threshold", grey)]]
     # the legend's font shrinks (not below 10 px) when its widest line would not fit the picture's width

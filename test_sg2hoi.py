@@ -1151,3 +1151,17 @@ def test_image_cli_writes_pictures_graph_and_json_and_goes_on_after_a_bad_image(
         for suffix in ("_pred.png", "_graph.png"):
             picture = torchvision.io.decode_image(stem + suffix)
             assert picture.shape[0] == 3 and picture.shape[-1] == ev.MIN_DRAW_SIDE  # toy images are drawn x5
+
+
+def test_hoi_without_object_becomes_an_action_of_its_human():
+    # V-COCO's agent-only actions ("stand") have no object box: the human node carries them, no edge is added
+    result = {"relations": [], "hois": [
+        {"human": _ent("person", [10, 10, 50, 100], 0.9), "verb": {"index": 0, "name": "stand"}, "object": None,
+         "score": 0.6},
+        {"human": _ent("person", [11, 10, 50, 100], 0.8), "verb": {"index": 1, "name": "hold"},
+         "object": _ent("cup", [40, 40, 50, 50], 0.7, 41), "score": 0.5}]}
+    graph = ev.merge_entities(result)
+    person = next(e for e in graph["entities"] if e["name"] == "person")
+    assert person["actions"] == ["stand"] and len(graph["entities"]) == 2
+    assert [(d["label"], d["kind"]) for d in graph["edges"]] == [("hold", "hoi")]
+    assert 'label="person\\n(stand)"' in ev.scene_graph_dot(graph, (120, 120))
