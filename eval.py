@@ -689,7 +689,7 @@ def visualize(model, cfg, data, device, out_dir, num_images=8, top=5):
     return written
 
 
-# ------------------------------------------------------------------------------------------------ your own images (issue 12)
+# ------------------------------------------------------------------------------------------------ your own images
 # `python eval.py --ckpt runs/toy/ckpt.pt --image a.jpg photos/ "shots/*.png"`: the model on any pictures, from the
 # checkpoint alone (its config holds the class names and the test-time resize; no dataset, no network). Per image:
 #   <stem>_pred.png    the image with the merged entities' boxes and a legend of the kept triplets and HOIs
@@ -773,7 +773,8 @@ def expand_image_args(args):
         if os.path.isdir(a):
             files = sorted(os.path.join(a, f) for f in os.listdir(a) if f.lower().endswith(IMAGE_EXTENSIONS)
                            and os.path.isfile(os.path.join(a, f)))
-            out += [(f, None) for f in files] or [(a, f"{a}: folder holds no image file ({', '.join(IMAGE_EXTENSIONS)})")]
+            none = f"{a}: folder holds no image file ({', '.join(IMAGE_EXTENSIONS)})"
+            out += [(f, None) for f in files] or [(a, none)]
         elif glob.has_magic(a):
             files = sorted(f for f in glob.glob(a) if os.path.isfile(f))
             out += [(f, None) for f in files] or [(a, f"{a}: no file matches this pattern")]
@@ -1154,7 +1155,8 @@ def draw_scene_graph(image_uint8, graph):
         anchors = []
         for t in (0.5, 0.4, 0.6, 0.3, 0.7, 0.2, 0.8):
             x, y = start + (end - start) * t
-            anchors += [(x, y - 2 * lw, 0.5, 1), (x, y + 2 * lw, 0.5, 0), (x + 2 * lw, y, 0, 0.5), (x - 2 * lw, y, 1, 0.5)]
+            anchors += [(x, y - 2 * lw, 0.5, 1), (x, y + 2 * lw, 0.5, 0),
+                        (x + 2 * lw, y, 0, 0.5), (x - 2 * lw, y, 1, 0.5)]
         # the arrow itself is an obstacle for labels: small squares along it
         steps = max(2, int(np.hypot(*(end - start)) / lw))
         placed += [(x - lw, y - lw, x + lw, y + lw) for x, y in np.linspace(start, end, steps)]
@@ -1164,7 +1166,8 @@ def draw_scene_graph(image_uint8, graph):
     for k, e in enumerate(entities):
         text = e["display_name"] + "".join(f" ({a})" for a in e["actions"])
         x, y = pos[k]
-        anchors = [(x + 1.5 * r, y, 0, 0.5), (x - 1.5 * r, y, 1, 0.5), (x, y - 1.5 * r, 0.5, 1), (x, y + 1.5 * r, 0.5, 0)]
+        anchors = [(x + 1.5 * r, y, 0, 0.5), (x - 1.5 * r, y, 1, 0.5),
+                   (x, y - 1.5 * r, 0.5, 1), (x, y + 1.5 * r, 0.5, 0)]
         node_labels.append((k, text, *_place_label(draw, text, font, anchors, placed, bounds, pad)))
     edge_labels = [(key[2], text, *_place_label(draw, text, font, anchors, placed, bounds, pad))
                    for key, _, _, text, anchors in arrows]
@@ -1182,7 +1185,8 @@ def draw_scene_graph(image_uint8, graph):
          if kind == "hoi" else draw.line([tuple(start), tuple(end)], fill=colour, width=lw))
         u = (end - start) / max(float(np.hypot(*(end - start))), 1e-6)
         n = np.array([-u[1], u[0]])
-        draw.polygon([tuple(end), tuple(end - u * head + n * head / 2), tuple(end - u * head - n * head / 2)], fill=colour)
+        draw.polygon([tuple(end), tuple(end - u * head + n * head / 2), tuple(end - u * head - n * head / 2)],
+                     fill=colour)
     for (x, y), c in zip(pos, colours):
         draw.ellipse((x - r, y - r, x + r, y + r), fill=c, outline=(0, 0, 0), width=max(1, lw // 2))
     for k, text, rect, xy in node_labels:
@@ -1281,7 +1285,7 @@ def run_on_images(ckpt_path, image_args, out_dir, top=10, threshold=0.1, merge_i
             json.dump(record, f, indent=1)
         done += 1
         print(f"{path}: {len(result['relations'])} relations, {len(result['hois'])} HOIs, "
-              f"{len(graph['entities'])} entities, {seconds:.3f} s -> {files['json']} (+ _pred.png, _graph.png, _graph.dot)")
+              f"{len(graph['entities'])} entities, {seconds:.3f} s -> {files['json']} (+ pictures, DOT)")
     print(f"{done} image(s) done, {len(failed)} failed" + (f": {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
 
