@@ -1112,6 +1112,610 @@ def visualize(model, cfg, data, device, out_dir, num_images=8, top=5):
     return written
 
 
+# ------------------------------------------------------------------------------------------------ your own images
+# `python eval.py --ckpt runs/toy/ckpt.pt --image a.jpg photos/ "shots/*.png"`: the model on any pictures, from the
+# checkpoint alone (its config holds the class names and the test-time resize; no dataset, no network). Per image:
+#   <stem>_pred.png    the image with the merged entities' boxes and a legend of the kept triplets and HOIs
+#   <stem>_graph.png   the scene graph drawn over a dimmed copy of the image (nodes at their boxes' centres)
+#   <stem>_graph.dot   the same graph in Graphviz's DOT language
+#   <stem>.json        every kept triplet and HOI (boxes in the original image's pixels), the graph, the settings
+# A one-stage model predicts a subject box and an object box per query, so one object is predicted by many
+# queries: merge_entities turns those boxes into one node per object before the graph is drawn.
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff")  # what a folder contributes
+# Boxes of the same class name with IoU > MERGE_IOU are one entity (greedy by score, as NMS). 0.5 is the benchmarks'
+# own "this box is that object" (IOU_THRESHOLD); the subject and object heads regress one object independently, and
+# on a briefly trained toy model their boxes of one object overlapped at IoU 0.5-0.7, so 0.7 left duplicates.
+MERGE_IOU = 0.5
+MIN_DRAW_SIDE = 640  # pictures are drawn with a longer side of at least this many pixels (toy images are 128 px)
+
+
+class InputError(Exception):
+    """A checkpoint or an image that cannot be used; the message names the file and what is wrong with it."""
+
+
+def load_model_from_checkpoint(path, device):
+    """train.py's checkpoint -> (model in eval mode on device, Config). Raises InputError naming the file when it
+    is missing, unreadable, not a train.py checkpoint, or its config lacks the class names of its tasks."""
+    import dataclasses
+    import torch
+    import sg2hoi
+
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and torch errors all mean the same thing here
+        raise InputError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or not {"config", "model"} <= set(ckpt):
+        raise InputError(f"{path}: not a train.py checkpoint (it needs the keys 'config' and 'model')")
+    try:
+        cfg = sg2hoi.Config(**ckpt["config"])
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{path}: invalid config ({e})") from None
+    needed = (["entity_names", "predicate_names"] if cfg.sgg else []) + \
+             (["hoi_object_names", "verb_names"] if cfg.hoi else [])
+    missing = [n for n in needed if not getattr(cfg, n)]
+    if missing:
+        raise InputError(f"{path}: the checkpoint's config lacks the class names {', '.join(missing)} "
+                         f"(tasks={cfg.tasks!r}); train.py sets them from the datasets")
+    # The text-embedding table is only read to initialise tensors that the checkpoint overwrites, so the model is
+    # built without it: a checkpoint trained elsewhere runs without that file.
+    try:
+        model = sg2hoi.build_model(dataclasses.replace(cfg, text_embeddings=""))
+    except (OSError, ValueError, KeyError) as e:  # e.g. an HSSG model whose GloVe file (word_vectors) is not here
+        raise InputError(f"{path}: cannot build the model of the checkpoint's config ({e})") from None
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise InputError(f"{path}: the weights do not fit the checkpoint's config "
+                         f"({' '.join(str(e).split())[:400]})") from None
+    return model.to(device).eval(), cfg
+
+
+def hoi_validity_mask(cfg):
+    """(V, O) verb-object validity mask for hoi_triplets when the checkpoint's HOI vocabulary is HICO-DET's or
+    V-COCO's (as the toy HOI data's is): the 600 HICO-DET HOI classes, or corre_vcoco plus QPIC's "no object"
+    column; None (no mask) for any other vocabulary."""
+    import sg2hoi
+
+    vocab = sg2hoi.load_vocab()
+    coco = [c["name"] for c in vocab["coco80"]]
+    if cfg.hoi_object_names == coco and cfg.verb_names == vocab["hico_verbs"]:
+        return sg2hoi._hico_correct_mat(vocab)
+    if cfg.hoi_object_names == coco + ["no object"] and cfg.verb_names == [v["name"] for v in vocab["vcoco_verbs"]]:
+        return np.concatenate([np.array(vocab["corre_vcoco"], np.float32), np.ones((len(cfg.verb_names), 1))], 1)
+    return None
+
+
+def expand_image_args(args):
+    """--image arguments -> [(path, error or None)]: a folder gives its image files (by extension, sorted, not
+    recursive), a pattern with * ? [ gives its sorted matches, anything else is taken as a file (checked when
+    read). A folder without images or a pattern without matches is an error entry, so the others still run."""
+    import glob
+
+    out = []
+    for a in args:
+        if os.path.isdir(a):
+            files = sorted(os.path.join(a, f) for f in os.listdir(a) if f.lower().endswith(IMAGE_EXTENSIONS)
+                           and os.path.isfile(os.path.join(a, f)))
+            none = f"{a}: folder holds no image file ({', '.join(IMAGE_EXTENSIONS)})"
+            out += [(f, None) for f in files] or [(a, none)]
+        elif glob.has_magic(a):
+            files = sorted(f for f in glob.glob(a) if os.path.isfile(f))
+            out += [(f, None) for f in files] or [(a, f"{a}: no file matches this pattern")]
+        else:
+            out.append((a, None))
+    return out
+
+
+def read_image(path):
+    """An image file -> (3, H, W) uint8 RGB, upright as its EXIF orientation says. torchvision.io decodes JPEG,
+    PNG, GIF and WebP; PIL (torchvision's own dependency) the rest (BMP, TIFF, ...). Raises InputError."""
+    import torch
+    import torchvision
+    from PIL import Image, ImageOps
+    from torchvision.transforms.v2 import functional as TF
+
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such image file")
+    try:
+        image = torchvision.io.decode_image(path, mode=torchvision.io.ImageReadMode.RGB, apply_exif_orientation=True)
+        return TF.to_dtype(image, torch.uint8, scale=True)  # 16-bit PNGs decode as uint16
+    except (RuntimeError, ValueError):
+        pass
+    try:
+        with Image.open(path) as im:
+            return TF.pil_to_tensor(ImageOps.exif_transpose(im).convert("RGB"))
+    except Exception as e:  # PIL raises UnidentifiedImageError, OSError, DecompressionBombError, ...
+        raise InputError(f"{path}: not an image that torchvision or PIL can read ({type(e).__name__})") from None
+
+
+def _entity(box, label, names, score, size_hw):
+    """One predicted box as JSON: xyxy in original pixels (clipped to the image), label index and name, score."""
+    H, W = size_hw
+    box = np.clip(np.asarray(box, np.float64), 0, [W, H, W, H])
+    return {"box": [round(float(v), 2) for v in box], "label": int(label), "name": names[int(label)],
+            "score": round(float(score), 6)}
+
+
+def image_predictions(out, cfg, size_hw, top=10, threshold=0.1, correct_mat=None):
+    """The model's output for ONE image -> {"relations": [...], "hois": [...]}, best first, at most `top` each,
+    score >= threshold. size_hw = the ORIGINAL image's (H, W): the model's boxes are normalised by the resized
+    image's un-padded size, so relation_predictions / hoi_predictions scale them straight to original pixels.
+
+    relation: {"subject", "object": entity, "predicate": {"index" into cfg.predicate_names, "name"}, "score" =
+    s_sub * s_obj * p_predicate (graph constraint: one triplet per query, its best predicate)}.
+    HOI: {"human", "object" (None for V-COCO's "no object"), "verb": {"index" into cfg.verb_names, "name"},
+    "score" = sigmoid(verb) * s_obj * s_human, after the verb-object validity mask}.
+    entity: {"box" xyxy, "label" index into the task's vocabulary, "name", "score" (its class probability)}."""
+    import sg2hoi
+
+    result = {"relations": [], "hois": []}
+    if cfg.sgg:
+        pred = sg2hoi.relation_predictions(out["rel"], [size_hw])[0]
+        names = cfg.entity_names
+        for s, r, o, score in sg2hoi.relation_triplets(pred, graph_constraint=True, top_k=top):
+            if score < threshold:
+                break  # ranked: the rest score lower
+            result["relations"].append({
+                "subject": _entity(pred["boxes"][s], pred["labels"][s], names, pred["scores"][s], size_hw),
+                "predicate": {"index": r - 1, "name": cfg.predicate_names[r - 1]},
+                "object": _entity(pred["boxes"][o], pred["labels"][o], names, pred["scores"][o], size_hw),
+                "score": round(score, 6)})
+    if cfg.hoi:
+        pred = sg2hoi.hoi_predictions(out["hoi"], [size_hw])[0]
+        # the entity scores hoi_predictions folds into the verb scores: P(human) and the object class probability
+        p_human = out["hoi"]["human_logits"][-1][0].float().softmax(-1)[:, 0].cpu().numpy()  # (Q,)
+        s_obj = out["hoi"]["obj_logits"][-1][0].float().softmax(-1)[:, :-1].max(-1).values.cpu().numpy()  # (Q,)
+        Q, names = len(p_human), cfg.hoi_object_names
+        for h, o, v, score in sg2hoi.hoi_triplets(pred, correct_mat, top_k=top):
+            if score < threshold or score <= 0:  # masked (invalid verb-object) pairs score exactly 0
+                break
+            no_object = names[int(pred["labels"][o])] == "no object"
+            result["hois"].append({
+                "human": _entity(pred["boxes"][h], pred["labels"][h], names, p_human[h], size_hw),
+                "verb": {"index": v, "name": cfg.verb_names[v]},
+                "object": None if no_object else _entity(pred["boxes"][o], pred["labels"][o], names, s_obj[o - Q],
+                                                         size_hw),
+                "score": round(score, 6)})
+    return result
+
+
+def merge_entities(result, iou_threshold=MERGE_IOU):
+    """The kept triplets and HOIs -> the scene graph {"entities", "edges"}, one node per object.
+
+    Rule: every subject / object / human box is a candidate; candidates with the same class NAME (so a relation's
+    "person" and an HOI's "person" can merge, the two vocabularies being different) and IoU > iou_threshold are one
+    entity. Greedy by class probability, exactly as NMS: torchvision's batched_nms keeps the best box of each
+    cluster, and every other box joins the best kept box of its class that overlaps it by more than the threshold
+    (the box that suppressed it). The entity's box, label and score are those of its best box.
+    Edges: one per (subject entity, object entity, predicate or verb, kind); duplicates keep the highest score.
+    An HOI without an object (V-COCO's agent-only actions) adds its verb to the human's "actions" instead."""
+    import torch
+    from torchvision.ops import batched_nms, box_iou
+
+    cands = []  # (box, name, label, vocabulary, score, member reference)
+    for i, r in enumerate(result["relations"]):
+        for role in ("subject", "object"):
+            cands.append((r[role], "entity_names", ["relations", i, role]))
+    for i, h in enumerate(result["hois"]):
+        for role in ("human", "object"):
+            if h[role] is not None:
+                cands.append((h[role], "hoi_object_names", ["hois", i, role]))
+    if not cands:
+        return {"entities": [], "edges": [], "merge_rule": f"same class name and IoU > {iou_threshold}"}
+    boxes = torch.tensor([c[0]["box"] for c in cands], dtype=torch.float64)  # (N, 4) xyxy
+    scores = torch.tensor([c[0]["score"] for c in cands], dtype=torch.float64)
+    class_names = sorted({c[0]["name"] for c in cands})
+    classes = torch.tensor([class_names.index(c[0]["name"]) for c in cands])
+    keep = batched_nms(boxes, scores, classes, iou_threshold)  # (K,) indices, best score first
+    joins = (box_iou(boxes, boxes[keep]) > iou_threshold) & (classes[:, None] == classes[keep][None])  # (N, K)
+    joins[keep, torch.arange(len(keep))] = True  # a kept box is its own entity (even a degenerate, zero-area one)
+    node_of = joins.int().argmax(1)  # (N,) first True = the best-scoring kept box that overlaps it
+    entities = []
+    for k, i in enumerate(keep.tolist()):
+        best, vocabulary, _ = cands[i]
+        entities.append({"id": f"n{k}", "name": best["name"], "label": best["label"], "vocabulary": vocabulary,
+                         "box": best["box"], "score": best["score"], "members": [], "actions": []})
+    where = {}  # (key, index, role) -> entity index
+    for c, k in zip(cands, node_of.tolist()):
+        entities[k]["members"].append(c[2])
+        where[tuple(c[2])] = k
+    # display names: "person" when one person, else "person 1", "person 2" (by score)
+    for name in class_names:
+        same = [e for e in entities if e["name"] == name]
+        for j, e in enumerate(same):
+            e["display_name"] = name if len(same) == 1 else f"{name} {j + 1}"
+    edges = {}
+    for kind, key, a, b, rel in (("relation", "relations", "subject", "object", "predicate"),
+                                 ("hoi", "hois", "human", "object", "verb")):
+        for i, t in enumerate(result[key]):
+            if t[b] is None:
+                e = entities[where[(key, i, a)]]
+                e["actions"] += [t[rel]["name"]] if t[rel]["name"] not in e["actions"] else []
+                continue
+            edge_key = (entities[where[(key, i, a)]]["id"], entities[where[(key, i, b)]]["id"], t[rel]["name"], kind)
+            if edge_key not in edges:
+                edges[edge_key] = {"source": edge_key[0], "target": edge_key[1], "label": edge_key[2], "kind": kind,
+                                   "score": t["score"], "from": []}
+            edges[edge_key]["score"] = max(edges[edge_key]["score"], t["score"])
+            edges[edge_key]["from"].append([key, i])
+    return {"entities": entities, "edges": list(edges.values()),
+            "merge_rule": f"same class name and IoU > {iou_threshold}, greedy by class probability (NMS)"}
+
+
+def _dot_quote(text):
+    return '"' + str(text).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def scene_graph_dot(graph, size_hw, title=""):
+    """The graph in Graphviz's DOT language: one node per entity (label = its display name and its V-COCO
+    agent-only actions; tooltip = box and score; pos = its box's centre in points, y up, so `neato -n` keeps the
+    image's layout while `dot` lays it out its own way), one edge per predicate (solid) or HOI verb (dashed)."""
+    H = size_hw[0]
+    lines = ["digraph scene_graph {", f"  graph [label={_dot_quote(title)}, labelloc=t];",
+             '  node [shape=box, style="rounded,filled", fillcolor="#f0f0f0"];']
+    for e in graph["entities"]:
+        x1, y1, x2, y2 = e["box"]
+        label = e["display_name"] + "".join(f"\n({a})" for a in e["actions"])
+        tip = f"{e['name']} box [{x1:.0f}, {y1:.0f}, {x2:.0f}, {y2:.0f}] score {e['score']:.2f}"
+        lines.append(f"  {e['id']} [label={_dot_quote(label)}, tooltip={_dot_quote(tip)}, "
+                     f"pos=\"{(x1 + x2) / 2:.1f},{H - (y1 + y2) / 2:.1f}!\"];")
+    for d in graph["edges"]:
+        style = "solid" if d["kind"] == "relation" else "dashed"
+        tip = f"{d['kind']} score {d['score']:.2f}"
+        lines.append(f"  {d['source']} -> {d['target']} [label={_dot_quote(d['label'])}, style={style}, "
+                     f"tooltip={_dot_quote(tip)}];")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def _font(size):
+    """PIL's default font at `size` px (scalable with FreeType, Pillow >= 10.1), else its fixed bitmap font."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError, ImportError):
+        return ImageFont.load_default()
+
+
+def _canvas(image_uint8, min_side=MIN_DRAW_SIDE):
+    """(3, H, W) uint8 -> (PIL RGB image, scale from original to canvas pixels): upscaled so that its longer side
+    is at least min_side, otherwise the image itself. Text and lines are then sized from the canvas. Upscaling is
+    nearest-neighbour: the model saw those pixels, so they stay crisp blocks (and the PNG stays small)."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    H, W = image_uint8.shape[-2:]
+    scale = max(1.0, min_side / max(H, W))
+    if scale > 1:
+        image_uint8 = TF.resize(image_uint8, [round(H * scale), round(W * scale)], InterpolationMode.NEAREST)
+    return TF.to_pil_image(image_uint8), scale
+
+
+def _sizes(canvas):
+    """(font px, line width px) legible at any picture size: 2.5 % and 0.4 % of the canvas's longer side."""
+    side = max(canvas.size)
+    return max(12, round(0.025 * side)), max(2, round(0.004 * side))
+
+
+def _overlap(a, b):
+    """Intersection area of two xyxy rectangles."""
+    return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+
+
+def _place_label(draw, text, font, anchors, placed, bounds, pad):
+    """Where to put a text box, avoiding the boxes in `placed`: anchors are (x, y, ax, ay), the point (x, y) and
+    which point of the text box goes there (ax, ay in 0..1 of its width and height, 0 = left / top). The first
+    anchor whose box (kept inside bounds) overlaps nothing placed wins, else the one with the least overlap. The
+    box is appended to `placed` and returned with the text's offset: ((x1, y1, x2, y2), (tx, ty))."""
+    l, t, r, b = draw.textbbox((0, 0), text, font=font)
+    w, h = r - l + 2 * pad, b - t + 2 * pad
+    best, best_cost = None, None
+    for x, y, ax, ay in anchors:
+        x0 = min(max(x - ax * w, bounds[0]), bounds[2] - w)
+        y0 = min(max(y - ay * h, bounds[1]), bounds[3] - h)
+        box = (x0, y0, x0 + w, y0 + h)
+        cost = sum(_overlap(box, p) for p in placed)
+        if best is None or cost < best_cost:
+            best, best_cost = box, cost
+        if cost == 0:
+            break
+    placed.append(best)
+    return best, (best[0] + pad - l, best[1] + pad - t)
+
+
+def _readable_on(colour):
+    """Black or white text, whichever reads better on `colour` (Rec. 601 luma)."""
+    return (0, 0, 0) if 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2] > 150 else (255, 255, 255)
+
+
+def _darker(colour, f=0.65):
+    return tuple(int(c * f) for c in colour)
+
+
+def _member_entities(graph):
+    """{(key, index, role): entity index} from the entities' members, e.g. ("relations", 0, "subject") -> 2."""
+    return {tuple(m): k for k, e in enumerate(graph["entities"]) for m in e["members"]}
+
+
+def draw_image_predictions(image_uint8, result, graph):
+    """Picture (a), a PIL image: the image (upscaled to MIN_DRAW_SIDE when smaller) with each graph entity's box
+    in its own colour, tagged with its display name, and under it a legend, one line per distinct relation
+    triplet (R1, R2, ...) and HOI (H1, ...) between entities: "subject  predicate  object  best score",
+    entity names in their box's colour."""
+    from PIL import Image, ImageDraw
+
+    canvas, scale = _canvas(image_uint8)
+    font_px, lw = _sizes(canvas)
+    font, pad = _font(font_px), max(2, font_px // 6)
+    draw = ImageDraw.Draw(canvas)
+    W, H = canvas.size
+    colours = _palette(len(graph["entities"]))
+    boxes = [[v * scale for v in e["box"]] for e in graph["entities"]]
+    for box, c in zip(boxes, colours):
+        draw.rectangle(box, outline=c, width=lw)
+    placed = []
+    for e, box, c in zip(graph["entities"], boxes, colours):  # tags above the box's top-left corner, or nearby
+        x1, y1, x2, y2 = box
+        anchors = [(x1, y1, 0, 1), (x1, y1, 0, 0), (x2, y1, 1, 1), (x1, y2, 0, 0), (x1, y2, 0, 1), (x2, y2, 1, 0)]
+        rect, xy = _place_label(draw, e["display_name"], font, anchors, placed, (0, 0, W, H), pad)
+        draw.rectangle(rect, fill=c)
+        draw.text(xy, e["display_name"], font=font, fill=_readable_on(c))
+    # the legend: one line per distinct (subject entity, predicate, object entity), best first, as (text, colour)
+    # segments; several queries predicting the same triplet (one-stage models do) share a line, "(n queries)"
+    node = _member_entities(graph)
+    grey, black = (110, 110, 110), (0, 0, 0)
+    distinct = {}  # (key, subject entity, predicate, object entity or None) -> [best score, number of queries]
+    for key, a, rel, b in (("relations", "subject", "predicate", "object"), ("hois", "human", "verb", "object")):
+        for i, t in enumerate(result[key]):
+            k = (key, node[(key, i, a)], t[rel]["name"], None if t[b] is None else node[(key, i, b)])
+            distinct.setdefault(k, [t["score"], 0])[1] += 1
+    lines, counter = [], {"relations": 0, "hois": 0}
+    for (key, a, name, b), (score, n) in distinct.items():
+        counter[key] += 1
+        line = [(f"{'R' if key == 'relations' else 'H'}{counter[key]}  ", grey),
+                (graph["entities"][a]["display_name"], _darker(colours[a])), (f"  {name}  ", black)]
+        if b is not None:
+            line.append((graph["entities"][b]["display_name"], _darker(colours[b])))
+        line.append((f"   {score:.2f}" + (f"  ({n} queries)" if n > 1 else ""), grey))
+        lines.append(line)
+    if not lines:
+        lines = [[("no relation or HOI scores above the threshold", grey)]]
+    # the legend's font shrinks (not below 10 px) when its widest line would not fit the picture's width
+    widest = max(sum(draw.textlength(s, font=font) for s, _ in line) for line in lines)
+    legend_px = max(10, min(font_px, int(font_px * (W - 2 * pad) / max(widest, 1))))
+    legend_font, line_h = _font(legend_px), round(legend_px * 1.35)
+    legend = Image.new("RGB", (W, line_h * len(lines) + 2 * pad), (255, 255, 255))
+    ldraw = ImageDraw.Draw(legend)
+    for j, line in enumerate(lines):
+        x = pad
+        for text, colour in line:
+            ldraw.text((x, pad + j * line_h), text, font=legend_font, fill=colour)
+            x += ldraw.textlength(text, font=legend_font)
+    picture = Image.new("RGB", (W, H + legend.height), (255, 255, 255))
+    picture.paste(canvas, (0, 0))
+    picture.paste(legend, (0, H))
+    return picture
+
+
+def _spread(points, min_dist, bounds, steps=50):
+    """Push points (N, 2) apart until no two are closer than min_dist (or `steps` passes), inside bounds: two
+    objects with the same centre (a cup held in front of a person) still get two visible nodes."""
+    p = np.array(points, np.float64).reshape(-1, 2)
+    for _ in range(steps):
+        moved = False
+        for i in range(len(p)):
+            for j in range(i + 1, len(p)):
+                d = p[j] - p[i]
+                dist = float(np.hypot(*d))
+                if dist < min_dist:
+                    u = d / dist if dist > 1e-6 else np.array([np.cos(i + j), np.sin(i + j)])  # any fixed direction
+                    p[i] -= u * (min_dist - dist) / 2
+                    p[j] += u * (min_dist - dist) / 2
+                    moved = True
+        p[:, 0] = p[:, 0].clip(bounds[0], bounds[2])
+        p[:, 1] = p[:, 1].clip(bounds[1], bounds[3])
+        if not moved:
+            break
+    return p
+
+
+def _dashed_line(draw, p, q, fill, width, dash):
+    """A dashed segment p -> q (PIL draws only solid lines)."""
+    p, q = np.asarray(p, float), np.asarray(q, float)
+    length = float(np.hypot(*(q - p)))
+    for s in np.arange(0, length, 2 * dash):
+        a, b = p + (q - p) * s / length, p + (q - p) * min(s + dash, length) / length
+        draw.line([tuple(a), tuple(b)], fill=fill, width=width)
+
+
+def draw_scene_graph(image_uint8, graph):
+    """Picture (b), a PIL image: the scene graph over a dimmed copy of the image. Nodes sit at their boxes'
+    centres (pushed apart where two would overlap), each box outlined thinly in its node's colour; arrows go
+    subject -> object, solid for predicates, dashed blue for HOI verbs; several predicates of one directed pair
+    share an arrow and a label, two arrows between the same nodes are drawn side by side. Labels are placed
+    greedily where they cover no node and no other label (_place_label)."""
+    from PIL import Image, ImageDraw
+
+    canvas, scale = _canvas(image_uint8)
+    canvas = Image.blend(canvas, Image.new("RGB", canvas.size, (255, 255, 255)), 0.6)  # dimmed: the graph reads first
+    font_px, lw = _sizes(canvas)
+    font, pad, r = _font(font_px), max(2, font_px // 6), max(5, round(0.45 * font_px))
+    draw = ImageDraw.Draw(canvas)
+    W, H = canvas.size
+    bounds = (0, 0, W, H)
+    entities, colours = graph["entities"], _palette(len(graph["entities"]))
+    index = {e["id"]: k for k, e in enumerate(entities)}
+    boxes = [[v * scale for v in e["box"]] for e in entities]
+    pos = _spread([((b[0] + b[2]) / 2, (b[1] + b[3]) / 2) for b in boxes], max(3 * r, 5 * font_px),
+                  (r, r, W - r, H - r))
+    edge_colour = {"relation": (30, 30, 30), "hoi": (20, 80, 200)}
+    # arrows: one per (source, target, kind) with all its predicates; side by side when they share two nodes
+    groups = {}
+    for d in graph["edges"]:
+        groups.setdefault((index[d["source"]], index[d["target"]], d["kind"]), []).append(d)
+    pairs = {}
+    for key in groups:
+        pairs.setdefault(frozenset(key[:2]), []).append(key)
+    placed = [(x - r, y - r, x + r, y + r) for x, y in pos]  # labels keep off the nodes
+    arrows = []  # (key, start, end, label anchors)
+    for key, ds in groups.items():
+        a, b, kind = key
+        text = ", ".join(f"{d['label']} {d['score']:.2f}" for d in sorted(ds, key=lambda d: -d["score"]))
+        if a == b:  # self-loop: a subject and object boxes merged into one entity
+            x, y = pos[a]
+            arrows.append((key, None, None, text, [(x, y - 3 * r, 0.5, 1), (x + 2 * r, y - 2 * r, 0, 0.5)]))
+            continue
+        lo, hi = sorted((a, b))
+        u = (pos[hi] - pos[lo]) / max(float(np.hypot(*(pos[hi] - pos[lo]))), 1e-6)
+        normal = np.array([-u[1], u[0]])
+        siblings = sorted(pairs[frozenset((a, b))])
+        offset = (siblings.index(key) - (len(siblings) - 1) / 2) * max(3 * lw, font_px)
+        direction = (pos[b] - pos[a]) / max(float(np.hypot(*(pos[b] - pos[a]))), 1e-6)
+        start = pos[a] + normal * offset + direction * (r + lw)
+        end = pos[b] + normal * offset - direction * (r + lw)
+        # label candidates along the arrow, from its middle outwards: above, below, right of, left of the point
+        anchors = []
+        for t in (0.5, 0.4, 0.6, 0.3, 0.7, 0.2, 0.8):
+            x, y = start + (end - start) * t
+            anchors += [(x, y - 2 * lw, 0.5, 1), (x, y + 2 * lw, 0.5, 0),
+                        (x + 2 * lw, y, 0, 0.5), (x - 2 * lw, y, 1, 0.5)]
+        # the arrow itself is an obstacle for labels: small squares along it
+        steps = max(2, int(np.hypot(*(end - start)) / lw))
+        placed += [(x - lw, y - lw, x + lw, y + lw) for x, y in np.linspace(start, end, steps)]
+        arrows.append((key, start, end, text, anchors))
+    # labels: nodes first (right of the node, else left, above, below), then the edges
+    node_labels = []
+    for k, e in enumerate(entities):
+        text = e["display_name"] + "".join(f" ({a})" for a in e["actions"])
+        x, y = pos[k]
+        anchors = [(x + 1.5 * r, y, 0, 0.5), (x - 1.5 * r, y, 1, 0.5),
+                   (x, y - 1.5 * r, 0.5, 1), (x, y + 1.5 * r, 0.5, 0)]
+        node_labels.append((k, text, *_place_label(draw, text, font, anchors, placed, bounds, pad)))
+    edge_labels = [(key[2], text, *_place_label(draw, text, font, anchors, placed, bounds, pad))
+                   for key, _, _, text, anchors in arrows]
+    # draw: box outlines, arrows, nodes, then labels on top
+    for box, c in zip(boxes, colours):
+        draw.rectangle(box, outline=c, width=max(1, lw // 2))
+    head = 3 * lw + 4
+    for (a, b, kind), start, end, _, _ in arrows:
+        colour = edge_colour[kind]
+        if start is None:
+            x, y = pos[a]
+            draw.ellipse((x - r, y - 3 * r, x + r, y - r), outline=colour, width=lw)
+            continue
+        (_dashed_line(draw, start, end - (end - start) / np.hypot(*(end - start)) * head * 0.5, colour, lw, 2 * lw + 2)
+         if kind == "hoi" else draw.line([tuple(start), tuple(end)], fill=colour, width=lw))
+        u = (end - start) / max(float(np.hypot(*(end - start))), 1e-6)
+        n = np.array([-u[1], u[0]])
+        draw.polygon([tuple(end), tuple(end - u * head + n * head / 2), tuple(end - u * head - n * head / 2)],
+                     fill=colour)
+    for (x, y), c in zip(pos, colours):
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=c, outline=(0, 0, 0), width=max(1, lw // 2))
+    for k, text, rect, xy in node_labels:
+        draw.rectangle(rect, fill=(255, 255, 255), outline=colours[k], width=max(1, lw // 2))
+        draw.text(xy, text, font=font, fill=_darker(colours[k]))
+    for kind, text, rect, xy in edge_labels:
+        draw.rectangle(rect, fill=(255, 255, 255))
+        draw.text(xy, text, font=font, fill=edge_colour[kind])
+    if not entities:
+        draw.text((pad, pad), "no relation or HOI scores above the threshold", font=font, fill=(0, 0, 0))
+    kinds = {d["kind"] for d in graph["edges"]}
+    if len(kinds) == 2:  # a key, bottom left, when both kinds of arrow are drawn
+        key = [("solid: predicate", edge_colour["relation"]), ("   dashed: HOI verb", edge_colour["hoi"])]
+        width = sum(draw.textlength(t, font=font) for t, _ in key)
+        top = H - round(1.4 * font_px) - 2 * pad
+        draw.rectangle((0, top, width + 2 * pad, H), fill=(255, 255, 255))
+        x = pad
+        for text, colour in key:
+            draw.text((x, top + pad), text, font=font, fill=colour)
+            x += draw.textlength(text, font=font)
+    return canvas
+
+
+def _outputs_for(path, out_dir, used):
+    """The four output paths of one image: <out_dir>/<stem>{_pred.png, _graph.png, _graph.dot, .json}; a stem
+    already used in this run (a/x.jpg and b/x.png) gets _2, _3, ..."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    name, n = stem, 1
+    while name in used:
+        n += 1
+        name = f"{stem}_{n}"
+    used.add(name)
+    base = os.path.join(out_dir, name)
+    return {"prediction": base + "_pred.png", "graph": base + "_graph.png", "dot": base + "_graph.dot",
+            "json": base + ".json"}
+
+
+def predict_image(model, cfg, image_uint8, device, top=10, threshold=0.1, correct_mat=None):
+    """One image (3, H, W) uint8 -> (image_predictions(...), resized (h, w)): the test-time resize of the
+    checkpoint's config (shorter side cfg.image_size, longer side <= cfg.max_size), batch of one, _forward
+    (bf16 autocast on CUDA), boxes back in the original image's pixels."""
+    import torch
+    import sg2hoi
+    from torchvision import tv_tensors
+
+    transform = sg2hoi.make_transforms(False, cfg.image_size, cfg.max_size)
+    x = transform(tv_tensors.Image(image_uint8)).as_subclass(torch.Tensor)  # (3, h, w) normalised
+    images, mask, _ = sg2hoi.collate([(x, {})])  # (1, 3, h, w), (1, h, w) all False
+    out = _forward(model, images, mask, device)
+    return image_predictions(out, cfg, tuple(image_uint8.shape[-2:]), top, threshold, correct_mat), tuple(x.shape[-2:])
+
+
+def run_on_images(ckpt_path, image_args, out_dir, top=10, threshold=0.1, merge_iou=MERGE_IOU, device=None):
+    """--image: the checkpoint's model on each image, writing the four files of this section's header into
+    out_dir. A bad image is reported on stderr and skipped; returns the exit status: 0 = every image done,
+    1 = some failed, 2 = the checkpoint cannot be used."""
+    import sys
+    import torch
+
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        model, cfg = load_model_from_checkpoint(ckpt_path, device)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    correct_mat = hoi_validity_mask(cfg) if cfg.hoi else None
+    os.makedirs(out_dir, exist_ok=True)
+    used, failed, done = set(), [], 0
+    for path, error in expand_image_args(image_args):
+        try:
+            if error:
+                raise InputError(error)
+            image = read_image(path)
+            t = time.perf_counter()
+            result, resized_hw = predict_image(model, cfg, image, device, top, threshold, correct_mat)
+            seconds = time.perf_counter() - t
+        except InputError as e:
+            print(f"error: {e}", file=sys.stderr)
+            failed.append(path)
+            continue
+        H, W = image.shape[-2:]
+        graph = merge_entities(result, merge_iou)
+        files = _outputs_for(path, out_dir, used)
+        draw_image_predictions(image, result, graph).save(files["prediction"], optimize=True)
+        draw_scene_graph(image, graph).save(files["graph"], optimize=True)
+        with open(files["dot"], "w") as f:
+            f.write(scene_graph_dot(graph, (H, W), title=os.path.basename(path)))
+        record = {"image": path, "width": int(W), "height": int(H), "checkpoint": ckpt_path,
+                  "settings": {"top": top, "threshold": threshold, "merge_iou": merge_iou, "tasks": cfg.tasks,
+                               "image_size": cfg.image_size, "max_size": cfg.max_size,
+                               "resized_hw": list(resized_hw), "device": str(device),
+                               "hoi_validity_mask": correct_mat is not None, "graph_constraint": True},
+                  "seconds": round(seconds, 4), "box_format": "xyxy, pixels of the original image",
+                  **result, **graph, "files": files}
+        with open(files["json"], "w") as f:
+            json.dump(record, f, indent=1)
+        done += 1
+        print(f"{path}: {len(result['relations'])} relations, {len(result['hois'])} HOIs, "
+              f"{len(graph['entities'])} entities, {seconds:.3f} s -> {files['json']} (+ pictures, DOT)")
+    print(f"{done} image(s) done, {len(failed)} failed" + (f": {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
 # ------------------------------------------------------------------------------------------------ saved predictions
 
 
@@ -1298,8 +1902,14 @@ def parse_args(argv=None):
     p.add_argument("--num_visualize", type=int, default=8, help="test images per task for --visualize")
     p.add_argument("--benchmark", choices=["metrics", "model", "data", "rehearsal"], default="",
                    help="metrics: speed at the full test-set sizes; model: paper config forward vs backbone (CPU)")
+    p.add_argument("--image", nargs="+", default=[], help="run --ckpt on these image files, folders or globs")
+    p.add_argument("--out_dir", default="out/images", help="where --image writes its pictures, DOT and JSON")
+    p.add_argument("--top", type=int, default=10, help="--image: at most this many triplets and HOIs per image")
+    p.add_argument("--threshold", type=float, default=0.1, help="--image: keep triplets / HOIs scoring >= this")
     args = p.parse_args(argv)
-    if not args.benchmark and not (args.ckpt or args.predictions):
+    if args.image and not args.ckpt:
+        p.error("--image needs --ckpt")
+    if not args.benchmark and not args.image and not (args.ckpt or args.predictions):
         p.error("give --ckpt (or --predictions)")
     if args.visualize and not args.ckpt:
         p.error("--visualize needs --ckpt (it runs the model)")
@@ -1483,6 +2093,8 @@ def main(argv=None):
     if args.benchmark:
         run_benchmark(args.benchmark)
         return
+    if args.image:  # your own images: pictures, scene graphs and JSON (run_on_images)
+        raise SystemExit(run_on_images(args.ckpt, args.image, args.out_dir, args.top, args.threshold))
     device = init_distributed()
     rank = _rank_world()[0]
     try:

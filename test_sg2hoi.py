@@ -2028,3 +2028,252 @@ def test_non_finite_matching_costs_raise_a_named_floating_point_error():
     out["hoi"]["obj_boxes"][-1, 0, 2, 0] = float("inf")
     with pytest.raises(FloatingPointError, match=r"HOI matching"):
         crit(out, hoi_targets(), "hoi")
+
+
+# ==================================================================================================== your own images (issue 12)
+
+
+def _names_cfg(**kw):
+    """A toy config with small hand-named vocabularies (relations: person, horse, dog; HOIs: person, horse)."""
+    return sg2hoi.make_config("toy", num_entity_classes=3, entity_names=["person", "horse", "dog"], num_predicates=2,
+                              predicate_names=["riding", "near"], num_hoi_objects=2,
+                              hoi_object_names=["person", "horse"], num_verbs=2, verb_names=["ride", "feed"], **kw)
+
+
+def _one_hot_logits(rows, width, big=12.0):
+    """(1, 1, Q, width): one layer, one image; row q is `big` at rows[q] (None = all zeros, an unsure query)."""
+    x = torch.zeros(1, 1, len(rows), width)
+    for q, c in enumerate(rows):
+        if c is not None:
+            x[0, 0, q, c] = big
+    return x
+
+
+def _hand_made_output():
+    """Two relation queries and two HOI queries with known normalised (cx, cy, w, h) boxes: query 0 sure
+    ("person riding horse", "person ride horse"), query 1 unsure (uniform logits, score far below 0.1)."""
+    boxes_s = torch.tensor([[[[0.5, 0.5, 0.2, 0.4], [0.3, 0.3, 0.1, 0.1]]]])  # (L=1, B=1, Q=2, 4)
+    boxes_o = torch.tensor([[[[0.95, 0.5, 0.2, 0.2], [0.6, 0.6, 0.1, 0.1]]]])  # query 0: x2 = 1.05 W, clipped
+    rel = dict(sub_logits=_one_hot_logits([0, None], 4), obj_logits=_one_hot_logits([1, None], 4),
+               pred_logits=_one_hot_logits([0, None], 3), sub_boxes=boxes_s, obj_boxes=boxes_o)
+    verbs = torch.full((1, 1, 2, 2), -12.0)
+    verbs[0, 0, 0, 0] = 12.0  # query 0 "ride"
+    hoi = dict(human_logits=_one_hot_logits([0, None], 2), obj_logits=_one_hot_logits([1, None], 3),
+               verb_logits=verbs, human_boxes=boxes_s, obj_boxes=boxes_o)
+    return {"rel": rel, "hoi": hoi}
+
+
+def test_image_predictions_boxes_in_original_pixels_after_the_resize():
+    # a 300 x 500 image goes through the toy preset's test resize (shorter side 128 -> 128 x 213); the model
+    # normalises its boxes by that resized image, so the JSON boxes must come back in the 300 x 500 pixels
+    cfg, seen = _names_cfg(), {}
+
+    def fake_model(images, mask):
+        seen["shape"], seen["padded"] = tuple(images.shape), bool(mask.any())
+        return _hand_made_output()
+
+    image = torch.randint(0, 256, (3, 300, 500), dtype=torch.uint8)
+    result, resized = ev.predict_image(fake_model, cfg, image, torch.device("cpu"), top=10, threshold=0.1)
+    assert resized == (128, 213) and seen == {"shape": (1, 3, 128, 213), "padded": False}
+    assert len(result["relations"]) == 1 and len(result["hois"]) == 1  # query 1 scores < 0.1: dropped
+    r = result["relations"][0]
+    assert (r["subject"]["name"], r["predicate"]["name"], r["object"]["name"]) == ("person", "riding", "horse")
+    assert (r["subject"]["label"], r["predicate"]["index"], r["object"]["label"]) == (0, 0, 1)
+    # cx, cy, w, h = .5, .5, .2, .4 of 500 x 300 -> x 200..300, y 90..210
+    np.testing.assert_allclose(r["subject"]["box"], [200, 90, 300, 210], atol=0.01)
+    # cx = .95, w = .2 -> x 425..525, clipped to the image's width 500; cy = .5, h = .2 -> y 120..180
+    np.testing.assert_allclose(r["object"]["box"], [425, 120, 500, 180], atol=0.01)
+    assert r["score"] == pytest.approx(1.0, abs=1e-3)
+    h = result["hois"][0]
+    assert (h["human"]["name"], h["verb"]["name"], h["object"]["name"]) == ("person", "ride", "horse")
+    np.testing.assert_allclose(h["human"]["box"], [200, 90, 300, 210], atol=0.01)
+    np.testing.assert_allclose(h["object"]["box"], [425, 120, 500, 180], atol=0.01)
+    # the threshold and --top
+    everything = ev.image_predictions(_hand_made_output(), cfg, (300, 500), top=10, threshold=0.0)
+    assert len(everything["relations"]) == 2 and len(everything["hois"]) == 4  # 2 queries x 2 verbs
+    assert len(ev.image_predictions(_hand_made_output(), cfg, (300, 500), top=1, threshold=0.0)["hois"]) == 1
+    # a checkpoint trained for one task gives only that task's predictions
+    only_hoi = ev.image_predictions(_hand_made_output(), _names_cfg(tasks="hoi"), (300, 500))
+    assert only_hoi["relations"] == [] and len(only_hoi["hois"]) == 1
+
+
+def _ent(name, box, score, label=0):
+    return {"box": box, "label": label, "name": name, "score": score}
+
+
+def _hand_made_result():
+    """Three relations and one HOI. Person boxes A [10,10,50,100] and A' [12,10,50,98] (IoU 0.93) and the HOI's
+    human [11,10,50,100] (IoU 0.975 with A) are one person; B [200,10,240,100] is another; C [30,10,70,100] has
+    IoU 0.33 with A: a third. The two horse boxes (IoU 0.95) and the HOI's horse are one horse; the dog shares
+    the horse's box but not its class, so it stays apart."""
+    A, A2, B, C = [10, 10, 50, 100], [12, 10, 50, 98], [200, 10, 240, 100], [30, 10, 70, 100]
+    horse, horse2 = [0, 50, 120, 120], [2, 52, 118, 120]
+    rel = lambda s, p, o, score: {"subject": s, "predicate": {"index": 0, "name": p}, "object": o, "score": score}
+    relations = [rel(_ent("person", A, 0.9), "riding", _ent("horse", horse, 0.8, 1), 0.7),
+                 rel(_ent("person", A2, 0.7), "on", _ent("horse", horse2, 0.85, 1), 0.5),
+                 rel(_ent("person", B, 0.6), "near", _ent("dog", horse, 0.8, 2), 0.4),
+                 rel(_ent("person", C, 0.5), "near", _ent("horse", horse, 0.8, 1), 0.3)]
+    hois = [{"human": _ent("person", [11, 10, 50, 100], 0.95), "verb": {"index": 0, "name": "ride"},
+             "object": _ent("horse", [1, 50, 120, 121], 0.9, 1), "score": 0.8}]
+    return {"relations": relations, "hois": hois}
+
+
+def test_merge_entities_one_node_per_object_on_a_hand_made_prediction():
+    graph = ev.merge_entities(_hand_made_result(), iou_threshold=0.7)
+    names = {e["id"]: e["display_name"] for e in graph["entities"]}
+    # persons numbered by score: A's cluster (best = the HOI human, 0.95), B (0.6), C (0.5)
+    assert sorted(names.values()) == ["dog", "horse", "person 1", "person 2", "person 3"]
+    by_name = {e["display_name"]: e for e in graph["entities"]}
+    assert by_name["person 1"]["box"] == [11, 10, 50, 100] and by_name["person 1"]["score"] == 0.95
+    assert sorted(map(tuple, by_name["person 1"]["members"])) == [
+        ("hois", 0, "human"), ("relations", 0, "subject"), ("relations", 1, "subject")]
+    assert by_name["person 2"]["box"] == [200, 10, 240, 100] and by_name["person 3"]["box"] == [30, 10, 70, 100]
+    assert by_name["horse"]["box"] == [1, 50, 120, 121] and len(by_name["horse"]["members"]) == 4
+    edges = {(names[d["source"]], d["label"], names[d["target"]], d["kind"]) for d in graph["edges"]}
+    assert edges == {("person 1", "riding", "horse", "relation"), ("person 1", "on", "horse", "relation"),
+                     ("person 2", "near", "dog", "relation"), ("person 3", "near", "horse", "relation"),
+                     ("person 1", "ride", "horse", "hoi")}
+    # brute force: every member has its entity's class name and IoU > 0.7 with its entity's box
+    result = _hand_made_result()
+    for e in graph["entities"]:
+        for key, i, role in e["members"]:
+            member = result[key][i][role]
+            assert member["name"] == e["name"]
+            assert box_iou(torch.tensor([member["box"]], dtype=torch.float), torch.tensor([e["box"]], dtype=torch.float)) > 0.7
+    # a stricter threshold splits the horse boxes: IoU(horse, horse2) = 0.95, IoU(horse, HOI horse) = 0.99
+    assert sum(e["name"] == "horse" for e in ev.merge_entities(_hand_made_result(), 0.96)["entities"]) == 2
+
+
+def test_scene_graph_dot_parses_as_the_graph():
+    import re
+
+    result = _hand_made_result()
+    result["relations"][2]["predicate"]["name"] = 'says "hi" to'  # a quote inside a name must be escaped
+    graph = ev.merge_entities(result)
+    dot = ev.scene_graph_dot(graph, (200, 300), title="hand made")
+    assert dot.startswith("digraph scene_graph {") and dot.rstrip().endswith("}")
+    string = r'"((?:[^"\\]|\\.)*)"'
+    nodes = dict(re.findall(r"^\s*(n\d+) \[label=" + string, dot, re.M))
+    edges = {(s, t, re.sub(r"\\(.)", r"\1", label), style)
+             for s, t, label, style in re.findall(r"^\s*(n\d+) -> (n\d+) \[label=" + string + r", style=(\w+)", dot, re.M)}
+    assert nodes == {e["id"]: e["display_name"] for e in graph["entities"]}
+    assert edges == {(d["source"], d["target"], d["label"], "solid" if d["kind"] == "relation" else "dashed")
+                     for d in graph["edges"]}
+    assert any(label == 'says "hi" to' for _, _, label, _ in edges)
+    # node positions are the boxes' centres with y up (Graphviz points): person 2 = [200, 10, 240, 100] in H = 200
+    person2 = next(e["id"] for e in graph["entities"] if e["display_name"] == "person 2")
+    assert re.search(rf'^\s*{person2} \[.*pos="220\.0,145\.0!"', dot, re.M)
+
+
+def test_graph_and_prediction_pictures_draw_nodes_edges_and_boxes():
+    # a flat grey 128 x 128 image, upscaled x5 to 640 for drawing; person at the left, horse at the right
+    image = torch.full((3, 128, 128), 100, dtype=torch.uint8)
+    result = {"relations": [{"subject": _ent("person", [0, 40, 30, 90], 0.9), "predicate": {"index": 0, "name": "riding"},
+                             "object": _ent("horse", [80, 40, 128, 90], 0.8, 1), "score": 0.72}], "hois": []}
+    graph = ev.merge_entities(result)
+    colours = ev._palette(2)
+    pic = np.asarray(ev.draw_scene_graph(image, graph)).astype(int)  # (640, 640, 3)
+    assert pic.shape == (640, 640, 3)
+    dimmed = round(100 * 0.4 + 255 * 0.6)
+    assert np.abs(pic[630, 5] - dimmed).max() <= 1  # untouched background: the dimmed image
+    assert np.abs(pic[325, 75] - colours[0]).max() <= 1 and np.abs(pic[325, 520] - colours[1]).max() <= 1  # nodes
+    assert (np.abs(pic[325, 190:211] - (30, 30, 30)).max(-1) <= 1).all()  # the arrow between them, dark
+    assert (np.abs(pic[300:351, 480:500] - (30, 30, 30)).max(-1) <= 1).sum() >= 15  # its arrowhead near the horse
+    pred = np.asarray(ev.draw_image_predictions(image, result, graph)).astype(int)
+    assert pred.shape[0] > 640 and pred.shape[1] == 640  # the image, then the legend under it
+    assert np.abs(pred[325, 0] - colours[0]).max() <= 1 and np.abs(pred[325, 639] - colours[1]).max() <= 1  # box edges
+    assert np.abs(pred[600, 320] - 100).max() <= 1  # inside no box: the image itself
+    legend = pred[640:]
+    assert (legend != 255).any(axis=-1).sum() > 200  # the legend has text
+    assert (np.abs(legend - ev._darker(colours[0])).max(-1) <= 1).any()  # "person" written in its box's colour
+
+
+def test_image_inputs_folders_globs_and_bad_files(tmp_path):
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    torchvision.io.write_png(torch.zeros(3, 8, 8, dtype=torch.uint8), str(folder / "b.png"))
+    torchvision.io.write_jpeg(torch.zeros(3, 8, 8, dtype=torch.uint8), str(folder / "a.JPG"))
+    (folder / "notes.txt").write_text("not an image")
+    (tmp_path / "empty").mkdir()
+    found = ev.expand_image_args([str(folder), str(folder / "*.png"), str(tmp_path / "*.gif"), str(tmp_path / "empty"),
+                                  str(folder / "notes.txt")])
+    assert [(os.path.basename(p), e is None) for p, e in found] == [
+        ("a.JPG", True), ("b.png", True), ("b.png", True), ("*.gif", False), ("empty", False), ("notes.txt", True)]
+    assert "no file matches" in found[3][1] and "holds no image" in found[4][1]
+    assert ev.read_image(str(folder / "a.JPG")).shape == (3, 8, 8)
+    with pytest.raises(ev.InputError, match="notes.txt: not an image"):
+        ev.read_image(str(folder / "notes.txt"))
+    with pytest.raises(ev.InputError, match="missing.png: no such image file"):
+        ev.read_image(str(folder / "missing.png"))
+
+
+def test_image_command_bad_checkpoints_name_the_file(tmp_path, capsys):
+    image = str(tmp_path / "x.png")
+    torchvision.io.write_png(torch.zeros(3, 8, 8, dtype=torch.uint8), image)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_text("not a checkpoint")
+    import dataclasses
+    nameless, weightless = str(tmp_path / "nameless.pt"), str(tmp_path / "weightless.pt")
+    torch.save({"config": dataclasses.asdict(sg2hoi.make_config("toy")), "model": {}}, nameless)
+    torch.save({"config": dataclasses.asdict(_names_cfg()), "model": {}}, weightless)
+    out = str(tmp_path / "out")
+    for ckpt, message in [(str(tmp_path / "missing.pt"), "missing.pt: checkpoint not found"),
+                          (str(garbage), "garbage.pt: cannot read the checkpoint"),
+                          (nameless, "nameless.pt: the checkpoint's config lacks the class names entity_names"),
+                          (weightless, "weightless.pt: the weights do not fit the checkpoint's config")]:
+        assert ev.run_on_images(ckpt, [image], out) == 2
+        assert message in capsys.readouterr().err
+    assert not os.path.exists(out)  # nothing written
+
+
+def test_image_cli_writes_pictures_graph_and_json_and_goes_on_after_a_bad_image(tiny_toy, tmp_path):
+    import re
+
+    run = str(tmp_path / "run")
+    r = _run(["train.py", "--toy_root", tiny_toy, "--out", run, "--max_steps", "2", "--no_eval"] + TINY)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(os.path.join(tiny_toy, "vg", "test.json")) as f:
+        files = [os.path.join(tiny_toy, "vg", "images", im["file_name"]) for im in json.load(f)["images"][:2]]
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("this is not a jpeg")
+    out = str(tmp_path / "out")
+    r = _run(["eval.py", "--ckpt", os.path.join(run, "ckpt.pt"), "--image", files[0], str(bad), files[1],
+              str(tmp_path / "missing.png"), "--out_dir", out, "--top", "3", "--threshold", "0"])
+    assert r.returncode == 1, r.stderr[-3000:]  # two bad inputs: reported, the others done, non-zero exit
+    assert "bad.jpg: not an image" in r.stderr and "missing.png: no such image file" in r.stderr
+    assert "2 image(s) done, 2 failed" in r.stdout
+    for path in files:
+        stem = os.path.join(out, os.path.splitext(os.path.basename(path))[0])
+        with open(stem + ".json") as f:
+            record = json.load(f)
+        H, W = torchvision.io.decode_image(path).shape[-2:]
+        assert (record["height"], record["width"], record["image"]) == (H, W, path)
+        assert record["settings"]["top"] == 3 and record["settings"]["threshold"] == 0.0
+        assert record["settings"]["tasks"] == "both" and record["checkpoint"].endswith("ckpt.pt")
+        assert len(record["relations"]) == 3 and len(record["hois"]) == 3  # threshold 0: exactly --top of each
+        for t in record["relations"]:
+            for role in ("subject", "object"):
+                x1, y1, x2, y2 = t[role]["box"]
+                assert 0 <= x1 <= x2 <= W and 0 <= y1 <= y2 <= H
+        assert record["entities"] and record["edges"]
+        with open(stem + "_graph.dot") as f:
+            dot = f.read()
+        assert set(re.findall(r"^\s*(n\d+) \[label=", dot, re.M)) == {e["id"] for e in record["entities"]}
+        assert len(re.findall(r"^\s*n\d+ -> n\d+ ", dot, re.M)) == len(record["edges"])
+        for suffix in ("_pred.png", "_graph.png"):
+            picture = torchvision.io.decode_image(stem + suffix)
+            assert picture.shape[0] == 3 and picture.shape[-1] == ev.MIN_DRAW_SIDE  # toy images are drawn x5
+
+
+def test_hoi_without_object_becomes_an_action_of_its_human():
+    # V-COCO's agent-only actions ("stand") have no object box: the human node carries them, no edge is added
+    result = {"relations": [], "hois": [
+        {"human": _ent("person", [10, 10, 50, 100], 0.9), "verb": {"index": 0, "name": "stand"}, "object": None,
+         "score": 0.6},
+        {"human": _ent("person", [11, 10, 50, 100], 0.8), "verb": {"index": 1, "name": "hold"},
+         "object": _ent("cup", [40, 40, 50, 50], 0.7, 41), "score": 0.5}]}
+    graph = ev.merge_entities(result)
+    person = next(e for e in graph["entities"] if e["name"] == "person")
+    assert person["actions"] == ["stand"] and len(graph["entities"]) == 2
+    assert [(d["label"], d["kind"]) for d in graph["edges"]] == [("hold", "hoi")]
+    assert 'label="person\\n(stand)"' in ev.scene_graph_dot(graph, (120, 120))
