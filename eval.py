@@ -1994,13 +1994,15 @@ def load_model_and_data(ckpt_path, device):
     return model, cfg, data
 
 
-def benchmark_rehearsal(root="/tmp/sg2hoi_fullsize", out="/tmp/sg2hoi_rehearsal", processes=2, subset=4):
+def benchmark_rehearsal(root="/tmp/sg2hoi_fullsize", out="/tmp/sg2hoi_rehearsal", processes=2, subset=4, scale=1.0,
+                        model_args=()):
     """A rehearsal of the paper run on this machine: `processes` gloo processes train the paper preset (ResNet-50,
     800 x 1333, 100 + 100 queries, VG150 and HICO-DET vocabularies) on the full-size synthetic annotations
     (sg2hoi.write_fullsize_annotations; the loaders read and check all of them, training uses the first `subset`
     images of each training split): phase 1 and phase 2 steps, a checkpoint at every step, a SIGKILL of the whole
     run after the phase-1 checkpoint, a resume to the end, and an evaluation of 2 test images per task.
-    Returns what train.py reported: start-up time, seconds per step, checkpoint size and write time, peak memory."""
+    Returns what train.py reported: start-up time, seconds per step, checkpoint size and write time, peak memory.
+    The tests run it scaled down: annotations at `scale`, a small model (`model_args`, train.py flags)."""
     import re
     import signal
     import subprocess
@@ -2008,7 +2010,7 @@ def benchmark_rehearsal(root="/tmp/sg2hoi_fullsize", out="/tmp/sg2hoi_rehearsal"
     import sg2hoi
 
     t = time.perf_counter()
-    sg2hoi.write_fullsize_annotations(root)
+    sg2hoi.write_fullsize_annotations(root, scale=scale)
     report = {"annotations_s": round(time.perf_counter() - t, 1)}
     here = os.path.dirname(os.path.abspath(__file__))
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
@@ -2016,7 +2018,8 @@ def benchmark_rehearsal(root="/tmp/sg2hoi_fullsize", out="/tmp/sg2hoi_rehearsal"
     batch = processes  # one image per process
     common = ["--preset", "paper", "--vg", os.path.join(root, "vg"), "--hoi", os.path.join(root, "hico"),
               "--train_subset", str(subset), "--batch_size", str(batch), "--sgg_epochs", "1", "--joint_epochs", "1",
-              "--eval_every", "0", "--eval_limit", "2", "--ckpt_every", "1", "--log_every", "1", "--workers", "1"]
+              "--eval_every", "0", "--eval_limit", "2", "--ckpt_every", "1", "--log_every", "1", "--workers", "1",
+              *model_args]
     phase1 = subset // batch
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // processes)))
     if os.path.exists(out):

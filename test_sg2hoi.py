@@ -1086,6 +1086,21 @@ def test_failed_checkpoint_write_removes_its_temporary_file_and_names_the_path(t
     assert os.listdir(tmp_path) == []
 
 
+def test_scaled_down_rehearsal_of_the_paper_run_survives_a_sigkill_and_resumes(tmp_path):
+    """eval.py --benchmark rehearsal, scaled down: full-size formats at 0.2 % of the split sizes, a small model, two
+    gloo processes through phase 1 and phase 2, killed with SIGKILL after the phase-1 checkpoint, resumed, evaluated."""
+    small = ["--backbone", "tiny", "--d_model", "64", "--nheads", "4", "--dim_feedforward", "128", "--enc_layers", "1",
+             "--rel_dec_layers", "1", "--r2i_layers", "1", "--feat_trans_layers", "1", "--query_trans_layers", "1",
+             "--hoi_dec_layers", "1", "--num_rel_queries", "8", "--num_hoi_queries", "8", "--seg_hidden", "16",
+             "--text_dim", "32", "--image_size", "128", "--max_size", "192"]
+    report = ev.benchmark_rehearsal(str(tmp_path / "fullsize"), str(tmp_path / "run"), processes=2, subset=4,
+                                    scale=0.002, model_args=small)
+    assert report["steps"] == [1, 2, 3, 4, 5, 6], "each step once, the resumed ones after the kill"
+    assert report["phases"] == [1, 1, 2, 2, 2, 2]
+    assert report["metrics_written"] and len(report["peak_memory_mib"]) == 2  # both ranks of the resumed run
+    assert report["checkpoint"] and report["seconds_per_step"] is not None
+
+
 # ---------------------------------------------------------------- the ablation study (issue 13)
 
 
