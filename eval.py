@@ -7,11 +7,15 @@ Three pure metric functions (numpy in, dict out), usable on anyone's predictions
                    Known-Object as the official ho-rcnn eval_one.m)
   vcoco_role_ap  - V-COCO agent AP and role AP, Scenarios 1 and 2 (s-gupta/v-coco vsrl_eval.py)
 The exact rules (and their quirks, which we keep on purpose) are in each docstring.
-Then: inference over a checkpoint's test splits, the paper's tables, timing, pictures (CLI at the bottom).
+Then: distributed inference over a checkpoint's test splits, the paper's tables, timing, pictures, the model on
+your own images, benchmarks (CLI at the bottom).
 
     python eval.py --ckpt runs/toy/ckpt.pt                # Tables I-IV on the checkpoint's test splits
+    torchrun --nproc_per_node=N eval.py --ckpt ...        # the same, each process evaluating its share
     python eval.py --predictions preds.pt                 # evaluate saved predictions (no model needed)
     python eval.py --ckpt runs/toy/ckpt.pt --visualize pics   # Figures 2-4 style pictures of test images
+    python eval.py --ckpt runs/toy/ckpt.pt --image a.jpg pics/   # your own images: pictures, scene graph, JSON
+    python eval.py --benchmark metrics|model|data|rehearsal   # speed at full size, the paper-run rehearsal
 """
 from __future__ import annotations
 
