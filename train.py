@@ -477,8 +477,10 @@ def setup(args):
             raise SystemExit(f"--resume {args.resume} continues that run's experiment; these flags would change it: "
                              f"{'; '.join(conflicts)}. Start a new run (--out elsewhere) to change them. Flags that "
                              f"may change on resume: {', '.join(sorted(RUNTIME_FLAGS - {'resume'}))}")
-        for k, v in saved.items():  # the experiment's flags come from the checkpoint
-            if k not in RUNTIME_FLAGS and k != "explicit":
+        for k, v in saved.items():  # the experiment's flags come from the checkpoint, and so do the runtime flags
+            # (a runtime flag not given now keeps the run's value; --max_steps only stops one invocation early)
+            if k not in RUNTIME_FLAGS or (k not in args.explicit and k not in ("resume", "out", "max_steps",
+                                                                              "check_images_only")):
                 setattr(args, k, v)
         cfg = sg2hoi.Config(**resume["config"])
         if args.out is None:  # continue in the checkpoint's own folder, never in another run's
