@@ -1119,10 +1119,11 @@ def batch_counts(targets, task, num_queries):
                 unmatched=float(n_images * num_queries - matched))
 
 
-def reduce_counts(counts, device):
-    """Counts of this process -> the per-process share of the counts of all processes (sum / world size)."""
-    keys = sorted(counts)
-    v = torch.tensor([counts[k] for k in keys], dtype=torch.float64, device=device)
+def all_reduce_mean(values: dict, device):
+    """{name: float} of this process -> the sum over all processes / world size: the per-process share of the
+    global batch's counts (loss normalisers), or the global batch's value of per-process loss terms (train.py)."""
+    keys = sorted(values)
+    v = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(v)
         v = v / torch.distributed.get_world_size()
@@ -1235,7 +1236,7 @@ class SetCriterion(nn.Module):
         device = outputs["feat_mask"].device
         if norm is None:
             Q = cfg.num_rel_queries if task == "sgg" else cfg.num_hoi_queries
-            norm = reduce_counts(batch_counts(targets, task, Q), device)
+            norm = all_reduce_mean(batch_counts(targets, task, Q), device)
         for t in targets:
             _check_target_boxes(t)
         if cfg.use_bbseg:

@@ -200,16 +200,6 @@ def setup_distributed(timeout_minutes):
     return torch.device("cpu")
 
 
-def all_reduce_mean(values: dict, device):
-    """{name: float} of this process -> the sum over processes / world size (the global batch's value)."""
-    keys = sorted(values)
-    v = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(v)
-        v /= world_size()
-    return dict(zip(keys, v.tolist()))
-
-
 # ------------------------------------------------------------------------------------------------ data streams
 
 
@@ -647,7 +637,7 @@ def train_step(run, ddp_model, model, criterion, optimizer, micro_batches, task,
     for _, _, targets in micro_batches:  # the normalisers of the global batch (sg2hoi.batch_counts)
         for k, v in sg2hoi.batch_counts(targets, task, Q).items():
             counts[k] = counts.get(k, 0.0) + v
-    norm = all_reduce_mean(counts, device)
+    norm = sg2hoi.all_reduce_mean(counts, device)
     use_amp = device.type == "cuda" and run.args.amp == "bf16"
     optimizer.zero_grad(set_to_none=True)
     summed, problem = {}, None
@@ -685,7 +675,7 @@ def train_step(run, ddp_model, model, criterion, optimizer, micro_batches, task,
     if cfg.clip_max_norm > 0:
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], cfg.clip_max_norm)
     optimizer.step()
-    return all_reduce_mean(summed, device), None
+    return sg2hoi.all_reduce_mean(summed, device), None
 
 
 def checkpoint(run, model, optimizer, state, name="ckpt.pt"):
@@ -938,7 +928,8 @@ def run_study(argv):
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     t0, running, failed = time.time(), [], []
     if runs:  # the toy scenes are generated once, before the parallel runs
-        sg2hoi.build_data(make_config_for_study(a), {k: v for k, v in vars(parse_args(a.run_args.split())).items()})
+        shared = parse_args(a.run_args.split())
+        sg2hoi.build_data(sg2hoi.make_config("toy", **config_overrides(shared)), vars(shared))
     while runs or running:
         while runs and len(running) < jobs:
             row, seed, out, cmd = runs.pop(0)
@@ -980,10 +971,6 @@ def run_study(argv):
     if failed:
         raise SystemExit(f"study: {len(failed)} run(s) failed: {failed}")
     return table
-
-
-def make_config_for_study(a):
-    return sg2hoi.make_config("toy", **config_overrides(parse_args(a.run_args.split())))
 
 
 def study_markdown(table):
