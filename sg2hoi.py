@@ -692,17 +692,24 @@ def bbseg_targets(boxes_list, labels_list, feat_hw, stride, num_classes_with_bg)
     so small objects do not vanish. boxes: xyxy pixels of the padded batch canvas; labels: 0-based.
     Returns (B, N_seg + 1, H, W) float."""
     H, W = feat_hw
-    B = len(boxes_list)
-    y = torch.zeros(B, num_classes_with_bg, H, W)
-    cy = (torch.arange(H, dtype=torch.float32) + 0.5) * stride  # cell centres in pixels
-    cx = (torch.arange(W, dtype=torch.float32) + 0.5) * stride
-    for b, (boxes, labels) in enumerate(zip(boxes_list, labels_list)):
-        for (x1, y1, x2, y2), label in zip(boxes.tolist(), labels.tolist()):
-            inside = ((cy >= y1) & (cy <= y2))[:, None] & ((cx >= x1) & (cx <= x2))[None, :]
-            if not inside.any():
-                inside[min(int((y1 + y2) / 2 // stride), H - 1), min(int((x1 + x2) / 2 // stride), W - 1)] = True
-            y[b, 1 + label][inside] = 1.0
-        y[b, 0] = (y[b, 1:].sum(0) == 0).float()
+    y = torch.zeros(len(boxes_list), num_classes_with_bg, H, W)
+    boxes = torch.cat([b.reshape(-1, 4).float().cpu() for b in boxes_list])  # (N, 4) every box of the batch
+    if len(boxes):
+        labels = torch.cat([lab.reshape(-1).cpu() for lab in labels_list])  # (N,)
+        image = torch.repeat_interleave(torch.arange(len(boxes_list)), torch.tensor([len(b) for b in boxes_list]))
+        cy = (torch.arange(H, dtype=torch.float32) + 0.5) * stride  # cell centres in pixels
+        cx = (torch.arange(W, dtype=torch.float32) + 0.5) * stride
+        x1, y1, x2, y2 = boxes.unbind(1)
+        inside = (((cy >= y1[:, None]) & (cy <= y2[:, None]))[:, :, None]
+                  & ((cx >= x1[:, None]) & (cx <= x2[:, None]))[:, None, :])  # (N, H, W)
+        # a box that covers no cell centre marks the cell holding its centre
+        small = ~inside.flatten(1).any(1)
+        row = (((y1 + y2) / 2) // stride).long().clamp(0, H - 1)
+        col = (((x1 + x2) / 2) // stride).long().clamp(0, W - 1)
+        inside[small, row[small], col[small]] = True
+        y.index_put_((image, 1 + labels), inside.float(), accumulate=True)  # boxes of one class may overlap
+        y.clamp_(max=1.0)
+    y[:, 0] = (y[:, 1:].sum(1) == 0).float()
     return y
 
 
@@ -813,9 +820,8 @@ class SG2HOI(nn.Module):
     def forward(self, images, mask, with_hoi=True):
         """images (B, 3, H, W) normalised; mask (B, H, W) True on padding. Returns a dict of outputs.
 
-        with_hoi=False skips Sec. III-C (phase 1 of training trains the SGG part alone). In phase 2 every step runs
-        the whole model, SGG steps included: the HOI outputs of an SGG step get no loss (only train.zero_touch's zero
-        weight, for DDP), and idle_parameters("sgg") lists the parameters that then must not move."""
+        with_hoi=False skips Sec. III-C: training runs it on HOI batches only (an SGG batch has no HOI loss);
+        idle_parameters("sgg") lists the parameters that then must not move."""
         cfg, out = self.cfg, {}
         feat = self.backbone(images)  # (B, C, h, w)
         fmask = downsample_mask(mask, feat.shape[-2:], self.backbone.stride)  # (B, h, w)

@@ -1803,7 +1803,7 @@ def test_only_the_text_initialised_class_weights_get_the_text_classifier_learnin
 
 @pytest.mark.parametrize("name", sorted({**ABLATIONS, **LITERAL_VARIANTS}))
 def test_a_train_step_moves_no_parameter_the_task_loss_does_not_reach(name, tmp_path):
-    """train.py's step (loss + zero_touch, backward, idle grads -> None, AdamW with weight decay) on an SGG then an
+    """train.py's step under DDP (loss + zero_touch, backward, idle grads -> None, AdamW with weight decay) on an SGG then an
     HOI batch: a parameter that the task's own loss gives no gradient must not move (AdamW's weight decay would move
     it by itself, its momentum on later steps), and no parameter with a nonzero gradient may be idle."""
     import train
@@ -1821,7 +1821,7 @@ def test_a_train_step_moves_no_parameter_the_task_loss_does_not_reach(name, tmp_
     for task in [t for t in ("sgg", "hoi") if getattr(cfg, t)]:
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         opt.zero_grad(set_to_none=True)
-        outputs = model(*batch(64, 64, pad_second=False))
+        outputs = model(*batch(64, 64, pad_second=False), with_hoi=(task == "hoi"))  # as train.py
         losses = crit(outputs, targets[task](), task)
         # what the task's loss alone reaches in this batch
         losses["loss"].backward(retain_graph=True)
@@ -1833,7 +1833,7 @@ def test_a_train_step_moves_no_parameter_the_task_loss_does_not_reach(name, tmp_
         assert no_grad <= idle_names, (task, sorted(no_grad - idle_names))
         # the step exactly as train.py does it
         opt.zero_grad(set_to_none=True)
-        (losses["loss"] + train.zero_touch(outputs)).backward()
+        (losses["loss"] + train.zero_touch(model.idle_parameters(task, losses))).backward()  # as under DDP
         for p in model.idle_parameters(task, losses):
             p.grad = None
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], cfg.clip_max_norm)
