@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -794,6 +795,19 @@ def _run(args, cwd=HERE, timeout=300, env=None):
     return subprocess.run([sys.executable] + args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def _run_all(arg_lists, timeout=400):
+    """Independent runs at the same time (one thread each: the suite's time on a 2-core machine); their
+    CompletedProcess-like results in order."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable] + a, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for a in arg_lists]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=timeout)
+        results.append(SimpleNamespace(returncode=p.returncode, stdout=out, stderr=err))
+    return results
+
+
 def _log(out, events=False):
     """The step lines of a run's log.jsonl (or, with events=True, the event lines: resume, eval)."""
     with open(os.path.join(out, "log.jsonl")) as f:
@@ -828,13 +842,13 @@ def dataclasses_equal(a, b):
 
 def test_resume_after_sigkill_continues_with_the_same_losses(tiny_toy, tmp_path):
     common = ["train.py", "--toy_root", tiny_toy, "--no_eval", "--ckpt_every", "4", "--deterministic"] + TINY
-    ref = str(tmp_path / "ref")
-    r = _run(common + ["--out", ref])
-    assert r.returncode == 0, r.stderr[-3000:]
-    reference = {x["step"]: x["loss"] for x in _log(ref)}
-    killed = str(tmp_path / "killed")
+    ref, killed = str(tmp_path / "ref"), str(tmp_path / "killed")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    ref_err = open(tmp_path / "ref.err", "w")
+    ref_proc = subprocess.Popen([sys.executable] + common + ["--out", ref], cwd=HERE, stdout=subprocess.DEVNULL,
+                                stderr=ref_err, env=env)  # the uninterrupted run, alongside
     proc = subprocess.Popen([sys.executable] + common + ["--out", killed], cwd=HERE, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                            stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 240
     while time.time() < deadline:  # kill it once it has passed the checkpoint of step 8
         time.sleep(0.2)
@@ -842,6 +856,8 @@ def test_resume_after_sigkill_continues_with_the_same_losses(tiny_toy, tmp_path)
             break
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert ref_proc.wait(timeout=300) == 0, (tmp_path / "ref.err").read_text()[-3000:]
+    reference = {x["step"]: x["loss"] for x in _log(ref)}
     done = len(_log(killed))
     assert 10 <= done < 18, "the run should have been killed mid-way"
     stale = os.path.join(killed, "ckpt.pt.tmp999999")  # what a SIGKILL during a checkpoint write leaves
@@ -862,12 +878,12 @@ def test_resume_after_sigkill_continues_with_the_same_losses(tiny_toy, tmp_path)
 
 def test_divergence_stops_naming_the_step_or_skips_until_max_skips(tiny_toy, tmp_path):
     blow_up = ["--lr", "1e6", "--lr_backbone", "1e6", "--lr_text_classifier", "1e6"]  # a real divergence
-    r = _run(["train.py", "--toy_root", tiny_toy, "--out", str(tmp_path / "a"), "--no_eval"] + blow_up + TINY)
-    assert r.returncode != 0
-    assert "step 1 (sgg batch" in r.stderr and "non-finite values in model output" in r.stderr
-    assert "Traceback" not in r.stderr and "linear_sum_assignment" not in r.stderr
-    r = _run(["train.py", "--toy_root", tiny_toy, "--out", str(tmp_path / "b"), "--no_eval", "--nonfinite", "skip",
-              "--max_skips", "3"] + blow_up + TINY)
+    stop, r = _run_all([["train.py", "--toy_root", tiny_toy, "--out", str(tmp_path / "a"), "--no_eval"] + blow_up + TINY,
+                        ["train.py", "--toy_root", tiny_toy, "--out", str(tmp_path / "b"), "--no_eval", "--nonfinite",
+                         "skip", "--max_skips", "3"] + blow_up + TINY])
+    assert stop.returncode != 0
+    assert "step 1 (sgg batch" in stop.stderr and "non-finite values in model output" in stop.stderr
+    assert "Traceback" not in stop.stderr and "linear_sum_assignment" not in stop.stderr
     assert r.returncode != 0
     assert r.stdout.count("step skipped") == 3 and "3 consecutive steps skipped" in r.stderr
     assert [x["step"] for x in _log(str(tmp_path / "b"))] == [1], "only the finite first step is logged"
@@ -951,8 +967,7 @@ def test_one_process_two_processes_and_accumulation_log_the_same_losses(tiny_toy
     runs = {"1": ["train.py"], "1x2": ["train.py", "--micro_batch", "4"],
             "2": ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]}
     logs = {}
-    for name, cmd in runs.items():
-        r = _run(cmd + common + ["--out", str(tmp_path / name)], timeout=400)
+    for name, r in zip(runs, _run_all([cmd + common + ["--out", str(tmp_path / name)] for name, cmd in runs.items()])):
         assert r.returncode == 0, (name, r.stderr[-3000:])
         logs[name] = _log(str(tmp_path / name))
     for name in ("1x2", "2"):
@@ -967,10 +982,9 @@ def test_two_processes_resume_restores_every_ranks_rng(tiny_toy, tmp_path):
     ddp = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
     common = ["--toy_root", tiny_toy, "--no_eval", "--deterministic", "--dropout", "0.3", "--ckpt_every", "3"] + TINY
     ref, split = str(tmp_path / "ref"), str(tmp_path / "split")
-    r = _run(ddp + common + ["--out", ref, "--max_steps", "6"], timeout=400)
-    assert r.returncode == 0, r.stderr[-3000:]
-    r = _run(ddp + common + ["--out", split, "--max_steps", "3"], timeout=400)
-    assert r.returncode == 0, r.stderr[-3000:]
+    for r in _run_all([ddp + common + ["--out", ref, "--max_steps", "6"],
+                       ddp + common + ["--out", split, "--max_steps", "3"]]):
+        assert r.returncode == 0, r.stderr[-3000:]
     r = _run(ddp + ["--resume", os.path.join(split, "ckpt.pt"), "--max_steps", "6", "--log_every", "1"], timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
     reference = {x["step"]: x["loss"] for x in _log(ref)}
@@ -1693,13 +1707,13 @@ def test_eval_does_not_replace_training_metrics_and_checks_outputs_before_infere
 
 def test_distributed_evaluation_one_and_two_gloo_processes_write_identical_metrics(tiny_ckpt, tmp_path):
     results = {}
-    for n in (1, 2):
-        out = str(tmp_path / f"m{n}.json")
-        r = _run(["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "eval.py", "--ckpt",
-                  tiny_ckpt, "--json", out, "--save-predictions", str(tmp_path / f"p{n}.pt")], timeout=300)
+    runs = _run_all([["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "eval.py", "--ckpt",
+                      tiny_ckpt, "--json", str(tmp_path / f"m{n}.json"), "--save-predictions",
+                      str(tmp_path / f"p{n}.pt")] for n in (1, 2)])
+    for n, r in zip((1, 2), runs):
         assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
         assert r.stdout.count("Table I ") == 1  # rank 0 alone prints
-        with open(out) as f:
+        with open(tmp_path / f"m{n}.json") as f:
             results[n] = json.load(f)
     for m in results.values():
         m["sgg"].pop("time_per_image_s"), m["sgg"].pop("device")
