@@ -1566,6 +1566,22 @@ def _file_stamp(path, kind):
     return f"{kind}-v{_CACHE_VERSION}-{st.st_size}-{st.st_mtime_ns}-{st.st_ino}-{digest}"
 
 
+def _cache_file(path):
+    return os.path.join(_cache_folder(), hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:20] + ".npz")
+
+
+def _read_cache(path, kind, members=True):
+    """The cached arrays of `path` if the cache holds them for the file as it is now, else None (members=False: just
+    True instead of the arrays)."""
+    try:
+        with np.load(_cache_file(path), allow_pickle=False) as z:
+            if str(z["__stamp__"]) == _file_stamp(path, kind):
+                return {k: z[k] for k in z.files if k != "__stamp__"} if members else True
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        pass  # no cache yet, or a stale / damaged one
+    return None
+
+
 def _cached_parse(path, kind, parse):
     """parse(path) -> {name: numpy array}, through the .npz cache for large files (see above)."""
     try:
@@ -1574,20 +1590,16 @@ def _cached_parse(path, kind, parse):
         return parse(path)  # the parser names the missing file
     if size < CACHE_MIN_BYTES:
         return parse(path)
-    stamp = _file_stamp(path, kind)
-    cache = os.path.join(_cache_folder(), hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:20] + ".npz")
-    try:
-        with np.load(cache, allow_pickle=False) as z:
-            if str(z["__stamp__"]) == stamp:
-                return {k: z[k] for k in z.files if k != "__stamp__"}
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-        pass  # no cache yet, or a stale / damaged one: parse and rewrite it
+    cached = _read_cache(path, kind)
+    if cached is not None:
+        return cached
     arrays = parse(path)
+    cache = _cache_file(path)
     tmp = f"{cache}.tmp{os.getpid()}"
     try:
         os.makedirs(os.path.dirname(cache), exist_ok=True)
         with open(tmp, "wb") as f:
-            np.savez(f, __stamp__=np.array(stamp), **arrays)
+            np.savez(f, __stamp__=np.array(_file_stamp(path, kind)), **arrays)
         os.replace(tmp, cache)
     except OSError:
         if os.path.exists(tmp):
@@ -2248,10 +2260,13 @@ def _load_correct_mat(path, shape, default):
     return m
 
 
+HOIA_FILES = {"hico": ("trainval_hico.json", "test_hico.json"), "vcoco": ("trainval_vcoco.json", "test_vcoco.json")}
+
+
 def load_hico(root, split, check_images=True, bad_images="stop"):
     """HICO-DET in the QPIC layout: root/annotations/{trainval,test}_hico.json, corre_hico.npy; root/images/."""
     train = split == "train"
-    records = _load_hoia(root, "trainval_hico.json" if train else "test_hico.json",
+    records = _load_hoia(root, HOIA_FILES["hico"][not train],
                          "train2015" if train else "test2015", train, 117, 1, False, check_images, bad_images)
     vocab = load_vocab()
     correct_mat = _load_correct_mat(os.path.join(root, "annotations", "corre_hico.npy"), (117, 80),
@@ -2274,7 +2289,7 @@ def load_vcoco(root, split, check_images=True, bad_images="stop"):
     Verbs are the 29 action_role classes (0-based); object_id -1 = no role object (agent-only actions, or the
     object is absent). The model gets an 81st object class for "no object" (QPIC)."""
     train = split == "train"
-    records = _load_hoia(root, "trainval_vcoco.json" if train else "test_vcoco.json",
+    records = _load_hoia(root, HOIA_FILES["vcoco"][not train],
                          "train2014" if train else "val2014", train, 29, 0, True, check_images, bad_images)
     vocab = load_vocab()
     correct_mat = _load_correct_mat(os.path.join(root, "annotations", "corre_vcoco.npy"), (29, 80),
@@ -2576,8 +2591,7 @@ def write_toy_datasets(root, num_train=3000, num_test=500, size=128, seed=0, num
                     np.array([b for _, b in ents], np.float32),
                     np.array([coco80[TOY_COCO.get(n, n)] for n, _ in ents]),
                     np.array([[s, o, verb_id(v)] for s, o, v in pairs]).reshape(-1, 3))
-            ann = {"hico": ("trainval_hico.json", "test_hico.json"),
-                   "vcoco": ("trainval_vcoco.json", "test_vcoco.json")}[dataset][split != "train"]
+            ann = HOIA_FILES[dataset][split != "train"]
             with open(os.path.join(ds_root, "annotations", ann), "w") as f:
                 json.dump(images, f)
         corre = _hico_correct_mat(vocab) if dataset == "hico" else np.array(vocab["corre_vcoco"], np.float32)
@@ -2974,6 +2988,47 @@ DATA_ARGS = dict(toy_root="data/toy", toy_train=3000, toy_train_hoi=1000, toy_te
                  hoi="", hoi_dataset="hico", bad_images="stop", num_val_im=5000, check_images_only=False, train_subset=0)
 
 
+def _annotation_files(kind, root, split):
+    """The large annotation files a loader parses through the cache, with their cache tag and parser. VG's rel.json
+    (all three splits in one file) is left to the loader of the first VG split."""
+    if kind == "vg":
+        return [(os.path.join(root, f"{split}.json"), "coco", _parse_coco_json)]
+    if kind in HOIA_FILES:
+        return [(os.path.join(root, "annotations", HOIA_FILES[kind][split != "train"]), "hoia", _parse_hoia_json)]
+    return []  # vg_h5: read with h5py, not cached
+
+
+def _parse_into_cache(files):
+    for path, tag, parse in files:
+        try:
+            _cached_parse(path, tag, parse)
+        except Exception:  # noqa: BLE001  the loader meets the same error in the parent and names it
+            return
+
+
+def start_cache_warming(splits):
+    """Parse the annotation files of `splits` [(kind, root, split)] into the cache (_cached_parse) in a child
+    process, while this process loads other splits: on a first run the parse is single-threaded Python and the
+    other cores are idle (the README's "Real data at full size" has the figures). Returns the child (join it before loading those splits) or None when there is nothing to parse (files small or
+    cached already) or no fork (the loaders then parse as usual). The child's errors are ignored: the loader
+    parses the file again and reports them, naming the file."""
+    import multiprocessing
+
+    files, seen = [], set()
+    for job in splits:
+        for path, tag, parse in _annotation_files(*job):
+            if path in seen or not os.path.isfile(path) or os.path.getsize(path) < CACHE_MIN_BYTES:
+                continue
+            seen.add(path)
+            if not _read_cache(path, tag, members=False):
+                files.append((path, tag, parse))
+    if not files or "fork" not in multiprocessing.get_all_start_methods():
+        return None
+    child = multiprocessing.get_context("fork").Process(target=_parse_into_cache, args=(files,), daemon=True)
+    child.start()
+    return child
+
+
 def build_data(cfg: Config, data_args: dict, is_master=True, barrier=lambda: None):
     """{"sgg": {"train": (records, meta), "test": ...}, "hoi": {...}} for the tasks of cfg.
 
@@ -2997,23 +3052,37 @@ def build_data(cfg: Config, data_args: dict, is_master=True, barrier=lambda: Non
     load = lambda kind, root, split: load_dataset(kind, root, split, check_images=not check_only,  # noqa: E731
                                                   bad_images=a["bad_images"], num_val_im=a["num_val_im"])
 
-    def load_all():
+    splits = ([("sgg", vg_kind, vg_root, s) for s in ("train", "test")] if cfg.sgg and vg_root else []) + \
+             ([("hoi", hoi_kind, hoi_root, s) for s in ("train", "test")] if cfg.hoi and hoi_root else [])
+
+    def load_all(warm):
+        # a child process parses the largest annotation file (VG150's train.json) into the cache while this process
+        # loads the other splits; then this one joins it and reads that split from the cache
+        size = {job: sum(os.path.getsize(f[0]) for f in _annotation_files(*job[1:]) if os.path.isfile(f[0]))
+                for job in splits}
+        largest = max(splits, key=size.get) if splits else None
+        child = start_cache_warming([largest[1:]]) if warm and largest else None
+        order = [job for job in splits if child is None or job != largest]
+        order += [largest] if child is not None else []
+        loaded = {}
+        for job in order:
+            if child is not None and job == largest:
+                child.join()
+            loaded[job] = load(*job[1:])
         data = {}
-        if cfg.sgg and vg_root:
-            data["sgg"] = {s: load(vg_kind, vg_root, s) for s in ("train", "test")}
-            if not a["vg"]:  # the toy scenes use VG150's names, not its long tail: eval derives the groups
-                data["sgg"]["test"][1]["toy"] = True
-        if cfg.hoi and hoi_root:
-            data["hoi"] = {s: load(hoi_kind, hoi_root, s) for s in ("train", "test")}
+        for task, kind, root, split in splits:
+            data.setdefault(task, {})[split] = loaded[task, kind, root, split]
+        if "sgg" in data and not a["vg"]:  # the toy scenes use VG150's names, not its long tail:
+            data["sgg"]["test"][1]["toy"] = True  # eval derives the groups
         return data
 
     # the master parses first and fills the annotation cache (_cached_parse); the other ranks then read the cache
     # instead of each parsing every file at the same time
-    data = load_all() if is_master or check_only else None
+    data = load_all(warm=not check_only) if is_master or check_only else None
     if not check_only:
         barrier()
     if data is None:
-        data = load_all()
+        data = load_all(warm=False)
     if not data:
         raise SystemExit("no training data: give --vg and/or --hoi, or neither for the toy scenes")
     for splits in data.values():
@@ -3050,21 +3119,23 @@ def rss():
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
 
 base, t0, out = rss(), time.perf_counter(), {{}}
-for kind, split in [("vg", "train"), ("vg", "test"), ("hico", "train"), ("hico", "test")]:
-    t = time.perf_counter()
-    records, _ = sg2hoi.load_dataset(kind, os.path.join({root!r}, kind), split)
-    out[kind + " " + split] = [len(records), round(time.perf_counter() - t, 2)]
+data = sg2hoi.build_data(sg2hoi.make_config("paper"), dict(vg=os.path.join({root!r}, "vg"),
+                                                           hoi=os.path.join({root!r}, "hico"), hoi_dataset="hico"))
 out["total_s"] = round(time.perf_counter() - t0, 2)
+out["images"] = {{task + " " + split: len(records) for task, splits in data.items()
+                 for split, (records, _) in splits.items()}}
 out["peak_growth_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base)
 out["held_mb"] = round(rss() - base)
+out["cache_child_peak_mb"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
 print("PROBE" + json.dumps(out))
 """
 
 
 def benchmark_data(root, scale=1.0, images=100, batch_size=4, workers=(1, 2)):
     """Write the full-size synthetic annotations into root (reused when already there), then measure
-    (1) loading + checking VG150 train + test and HICO-DET train + test in a fresh process with an empty annotation
-    cache and again with the cache filled: seconds and peak resident-memory growth;
+    (1) loading + checking VG150 train + test and HICO-DET train + test (build_data, as train.py and eval.py do) in a
+    fresh process with an empty annotation cache and again with the cache filled: seconds and peak resident-memory
+    growth (and the peak of the child that parses into the cache, start_cache_warming);
     (2) images per second of one loader worker (one thread) with the paper's training transforms
     (make_transforms(True, 800, 1333): decode, flip, multi-scale resize, colour jitter, normalisation) on the VG val
     split's real-size JPEGs, in process and through a DataLoader with `workers` workers (batch_size, collate

@@ -29,8 +29,9 @@ between process counts is the order of float additions.
 
 Idle heads and DDP. An SGG step does not run the HOI branch (Sec. III-C) at all, and in an HOI step the relation
 box/class heads get no loss. DDP (without find_unused_parameters) requires every parameter to take part in every
-backward, so the loss gets a zero-weighted sum of every trainable parameter (`zero_touch`): all parameters are
-reached, their gradients for the idle task are exactly zero and DDP reduces them as usual. After the reduction the
+backward, so under DDP the loss gets a zero-weighted sum of the trainable parameters it does not reach
+(`zero_touch`): all parameters are reached, their gradients for the idle task are exactly zero and DDP reduces them
+as usual. After the reduction the
 idle task's parameters get .grad = None, so AdamW skips them: neither its momentum nor its weight decay moves a head
 on the other task's steps. In phase 1 the HOI part is frozen, and the model is wrapped in DDP again when phase 2
 starts.
