@@ -1127,10 +1127,11 @@ def test_every_study_row_sets_the_config_of_its_paper_row():
                 "-QUTR": dict(use_query_transform=False), "-R2ITR": dict(use_r2i=False),
                 "RELQ": dict(hoi_queries_from_rel=True)}
     assert list(train.STUDY_ROWS) == list(expected)
-    full = sg2hoi.make_config("toy", **train.config_overrides(train.parse_args(train.FULL_FLAGS)))
+    full = sg2hoi.make_config("toy", **train.config_overrides(train.parse_args(train.FULL_FLAGS["pool_text"])))
     assert full.align_feature == "pool" and full.classifier_init == "text"  # SG2HOI+pool, the paper's FULL
+    assert train.FULL_FLAGS["defaults"] == [] and train.study_parser().parse_args([]).full == "defaults"
     for row, fields in expected.items():
-        flags = train.FULL_FLAGS + train.STUDY_ROWS[row][0]
+        flags = train.FULL_FLAGS["pool_text"] + train.STUDY_ROWS[row][0]
         overrides = train.config_overrides(train.parse_args(flags))
         assert {k: v for k, v in overrides.items() if k not in ("align_feature", "classifier_init")} == fields, row
         if row != "HSSG":  # HSSG needs a word-vector file
