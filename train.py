@@ -852,8 +852,8 @@ def main(argv=None):
 
 # ------------------------------------------------------------------------------------------------ the ablation study (Tables V-VIII)
 # `python train.py --study` trains the FULL model and every ablation row of Tables V-VIII on the toy scenes, several
-# seeds each, on the toy preset's schedule, and prints the paper's table with mean +- std over the seeds beside the paper's
-# numbers. Each run is an ordinary train.py run in its own folder (runs/study/<row>/seed<k>), so a finished run is
+# seeds each, on the toy preset's schedule, and prints the paper's table with mean +- std over the seeds beside the
+# paper's numbers. Each run is an ordinary train.py run in its own folder (runs/study/<row>/seed<k>), so a finished run is
 # skipped and an interrupted one resumed when the study is started again.
 
 # The FULL row's flags. "pool_text" is the paper's FULL (SG2HOI+pool, CLIP-initialised classifiers: give the CLIP
