@@ -3126,7 +3126,6 @@ out["images"] = {{task + " " + split: len(records) for task, splits in data.item
                  for split, (records, _) in splits.items()}}
 out["peak_growth_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base)
 out["held_mb"] = round(rss() - base)
-out["cache_child_peak_mb"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
 print("PROBE" + json.dumps(out))
 """
 
@@ -3135,7 +3134,7 @@ def benchmark_data(root, scale=1.0, images=100, batch_size=4, workers=(1, 2)):
     """Write the full-size synthetic annotations into root (reused when already there), then measure
     (1) loading + checking VG150 train + test and HICO-DET train + test (build_data, as train.py and eval.py do) in a
     fresh process with an empty annotation cache and again with the cache filled: seconds and peak resident-memory
-    growth (and the peak of the child that parses into the cache, start_cache_warming);
+    growth of the loading process (the child that parses into the cache, start_cache_warming, is not counted);
     (2) images per second of one loader worker (one thread) with the paper's training transforms
     (make_transforms(True, 800, 1333): decode, flip, multi-scale resize, colour jitter, normalisation) on the VG val
     split's real-size JPEGs, in process and through a DataLoader with `workers` workers (batch_size, collate
