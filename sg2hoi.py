@@ -1570,12 +1570,12 @@ def _cache_file(path):
     return os.path.join(_cache_folder(), hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:20] + ".npz")
 
 
-def _read_cache(path, kind, members=True):
-    """The cached arrays of `path` if the cache holds them for the file as it is now, else None (members=False: just
-    True instead of the arrays)."""
+def _read_cache(path, stamp, members=True):
+    """The cached arrays of `path` if the cache holds them for the file's `stamp` (_file_stamp), else None
+    (members=False: just True instead of the arrays)."""
     try:
         with np.load(_cache_file(path), allow_pickle=False) as z:
-            if str(z["__stamp__"]) == _file_stamp(path, kind):
+            if str(z["__stamp__"]) == stamp:
                 return {k: z[k] for k in z.files if k != "__stamp__"} if members else True
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         pass  # no cache yet, or a stale / damaged one
@@ -1590,7 +1590,8 @@ def _cached_parse(path, kind, parse):
         return parse(path)  # the parser names the missing file
     if size < CACHE_MIN_BYTES:
         return parse(path)
-    cached = _read_cache(path, kind)
+    stamp = _file_stamp(path, kind)  # before parsing: a file that changes meanwhile is parsed again next time
+    cached = _read_cache(path, stamp)
     if cached is not None:
         return cached
     arrays = parse(path)
@@ -1599,7 +1600,7 @@ def _cached_parse(path, kind, parse):
     try:
         os.makedirs(os.path.dirname(cache), exist_ok=True)
         with open(tmp, "wb") as f:
-            np.savez(f, __stamp__=np.array(_file_stamp(path, kind)), **arrays)
+            np.savez(f, __stamp__=np.array(stamp), **arrays)
         os.replace(tmp, cache)
     except OSError:
         if os.path.exists(tmp):
@@ -3009,19 +3010,15 @@ def _parse_into_cache(files):
 def start_cache_warming(splits):
     """Parse the annotation files of `splits` [(kind, root, split)] into the cache (_cached_parse) in a child
     process, while this process loads other splits: on a first run the parse is single-threaded Python and the
-    other cores are idle (the README's "Real data at full size" has the figures). Returns the child (join it before loading those splits) or None when there is nothing to parse (files small or
-    cached already) or no fork (the loaders then parse as usual). The child's errors are ignored: the loader
-    parses the file again and reports them, naming the file."""
+    other cores are idle (the README's "Real data at full size" has the figures). Returns the child (join it
+    before loading those splits) or None when there is nothing to parse (files small or cached already) or no fork
+    (the loaders then parse as usual). The child's errors are ignored: the loader parses the file again and reports
+    them, naming the file."""
     import multiprocessing
 
-    files, seen = [], set()
-    for job in splits:
-        for path, tag, parse in _annotation_files(*job):
-            if path in seen or not os.path.isfile(path) or os.path.getsize(path) < CACHE_MIN_BYTES:
-                continue
-            seen.add(path)
-            if not _read_cache(path, tag, members=False):
-                files.append((path, tag, parse))
+    files = [(path, tag, parse) for job in splits for path, tag, parse in _annotation_files(*job)
+             if os.path.isfile(path) and os.path.getsize(path) >= CACHE_MIN_BYTES
+             and not _read_cache(path, _file_stamp(path, tag), members=False)]
     if not files or "fork" not in multiprocessing.get_all_start_methods():
         return None
     child = multiprocessing.get_context("fork").Process(target=_parse_into_cache, args=(files,), daemon=True)
@@ -3055,20 +3052,18 @@ def build_data(cfg: Config, data_args: dict, is_master=True, barrier=lambda: Non
     splits = ([("sgg", vg_kind, vg_root, s) for s in ("train", "test")] if cfg.sgg and vg_root else []) + \
              ([("hoi", hoi_kind, hoi_root, s) for s in ("train", "test")] if cfg.hoi and hoi_root else [])
 
+    def annotation_bytes(job):
+        return sum(os.path.getsize(f[0]) for f in _annotation_files(*job[1:]) if os.path.isfile(f[0]))
+
     def load_all(warm):
         # a child process parses the largest annotation file (VG150's train.json) into the cache while this process
         # loads the other splits; then this one joins it and reads that split from the cache
-        size = {job: sum(os.path.getsize(f[0]) for f in _annotation_files(*job[1:]) if os.path.isfile(f[0]))
-                for job in splits}
-        largest = max(splits, key=size.get) if splits else None
-        child = start_cache_warming([largest[1:]]) if warm and largest else None
-        order = [job for job in splits if child is None or job != largest]
-        order += [largest] if child is not None else []
-        loaded = {}
-        for job in order:
-            if child is not None and job == largest:
-                child.join()
-            loaded[job] = load(*job[1:])
+        largest = max(splits, key=annotation_bytes) if warm and splits else None
+        child = start_cache_warming([largest[1:]]) if largest else None
+        loaded = {job: load(*job[1:]) for job in splits if child is None or job != largest}
+        if child is not None:
+            child.join()
+            loaded[largest] = load(*largest[1:])
         data = {}
         for task, kind, root, split in splits:
             data.setdefault(task, {})[split] = loaded[task, kind, root, split]

@@ -1396,7 +1396,7 @@ def test_a_child_parses_the_other_splits_into_the_cache_and_the_data_is_unchange
                                                           f"{root}/hico/annotations/test_hico.json"))
     for kind, r, split in splits:  # every file cached, for the file as it is now
         (path, tag, _), = sg2hoi._annotation_files(kind, r, split)
-        assert sg2hoi._read_cache(path, tag, members=False), path
+        assert sg2hoi._read_cache(path, sg2hoi._file_stamp(path, tag), members=False), path
     assert sg2hoi.start_cache_warming(splits) is None, "nothing left to parse: no child"
     cfg = sg2hoi.make_config("paper")
     args = dict(vg=f"{root}/vg", hoi=f"{root}/hico", hoi_dataset="hico")

@@ -31,10 +31,9 @@ Idle heads and DDP. An SGG step does not run the HOI branch (Sec. III-C) at all,
 box/class heads get no loss. DDP (without find_unused_parameters) requires every parameter to take part in every
 backward, so under DDP the loss gets a zero-weighted sum of the trainable parameters it does not reach
 (`zero_touch`): all parameters are reached, their gradients for the idle task are exactly zero and DDP reduces them
-as usual. After the reduction the
-idle task's parameters get .grad = None, so AdamW skips them: neither its momentum nor its weight decay moves a head
-on the other task's steps. In phase 1 the HOI part is frozen, and the model is wrapped in DDP again when phase 2
-starts.
+as usual. After the reduction the idle task's parameters get .grad = None, so AdamW skips them: neither its momentum
+nor its weight decay moves a head on the other task's steps. In phase 1 the HOI part is frozen, and the model is
+wrapped in DDP again when phase 2 starts.
 """
 from __future__ import annotations
 
@@ -853,8 +852,8 @@ def main(argv=None):
 # ------------------------------------------------------------------------------------------------ the ablation study (Tables V-VIII)
 # `python train.py --study` trains the FULL model and every ablation row of Tables V-VIII on the toy scenes, several
 # seeds each, on the toy preset's schedule, and prints the paper's table with mean +- std over the seeds beside the
-# paper's numbers. Each run is an ordinary train.py run in its own folder (runs/study/<row>/seed<k>), so a finished run is
-# skipped and an interrupted one resumed when the study is started again.
+# paper's numbers. Each run is an ordinary train.py run in its own folder (runs/study/<row>/seed<k>), so a finished
+# run is skipped and an interrupted one resumed when the study is started again.
 
 # The FULL row's flags. "pool_text" is the paper's FULL (SG2HOI+pool, CLIP-initialised classifiers: give the CLIP
 # text embeddings with --run_args "--text_embeddings ..."). The toy study's default is the toy preset as it is (Sec.
