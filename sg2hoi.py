@@ -2991,39 +2991,42 @@ DATA_ARGS = dict(toy_root="data/toy", toy_train=3000, toy_train_hoi=1000, toy_te
 
 def _annotation_files(kind, root, split):
     """The large annotation files a loader parses through the cache, with their cache tag and parser. VG's rel.json
-    (all three splits in one file) is left to the loader of the first VG split."""
+    holds the relations of all three splits: every VG split lists it (one parse serves them all, _read_rel_json)."""
     if kind == "vg":
-        return [(os.path.join(root, f"{split}.json"), "coco", _parse_coco_json)]
+        return [(os.path.join(root, f"{split}.json"), "coco", _parse_coco_json),
+                (os.path.join(root, "rel.json"), "rel", _parse_rel_json)]
     if kind in HOIA_FILES:
         return [(os.path.join(root, "annotations", HOIA_FILES[kind][split != "train"]), "hoia", _parse_hoia_json)]
     return []  # vg_h5: read with h5py, not cached
 
 
-def _parse_into_cache(files):
-    for path, tag, parse in files:
-        try:
-            _cached_parse(path, tag, parse)
-        except Exception:  # noqa: BLE001  the loader meets the same error in the parent and names it
-            return
+def _parse_into_cache(path, tag, parse):
+    try:
+        _cached_parse(path, tag, parse)
+    except Exception:  # noqa: BLE001  the loader meets the same error in the parent and names it
+        pass
 
 
 def start_cache_warming(splits):
-    """Parse the annotation files of `splits` [(kind, root, split)] into the cache (_cached_parse) in a child
-    process, while this process loads other splits: on a first run the parse is single-threaded Python and the
-    other cores are idle (the README's "Real data at full size" has the figures). Returns the child (join it
-    before loading those splits) or None when there is nothing to parse (files small or cached already) or no fork
-    (the loaders then parse as usual). The child's errors are ignored: the loader parses the file again and reports
-    them, naming the file."""
+    """Parse the large annotation files of `splits` [(kind, root, split)] that the cache does not hold yet into it
+    (_cached_parse), each in a forked child process of its own, all at the same time. Returns {file path: child}
+    (join a file's child before loading a split that reads it); empty when there is nothing to parse (files small
+    or cached already) or no fork (the loaders then parse as usual). Why children: a first run's parse is
+    single-threaded Python, so the parses of several files share the cores, and the parse's transient memory (the
+    JSON text and its decoded pieces, several times the arrays it yields) is the child's, never the loading
+    process's. The children's errors are ignored: the loader parses the file again and reports them, naming it."""
     import multiprocessing
 
-    files = [(path, tag, parse) for job in splits for path, tag, parse in _annotation_files(*job)
-             if os.path.isfile(path) and os.path.getsize(path) >= CACHE_MIN_BYTES
-             and not _read_cache(path, _file_stamp(path, tag), members=False)]
-    if not files or "fork" not in multiprocessing.get_all_start_methods():
-        return None
-    child = multiprocessing.get_context("fork").Process(target=_parse_into_cache, args=(files,), daemon=True)
-    child.start()
-    return child
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return {}
+    files = {path: (path, tag, parse) for job in splits for path, tag, parse in _annotation_files(*job)}
+    todo = [f for path, f in files.items() if os.path.isfile(path) and os.path.getsize(path) >= CACHE_MIN_BYTES
+            and not _read_cache(path, _file_stamp(path, f[1]), members=False)]
+    children = {}
+    for f in todo:
+        children[f[0]] = multiprocessing.get_context("fork").Process(target=_parse_into_cache, args=f, daemon=True)
+        children[f[0]].start()
+    return children
 
 
 def build_data(cfg: Config, data_args: dict, is_master=True, barrier=lambda: None):
@@ -3056,14 +3059,17 @@ def build_data(cfg: Config, data_args: dict, is_master=True, barrier=lambda: Non
         return sum(os.path.getsize(f[0]) for f in _annotation_files(*job[1:]) if os.path.isfile(f[0]))
 
     def load_all(warm):
-        # a child process parses the largest annotation file (VG150's train.json) into the cache while this process
-        # loads the other splits; then this one joins it and reads that split from the cache
-        largest = max(splits, key=annotation_bytes) if warm and splits else None
-        child = start_cache_warming([largest[1:]]) if largest else None
-        loaded = {job: load(*job[1:]) for job in splits if child is None or job != largest}
-        if child is not None:
-            child.join()
-            loaded[largest] = load(*largest[1:])
+        # the annotation files the cache lacks are parsed into it by forked children, one per file, at the same
+        # time (start_cache_warming); this process reads each split from the cache as soon as that split's files
+        # are in. Largest first: a split's load has a transient peak (the cached arrays beside the records built
+        # from them) that is smallest when no other split is held yet (VG150 train last: +80 MB of peak)
+        children = start_cache_warming([job[1:] for job in splits]) if warm else {}
+        loaded = {}
+        for job in sorted(splits, key=annotation_bytes, reverse=True):
+            for path, _, _ in _annotation_files(*job[1:]):
+                if path in children:
+                    children.pop(path).join()
+            loaded[job] = load(*job[1:])
         data = {}
         for task, kind, root, split in splits:
             data.setdefault(task, {})[split] = loaded[task, kind, root, split]
@@ -3129,7 +3135,7 @@ def benchmark_data(root, scale=1.0, images=100, batch_size=4, workers=(1, 2)):
     """Write the full-size synthetic annotations into root (reused when already there), then measure
     (1) loading + checking VG150 train + test and HICO-DET train + test (build_data, as train.py and eval.py do) in a
     fresh process with an empty annotation cache and again with the cache filled: seconds and peak resident-memory
-    growth of the loading process (the child that parses into the cache, start_cache_warming, is not counted);
+    growth of the loading process (the children that parse into the cache, start_cache_warming, are not counted);
     (2) images per second of one loader worker (one thread) with the paper's training transforms
     (make_transforms(True, 800, 1333): decode, flip, multi-scale resize, colour jitter, normalisation) on the VG val
     split's real-size JPEGs, in process and through a DataLoader with `workers` workers (batch_size, collate

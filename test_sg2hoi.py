@@ -1379,36 +1379,41 @@ def test_annotation_cache_is_used_for_an_unchanged_file_and_renewed_after_a_chan
     assert changed[0]["boxes"][0].tolist() == [11, 20, 41, 60]
 
 
-def test_a_child_parses_the_other_splits_into_the_cache_and_the_data_is_unchanged(fullsize_tiny, tmp_path,
-                                                                                     monkeypatch):
-    """A forked child parses annotation files into the cache (build_data: the largest, VG train.json, while the
-    parent loads the other splits; the parent then reads it from the cache). The records equal plain loads'."""
+def test_forked_children_parse_every_large_file_into_the_cache_and_the_data_is_unchanged(fullsize_tiny, tmp_path,
+                                                                                          monkeypatch):
+    """Forked children, one per large annotation file, parse into the cache (build_data on an empty cache: every
+    file, rel.json once for both VG splits; the loading process reads the splits from the cache, largest first).
+    The records equal plain loads'."""
     root, _ = fullsize_tiny
     monkeypatch.setenv("SG2HOI_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(sg2hoi, "CACHE_MIN_BYTES", 0)  # the tiny files count as large
     splits = [("vg", f"{root}/vg", "test"), ("hico", f"{root}/hico", "train"), ("hico", f"{root}/hico", "test")]
-    child = sg2hoi.start_cache_warming(splits)
-    child.join()
-    assert child.exitcode == 0
-    assert sorted(os.listdir(tmp_path / "cache")) == sorted(
-        os.path.basename(sg2hoi._cache_file(f)) for f in (f"{root}/vg/test.json",
-                                                          f"{root}/hico/annotations/trainval_hico.json",
-                                                          f"{root}/hico/annotations/test_hico.json"))
+    files = [f"{root}/vg/test.json", f"{root}/vg/rel.json", f"{root}/hico/annotations/trainval_hico.json",
+             f"{root}/hico/annotations/test_hico.json"]
+    children = sg2hoi.start_cache_warming(splits)
+    assert sorted(children) == sorted(files), "one child per file"
+    for child in children.values():
+        child.join()
+        assert child.exitcode == 0
+    assert sorted(os.listdir(tmp_path / "cache")) == sorted(os.path.basename(sg2hoi._cache_file(f)) for f in files)
     for kind, r, split in splits:  # every file cached, for the file as it is now
-        (path, tag, _), = sg2hoi._annotation_files(kind, r, split)
-        assert sg2hoi._read_cache(path, sg2hoi._file_stamp(path, tag), members=False), path
-    assert sg2hoi.start_cache_warming(splits) is None, "nothing left to parse: no child"
+        for path, tag, _ in sg2hoi._annotation_files(kind, r, split):
+            assert sg2hoi._read_cache(path, sg2hoi._file_stamp(path, tag), members=False), path
+    assert sg2hoi.start_cache_warming(splits) == {}, "nothing left to parse: no child"
     cfg = sg2hoi.make_config("paper")
     args = dict(vg=f"{root}/vg", hoi=f"{root}/hico", hoi_dataset="hico")
     warmed = sg2hoi.build_data(cfg, args)  # cache filled: VG test and HICO-DET come from it
     monkeypatch.setenv("SG2HOI_CACHE", str(tmp_path / "other"))
-    calls, warm = [], sg2hoi.start_cache_warming
+    calls, loads, warm, load = [], [], sg2hoi.start_cache_warming, sg2hoi.load_dataset
     monkeypatch.setattr(sg2hoi, "start_cache_warming", lambda jobs: calls.append(jobs) or warm(jobs))
-    cold = sg2hoi.build_data(cfg, args)  # an empty cache: a child parses the largest file, VG train.json
-    assert calls == [[("vg", f"{root}/vg", "train")]]
-    assert {os.path.basename(sg2hoi._cache_file(f)) for f in (f"{root}/vg/train.json", f"{root}/vg/test.json",
-            f"{root}/hico/annotations/trainval_hico.json", f"{root}/hico/annotations/test_hico.json")} \
-        <= set(os.listdir(tmp_path / "other"))  # (rel.json was parsed in this process already: kept in memory)
+    monkeypatch.setattr(sg2hoi, "load_dataset", lambda kind, r, split, **kw: loads.append((kind, split)) or
+                        load(kind, r, split, **kw))
+    cold = sg2hoi.build_data(cfg, args)  # an empty cache: a child for each file
+    assert calls == [[("vg", f"{root}/vg", "train"), ("vg", f"{root}/vg", "test"), ("hico", f"{root}/hico", "train"),
+                      ("hico", f"{root}/hico", "test")]]
+    assert loads == [("vg", "train"), ("vg", "test"), ("hico", "train"), ("hico", "test")], "largest first"
+    assert {os.path.basename(sg2hoi._cache_file(f)) for f in [f"{root}/vg/train.json"] + files} \
+        == set(os.listdir(tmp_path / "other"))
     for task in ("sgg", "hoi"):
         for split in ("train", "test"):
             plain, _ = sg2hoi.load_dataset("vg" if task == "sgg" else "hico", args["vg" if task == "sgg" else "hoi"],
