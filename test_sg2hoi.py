@@ -227,7 +227,7 @@ def test_overfitting_one_toy_batch_drives_the_loss_down_tenfold(tmp_path):
     for step in range(200):  # the HOI loss is down 10x by step 180 (SGG by 150)
         task = "sgg" if step % 2 == 0 else "hoi"
         images, mask, targets = batches[task]
-        loss = crit(model(images, mask), targets, task)["loss"]
+        loss = crit(model(images, mask, with_hoi=task == "hoi"), targets, task)["loss"]
         first.setdefault(task, loss.item())
         last[task] = loss.item()
         opt.zero_grad()
@@ -782,12 +782,18 @@ def tiny_toy(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny_ckpt(tiny_toy, tmp_path_factory):
-    """A 2-step checkpoint on the tiny toy data (trained once per module), for the eval.py CLI tests."""
+def tiny_run(tiny_toy, tmp_path_factory):
+    """The whole TINY schedule, trained once per module (no evaluation): its folder (log.jsonl, ckpt.pt)."""
     out = str(tmp_path_factory.mktemp("tinyrun"))
-    r = _run(["train.py", "--toy_root", tiny_toy, "--out", out, "--max_steps", "2", "--no_eval"] + TINY)
+    r = _run(["train.py", "--toy_root", tiny_toy, "--out", out, "--no_eval"] + TINY)
     assert r.returncode == 0, r.stderr[-3000:]
-    return os.path.join(out, "ckpt.pt")
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tiny_run):
+    """The final checkpoint of tiny_run, for the eval.py CLI and resume tests."""
+    return os.path.join(tiny_run, "ckpt.pt")
 
 
 def _run(args, cwd=HERE, timeout=300, env=None):
@@ -815,10 +821,8 @@ def _log(out, events=False):
     return [x for x in lines if ("event" in x) == events]
 
 
-def test_schedule_phases_and_alternation_from_the_log(tiny_toy, tmp_path):
-    out = str(tmp_path / "run")
-    r = _run(["train.py", "--toy_root", tiny_toy, "--out", out, "--no_eval"] + TINY)
-    assert r.returncode == 0, r.stderr[-3000:]
+def test_schedule_phases_and_alternation_from_the_log(tiny_run):
+    out = tiny_run
     log = _log(out)
     # 48 images / batch 8 = 6 batches per epoch: phase 1 = 1 SGG epoch, phase 2 = 1 HOI epoch alternating with SGG
     assert [x["phase"] for x in log] == [1] * 6 + [2] * 12
@@ -1031,11 +1035,8 @@ train.main()
 # ---------------------------------------------------------------- resume, schedule variants, faults (issues 8, 9)
 
 
-def test_resume_refuses_flags_that_change_the_experiment_and_bad_checkpoints(tiny_toy, tmp_path):
-    out = str(tmp_path / "run")
-    r = _run(["train.py", "--toy_root", tiny_toy, "--out", out, "--max_steps", "1", "--no_eval"] + TINY)
-    assert r.returncode == 0, r.stderr[-3000:]
-    ckpt_path = os.path.join(out, "ckpt.pt")
+def test_resume_refuses_flags_that_change_the_experiment_and_bad_checkpoints(tiny_ckpt, tmp_path):
+    ckpt_path = tiny_ckpt
     ckpt = torch.load(ckpt_path, weights_only=True)
     assert os.path.isabs(ckpt["args"]["toy_root"]), "data paths are stored absolute (eval from any folder)"
     r = _run(["train.py", "--resume", ckpt_path, "--joint_epochs", "5", "--preset", "paper", "--batch_size", "8"])
@@ -1138,22 +1139,23 @@ def test_every_study_row_sets_the_config_of_its_paper_row():
             sg2hoi.make_config("toy", **overrides)
 
 
-def test_study_runner_writes_the_table_and_skips_finished_runs(tiny_toy, tmp_path):
+def test_study_runner_writes_the_table_and_skips_finished_runs(tiny_toy, tmp_path, capsys):
+    import train
     out = str(tmp_path / "study")
-    cmd = ["train.py", "--study", "--rows", "FULL,-HSS,HSSG", "--seeds", "1", "--out", out, "--budget",
-           "--sgg_epochs 1 --joint_epochs 1", "--run_args", " ".join(["--toy_root", tiny_toy, "--max_steps", "2",
-                                                                      "--eval_limit", "2"] + TINY)]
-    r = _run(cmd, timeout=400)
-    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-2000:])
-    assert "2 run(s) to do" in r.stdout
+    argv = ["--study", "--rows", "FULL,-HSS,HSSG", "--seeds", "1", "--out", out, "--budget",
+            "--sgg_epochs 1 --joint_epochs 1", "--run_args", " ".join(["--toy_root", tiny_toy, "--max_steps", "2",
+                                                                       "--eval_limit", "2"] + TINY)]
+    train.run_study(argv)  # in this process; each run is a train.py process of its own
+    assert "2 run(s) to do" in capsys.readouterr().out
+    assert all(os.path.exists(os.path.join(out, row, "seed0", "metrics.json")) for row in ("FULL", "-HSS"))
     with open(os.path.join(out, "study.json")) as f:
         study = json.load(f)
     assert study["rows"]["FULL"]["seeds"] == 1 and len(study["rows"]["FULL"]["mean"]) == 7
     assert study["rows"]["FULL"]["paper"][0] == 25.9 and "skipped" in study["rows"]["HSSG"]
     md = open(os.path.join(out, "study.md")).read()
     assert md.count("\n| ") >= 3 and "| -HSS | 1 |" in md and "(23.9)" in md
-    r = _run(cmd, timeout=400)
-    assert r.returncode == 0 and "0 run(s) to do" in r.stdout
+    train.run_study(argv)
+    assert "0 run(s) to do" in capsys.readouterr().out
 
 
 def test_draw_prediction_panels_boxes_segmentation_and_legend():
@@ -1174,17 +1176,16 @@ def test_draw_prediction_panels_boxes_segmentation_and_legend():
     assert (pic[:, 384:] != 255).any()  # the legend has text
 
 
-def test_eval_cli_tables_pictures_and_saved_predictions(tiny_ckpt, tmp_path):
-    ckpt = tiny_ckpt
+def test_eval_cli_tables_pictures_and_saved_predictions(tiny_ckpt, tmp_path, capsys):
+    ckpt = tiny_ckpt  # (the command line in a process of its own: the distributed-evaluation and --image tests)
     pics, preds = str(tmp_path / "pics"), str(tmp_path / "preds.pt")
-    r = _run(["eval.py", "--ckpt", ckpt, "--visualize", pics, "--num_visualize", "2", "--save-predictions", preds])
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "Table I" in r.stdout and "Table IV" in r.stdout and "wrote 4 pictures" in r.stdout
+    ev.main(["--ckpt", ckpt, "--visualize", pics, "--num_visualize", "2", "--save-predictions", preds])
+    out = capsys.readouterr().out
+    assert "Table I" in out and "Table IV" in out and "wrote 4 pictures" in out
     assert sorted(f[:3] for f in os.listdir(pics)) == ["hoi", "hoi", "sgg", "sgg"]
     with open(os.path.join(os.path.dirname(ckpt), "eval_ckpt.json")) as f:  # beside the checkpoint
         from_model = json.load(f)
-    r = _run(["eval.py", "--predictions", preds, "--json", str(tmp_path / "again.json")])
-    assert r.returncode == 0, r.stderr[-3000:]
+    ev.main(["--predictions", preds, "--json", str(tmp_path / "again.json")])
     with open(tmp_path / "again.json") as f:
         again = json.load(f)
     assert again["sgg"]["R@50"] == from_model["sgg"]["R@50"] and again["hico"] == from_model["hico"]
