@@ -3012,20 +3012,20 @@ def start_cache_warming(splits):
     (_cached_parse), each in a forked child process of its own, all at the same time. Returns {file path: child}
     (join a file's child before loading a split that reads it); empty when there is nothing to parse (files small
     or cached already) or no fork (the loaders then parse as usual). Why children: a first run's parse is
-    single-threaded Python, so the parses of several files share the cores, and the parse's transient memory (the
-    JSON text and its decoded pieces, several times the arrays it yields) is the child's, never the loading
-    process's. The children's errors are ignored: the loader parses the file again and reports them, naming it."""
+    single-threaded Python, so the parses of several files share the cores, and the loading process only ever
+    reads the cache: its memory is that of a load from a filled cache (the README's "Real data at full size" has
+    the figures). The children's errors are ignored: the loader parses the file again and reports them, naming it."""
     import multiprocessing
 
     if "fork" not in multiprocessing.get_all_start_methods():
         return {}
-    files = {path: (path, tag, parse) for job in splits for path, tag, parse in _annotation_files(*job)}
-    todo = [f for path, f in files.items() if os.path.isfile(path) and os.path.getsize(path) >= CACHE_MIN_BYTES
-            and not _read_cache(path, _file_stamp(path, f[1]), members=False)]
     children = {}
-    for f in todo:
-        children[f[0]] = multiprocessing.get_context("fork").Process(target=_parse_into_cache, args=f, daemon=True)
-        children[f[0]].start()
+    for path, tag, parse in {f[0]: f for job in splits for f in _annotation_files(*job)}.values():
+        if (os.path.isfile(path) and os.path.getsize(path) >= CACHE_MIN_BYTES
+                and not _read_cache(path, _file_stamp(path, tag), members=False)):
+            children[path] = multiprocessing.get_context("fork").Process(
+                target=_parse_into_cache, args=(path, tag, parse), daemon=True)
+            children[path].start()
     return children
 
 
