@@ -967,17 +967,19 @@ def test_split_batch_divides_the_global_batch_over_processes_and_micro_batches()
 
 
 def test_one_process_two_processes_and_accumulation_log_the_same_losses(tiny_toy, tmp_path):
-    common = ["--toy_root", tiny_toy, "--no_eval", "--max_steps", "4", "--deterministic"] + TINY
+    common = ["--toy_root", tiny_toy, "--no_eval", "--max_steps", "8", "--deterministic"] + TINY  # 6 SGG, SGG, HOI
     runs = {"1": ["train.py"], "1x2": ["train.py", "--micro_batch", "4"],
             "2": ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]}
     logs = {}
     for name, r in zip(runs, _run_all([cmd + common + ["--out", str(tmp_path / name)] for name, cmd in runs.items()])):
         assert r.returncode == 0, (name, r.stderr[-3000:])
         logs[name] = _log(str(tmp_path / name))
+    assert [x["task"] for x in logs["1"]] == ["sgg"] * 7 + ["hoi"]
     for name in ("1x2", "2"):
-        assert [x["step"] for x in logs[name]] == [1, 2, 3, 4]
+        assert [x["step"] for x in logs[name]] == list(range(1, 9))
         for a, b in zip(logs["1"], logs[name]):
-            for term in ("loss", "seg", "align", "rel_box", "rel_cls", "rel_pred"):
+            terms = ("rel_box", "rel_cls", "rel_pred") if a["task"] == "sgg" else ("hoi_box", "hoi_cls", "hoi_verb")
+            for term in ("loss", "seg", "align") + terms:
                 assert b[term] == pytest.approx(a[term], rel=1e-3), (name, a["step"], term)
 
 
