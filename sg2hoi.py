@@ -3019,12 +3019,11 @@ def start_cache_warming(splits):
 
     if "fork" not in multiprocessing.get_all_start_methods():
         return {}
-    children = {}
+    fork, children = multiprocessing.get_context("fork"), {}
     for path, tag, parse in {f[0]: f for job in splits for f in _annotation_files(*job)}.values():
         if (os.path.isfile(path) and os.path.getsize(path) >= CACHE_MIN_BYTES
                 and not _read_cache(path, _file_stamp(path, tag), members=False)):
-            children[path] = multiprocessing.get_context("fork").Process(
-                target=_parse_into_cache, args=(path, tag, parse), daemon=True)
+            children[path] = fork.Process(target=_parse_into_cache, args=(path, tag, parse), daemon=True)
             children[path].start()
     return children
 
