@@ -670,6 +670,8 @@ def test_hico_rare_split_and_known_object():
     # class (0,2,1): no detection: AP 0; it is the rare class
     assert default["mAP_non_rare"] == pytest.approx(0.5) and default["mAP_rare"] == 0.0
     assert ko["mAP_non_rare"] == pytest.approx(1.0) and ko["mAP_full"] == pytest.approx(0.5)
+    assert default["per_class"] == [{"triplet": [0, 1, 1], "npos": 1, "ap": pytest.approx(0.5), "rare": False},
+                                    {"triplet": [0, 2, 1], "npos": 1, "ap": 0.0, "rare": True}]
 
 
 def test_hico_qpic_iou_zeroes_one_pixel_overlaps():
@@ -1191,6 +1193,12 @@ def test_eval_cli_tables_pictures_and_saved_predictions(tiny_ckpt, tmp_path, cap
     with open(tmp_path / "again.json") as f:
         again = json.load(f)
     assert again["sgg"]["R@50"] == from_model["sgg"]["R@50"] and again["hico"] == from_model["hico"]
+    # each class's AP under its name (verb, object), and mAP Full is their mean
+    per_class = from_model["hico"]["default"]["per_class"]
+    verbs, objects = (sg2hoi.load_vocab()[k] for k in ("hico_verbs", "coco80"))
+    assert [c["name"] for c in per_class] == [f"{verbs[v]} {objects[o]['name']}" for _, o, v in
+                                              (c["triplet"] for c in per_class)]
+    assert np.mean([c["ap"] for c in per_class]) == pytest.approx(from_model["hico"]["default"]["mAP_full"])
 
 
 # ==================================================================================================== data at full size, bad images, loader errors (issues 9 and 11)
@@ -1577,7 +1585,8 @@ def _ref_hico_map(gts, preds, correct_mat, rare, non_rare=None, known_object=Fal
     non_rare = set(classes) - rare if non_rare is None else {tuple(r) for r in non_rare}
     mean = lambda xs: float(np.mean(xs)) if xs else 0.0  # noqa: E731
     return dict(mAP_full=mean([ap[t] for t in classes]), mAP_rare=mean([ap[t] for t in classes if t in rare]),
-                mAP_non_rare=mean([ap[t] for t in classes if t in non_rare]))
+                mAP_non_rare=mean([ap[t] for t in classes if t in non_rare]),
+                per_class=[{"triplet": list(t), "npos": npos[t], "ap": ap[t], "rare": t in rare} for t in classes])
 
 
 def _ref_sgdet(gts, preds, C, ks, zeroshot):
