@@ -1160,6 +1160,11 @@ def test_study_runner_writes_the_table_and_skips_finished_runs(tiny_toy, tmp_pat
     assert md.count("\n| ") >= 3 and "| -HSS | 1 |" in md and "(23.9)" in md
     train.run_study(argv)
     assert "0 run(s) to do" in capsys.readouterr().out
+    train.run_study(argv[:2] + ["FULL"] + argv[3:] + ["--first_seed", "1"])  # one more seed: seed 1 alone
+    assert "1 run(s) to do" in capsys.readouterr().out
+    with open(os.path.join(out, "study.json")) as f:
+        study = json.load(f)
+    assert os.path.exists(os.path.join(out, "FULL", "seed1", "metrics.json")) and study["rows"]["FULL"]["seeds"] == 1
 
 
 def test_draw_prediction_panels_boxes_segmentation_and_legend():

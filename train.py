@@ -887,7 +887,9 @@ def study_parser():
     p = argparse.ArgumentParser(description="The ablation study of Tables V-VIII on the toy scenes.")
     p.add_argument("--study", action="store_true")
     p.add_argument("--rows", default=",".join(STUDY_ROWS), help="comma-separated rows of STUDY_ROWS")
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=3, help="how many seeds per row")
+    p.add_argument("--first_seed", type=int, default=0,
+                   help="the seeds are first_seed .. first_seed + seeds - 1 (to add seeds to a finished study)")
     p.add_argument("--full", default="defaults", choices=sorted(FULL_FLAGS),
                    help="the FULL row: the toy preset's defaults, or pool_text = SG2HOI+pool with text-initialised "
                         "classifiers (the paper's; needs real CLIP text embeddings)")
@@ -927,7 +929,7 @@ def run_study(argv):
                 skipped[row] = "needs real word vectors (--word_vectors glove.6B.300d.txt); none can be made offline"
                 continue
             flags = flags + ["--word_vectors", os.path.abspath(a.word_vectors)]
-        for seed in range(a.seeds):
+        for seed in range(a.first_seed, a.first_seed + a.seeds):
             out = os.path.join(a.out, row, f"seed{seed}")
             if os.path.exists(os.path.join(out, "metrics.json")):
                 continue  # finished earlier
@@ -964,7 +966,7 @@ def run_study(argv):
             table[row] = {"skipped": skipped[row], "paper": STUDY_ROWS[row][1]}
             continue
         per_seed = []
-        for seed in range(a.seeds):
+        for seed in range(a.first_seed, a.first_seed + a.seeds):
             path = os.path.join(a.out, row, f"seed{seed}", "metrics.json")
             if os.path.exists(path):
                 with open(path) as f:
