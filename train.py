@@ -919,6 +919,7 @@ def run_study(argv):
     unknown = [r for r in rows if r not in STUDY_ROWS]
     if unknown:
         raise SystemExit(f"--study: unknown row(s) {unknown}; rows are {list(STUDY_ROWS)}")
+    seeds = range(a.first_seed, a.first_seed + a.seeds)
     jobs = a.jobs or os.cpu_count() or 1
     threads = max(1, (os.cpu_count() or 1) // jobs)
     runs, skipped = [], {}
@@ -929,7 +930,7 @@ def run_study(argv):
                 skipped[row] = "needs real word vectors (--word_vectors glove.6B.300d.txt); none can be made offline"
                 continue
             flags = flags + ["--word_vectors", os.path.abspath(a.word_vectors)]
-        for seed in range(a.first_seed, a.first_seed + a.seeds):
+        for seed in seeds:
             out = os.path.join(a.out, row, f"seed{seed}")
             if os.path.exists(os.path.join(out, "metrics.json")):
                 continue  # finished earlier
@@ -966,7 +967,7 @@ def run_study(argv):
             table[row] = {"skipped": skipped[row], "paper": STUDY_ROWS[row][1]}
             continue
         per_seed = []
-        for seed in range(a.first_seed, a.first_seed + a.seeds):
+        for seed in seeds:
             path = os.path.join(a.out, row, f"seed{seed}", "metrics.json")
             if os.path.exists(path):
                 with open(path) as f:
