@@ -214,7 +214,7 @@ PRESETS = {
                 rel_dec_layers=2, r2i_layers=1, feat_trans_layers=1, query_trans_layers=1, hoi_dec_layers=2,
                 num_rel_queries=16, num_hoi_queries=16, seg_hidden=32, seg_norm="group", text_dim=64, batch_size=16,
                 lr=4e-4, lr_backbone=4e-4, lr_text_classifier=4e-4, lr_sgg_phase2=1e-4, clip_max_norm=0.1,
-                sgg_epochs=5, joint_epochs=9, lr_drop=0.9, image_size=128, max_size=128),
+                sgg_epochs=10, joint_epochs=9, lr_drop=0.9, image_size=128, max_size=128),
 }
 
 
