@@ -1148,9 +1148,20 @@ class InputError(Exception):
     """A checkpoint or an image that cannot be used; the message names the file and what is wrong with it."""
 
 
-def load_model_from_checkpoint(path, device):
-    """train.py's checkpoint -> (model in eval mode on device, Config). Raises InputError naming the file when it
-    is missing, unreadable, not a train.py checkpoint, or its config lacks the class names of its tasks."""
+def checkpoint_weights(ckpt, path, weights="auto"):
+    """The state dict of a train.py checkpoint to evaluate: "ema" = the averaged weights (Config.ema_decay > 0),
+    "raw" = the trained weights themselves, "auto" = the averaged ones when the checkpoint has them."""
+    if weights not in ("auto", "ema", "raw"):
+        raise InputError(f"weights must be auto, ema or raw, got {weights!r}")
+    if weights == "ema" and "ema" not in ckpt:
+        raise InputError(f"{path}: the checkpoint holds no averaged weights (trained with ema_decay 0)")
+    return ckpt["ema"] if weights != "raw" and "ema" in ckpt else ckpt["model"]
+
+
+def load_model_from_checkpoint(path, device, weights="auto"):
+    """train.py's checkpoint -> (model in eval mode on device, Config); `weights` as in checkpoint_weights.
+    Raises InputError naming the file when it is missing, unreadable, not a train.py checkpoint, or its config
+    lacks the class names of its tasks."""
     import dataclasses
     import torch
     import sg2hoi
@@ -1180,7 +1191,7 @@ def load_model_from_checkpoint(path, device):
     except (OSError, ValueError, KeyError) as e:  # e.g. an HSSG model whose GloVe file (word_vectors) is not here
         raise InputError(f"{path}: cannot build the model of the checkpoint's config ({e})") from None
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(checkpoint_weights(ckpt, path, weights))
     except RuntimeError as e:
         raise InputError(f"{path}: the weights do not fit the checkpoint's config "
                          f"({' '.join(str(e).split())[:400]})") from None
@@ -1679,7 +1690,8 @@ def predict_image(model, cfg, image_uint8, device, top=10, threshold=0.1, correc
     return image_predictions(out, cfg, tuple(image_uint8.shape[-2:]), top, threshold, correct_mat), tuple(x.shape[-2:])
 
 
-def run_on_images(ckpt_path, image_args, out_dir, top=10, threshold=0.1, merge_iou=MERGE_IOU, device=None):
+def run_on_images(ckpt_path, image_args, out_dir, top=10, threshold=0.1, merge_iou=MERGE_IOU, device=None,
+                  weights="auto"):
     """--image: the checkpoint's model on each image, writing the four files of this section's header into
     out_dir. A bad image is reported on stderr and skipped; returns the exit status: 0 = every image done,
     1 = some failed, 2 = the checkpoint cannot be used."""
@@ -1688,7 +1700,7 @@ def run_on_images(ckpt_path, image_args, out_dir, top=10, threshold=0.1, merge_i
 
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        model, cfg = load_model_from_checkpoint(ckpt_path, device)
+        model, cfg = load_model_from_checkpoint(ckpt_path, device, weights)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -1905,6 +1917,9 @@ def parse_args(argv=None):
                     "torchrun --nproc_per_node=N eval.py --ckpt ... (each process evaluates its share of the test "
                     "images; rank 0 prints and writes).")
     p.add_argument("--ckpt", default="", help="checkpoint written by train.py")
+    p.add_argument("--weights", choices=["auto", "ema", "raw"], default="auto",
+                   help="which weights of --ckpt: ema = the moving average (train.py --ema_decay), raw = the trained "
+                        "weights; auto = the average when the checkpoint has one")
     p.add_argument("--predictions", default="", help="evaluate a file written by --save-predictions (no model)")
     p.add_argument("--save-predictions", dest="save_predictions", default="",
                    help="write the ground truth and the compact predictions here (loadable by --predictions)")
@@ -1990,7 +2005,7 @@ def agree(error):
     return error
 
 
-def load_model_and_data(ckpt_path, device):
+def load_model_and_data(ckpt_path, device, weights="auto"):
     """A train.py checkpoint -> (model on device, its Config, its data: the same test splits it was trained for)."""
     import torch
     import sg2hoi
@@ -1998,7 +2013,10 @@ def load_model_and_data(ckpt_path, device):
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     cfg = sg2hoi.Config(**ckpt["config"])
     model = sg2hoi.build_model(cfg)
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(checkpoint_weights(ckpt, ckpt_path, weights))
+    except InputError as e:
+        raise SystemExit(f"eval.py: {e}") from None
     model.to(device)
     import torch.distributed as dist
 
@@ -2111,7 +2129,8 @@ def main(argv=None):
         run_benchmark(args.benchmark)
         return
     if args.image:  # your own images: pictures, scene graphs and JSON (run_on_images)
-        raise SystemExit(run_on_images(args.ckpt, args.image, args.out_dir, args.top, args.threshold))
+        raise SystemExit(run_on_images(args.ckpt, args.image, args.out_dir, args.top, args.threshold,
+                                       weights=args.weights))
     device = init_distributed()
     rank = _rank_world()[0]
     try:
@@ -2130,7 +2149,7 @@ def main(argv=None):
             except PredictionsError as e:
                 raise SystemExit(f"eval.py: {e}") from None
         else:
-            model, cfg, data = load_model_and_data(args.ckpt, device)
+            model, cfg, data = load_model_and_data(args.ckpt, device, args.weights)
             collected = collect(model, cfg, data, device, args.limit)
         # 3. rank 0: metrics, tables, files, pictures
         if rank == 0:

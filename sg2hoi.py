@@ -136,6 +136,10 @@ class Config:
     weight_decay: float = 1e-4
     clip_max_norm: float = 0.1
     lr_drop: float = 2 / 3  # lr x 0.1 after this fraction of each phase (not given in the paper; DETR / QPIC practice)
+    # Exponential moving average of the weights, updated after every optimiser step (not in the paper; DINO, RT-DETR
+    # practice): 0 = off; d > 0 keeps ema = d * ema + (1 - d) * weights, averaging over about 1 / (1 - d) steps.
+    # Evaluation, best.pt and eval.py then use the averaged weights (train.py's final evaluation reports both).
+    ema_decay: float = 0.0
     batch_size: int = 8  # the GLOBAL batch: images per optimiser step, over all processes and accumulation steps
     # (the paper: "a batch size of 8 on 8 GPUs", read as 8 images per step, one per GPU, as QPIC / CDN count theirs)
     sgg_epochs: int = 20  # phase 1: SGG alone
@@ -158,12 +162,14 @@ class Config:
             v, low = getattr(self, name), 1 if name in self._AT_LEAST_ONE else 0
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"Config.{name}: must be an integer >= {low}, got {v!r}")
-        for name in self._AT_LEAST_ZERO_FLOAT + ("dropout", "lr_drop"):
+        for name in self._AT_LEAST_ZERO_FLOAT + ("dropout", "lr_drop", "ema_decay"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"Config.{name}: must be a finite number >= 0, got {v!r}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"Config.dropout: must be in [0, 1), got {self.dropout!r}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"Config.ema_decay: must be in [0, 1) (0 = no weight averaging), got {self.ema_decay!r}")
         if not 0 < self.lr_drop <= 1:
             raise ValueError(f"Config.lr_drop: the fraction of each phase after which lr drops must be in (0, 1] "
                              f"(1 = never), got {self.lr_drop!r}")

@@ -565,15 +565,46 @@ def build(run):
     model.to(run.device)
     criterion = sg2hoi.build_criterion(model).to(run.device)
     optimizer = make_optimizer(model, cfg)
-    state = {"step": 0, "skipped_nonfinite": 0, "streams": {}, "best": None}
+    ema = make_ema(model, cfg)
+    state = {"step": 0, "skipped_nonfinite": 0, "streams": {}, "best": None, "ema_updates": 0}
     if run.resume:
         model.load_state_dict(run.resume["model"])
         optimizer.load_state_dict(run.resume["optimizer"])
         state = {**state, **run.resume["state"]}
+        if ema is not None:
+            if "ema" not in run.resume:
+                raise SystemExit(f"--resume {args.resume}: the config has ema_decay {cfg.ema_decay} but the "
+                                 f"checkpoint holds no averaged weights")
+            ema.module.load_state_dict(run.resume["ema"])
+            ema.n_averaged.fill_(state["ema_updates"])
         restore_rng_states(run.resume["rng"])
         if is_master():
             print(f"resumed from {args.resume} at step {state['step']}")
+    run.ema = ema
     return model, criterion, optimizer, state
+
+
+def make_ema(model, cfg):
+    """The exponential moving average of the weights (cfg.ema_decay > 0), or None. torch's AveragedModel keeps a
+    copy of the model: the first update copies the parameters, every later one moves the copy towards them,
+    ema = d * ema + (1 - d) * weights. Buffers are not averaged but copied (update_ema): integer tables such as
+    entity_to_seg must stay exact, and BatchNorm statistics are those of the current weights."""
+    if cfg.ema_decay == 0:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=False)
+
+
+@torch.no_grad()
+def update_ema(ema, model):
+    ema.update_parameters(model)
+    for b_ema, b in zip(ema.module.buffers(), model.buffers(), strict=True):
+        b_ema.copy_(b)
+
+
+def eval_model(run, model):
+    """The weights that evaluation reports: the averaged ones when the config keeps an average."""
+    return run.ema.module if run.ema is not None else model
 
 
 # ------------------------------------------------------------------------------------------------ 4. training
@@ -683,16 +714,18 @@ def checkpoint(run, model, optimizer, state, name="ckpt.pt"):
     if is_master():
         args = {k: v for k, v in vars(run.args).items() if k != "explicit"}
         path, t = os.path.join(run.args.out, name), time.time()
-        save_checkpoint(path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
-                               "config": dataclasses.asdict(run.cfg), "args": args, "rng": rngs})
+        ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
+                "config": dataclasses.asdict(run.cfg), "args": args, "rng": rngs}
+        if run.ema is not None:  # the averaged weights, in the layout of "model" (eval.py loads either)
+            ckpt["ema"] = run.ema.module.state_dict()
+        save_checkpoint(path, ckpt)
         run.last_checkpoint = (os.path.getsize(path) / 2**20, time.time() - t)
 
 
 def evaluate_during_training(run, model, data, state, phase, log):
     """Evaluation on every rank (eval.evaluate shards the test splits); rank 0 logs, prints, keeps best.pt."""
-    tasks = {t: d for t, d in data.items() if phase == 2 or t == "sgg"}  # phase 1: the HOI branch is untrained
-    metrics = evaluation.evaluate(model, run.cfg, tasks, run.device, limit=run.args.eval_limit)
-    model.train()
+    metrics = evaluation.evaluate(eval_model(run, model), run.cfg, eval_tasks(data, phase), run.device,
+                                  limit=run.args.eval_limit)
     if not is_master() or metrics is None:
         return None
     print(evaluation.format_tables(metrics), flush=True)
@@ -708,6 +741,11 @@ def evaluate_during_training(run, model, data, state, phase, log):
         os.replace(os.path.join(run.args.out, "best.pt.tmp"), os.path.join(run.args.out, "best.pt"))
         print(f"best.pt: {name} = {100 * value:.2f} at step {state['step']}")
     return metrics
+
+
+def eval_tasks(data, phase):
+    """The test data a phase is evaluated on: phase 1 leaves the HOI branch untrained."""
+    return {t: d for t, d in data.items() if phase == 2 or t == "sgg"}
 
 
 def best_metric_name(run, phase, metrics):
@@ -784,6 +822,9 @@ def train(run, model, criterion, optimizer, state, streams, data):
                                  f"{'the last good checkpoint is ' + ckpt if os.path.exists(ckpt) else 'no checkpoint was written yet'})")
         else:
             consecutive_skips = 0
+            if run.ema is not None:  # every applied optimiser step; identical on every rank (DDP's weights are)
+                update_ema(run.ema, model)
+                state["ema_updates"] += 1
         step += 1
         state["step"] = step
         state["streams"] = {t: s.state() for t, s in streams.items()}
@@ -821,10 +862,20 @@ def train(run, model, criterion, optimizer, state, streams, data):
 
 def final_evaluation(run, model, data, state, log):
     """Every rank evaluates its shard; rank 0 computes the metrics and writes metrics.json. No rank waits in a
-    collective afterwards (rank 0 may need minutes for the metrics of the full test sets)."""
+    collective afterwards (rank 0 may need minutes for the metrics of the full test sets). With weight averaging
+    (ema_decay > 0) metrics.json holds the averaged weights' metrics and metrics_raw.json the trained weights' own,
+    so that every run compares the two."""
     if run.args.no_eval:
         return None
     phase = run.schedule.phase(max(state["step"] - 1, 0))
+    if run.ema is not None:
+        raw = evaluation.evaluate(model, run.cfg, eval_tasks(data, phase), run.device, limit=run.args.eval_limit)
+        if is_master() and raw is not None:
+            print("the trained weights without averaging (metrics_raw.json):\n" + evaluation.format_tables(raw))
+            with open(os.path.join(run.args.out, "metrics_raw.json"), "w") as f:
+                json.dump(raw, f, indent=1)
+        if is_master():
+            print(f"the averaged weights (ema_decay {run.cfg.ema_decay}; metrics.json):")
     metrics = evaluate_during_training(run, model, data, state, phase, log)
     if is_master() and metrics is not None:
         with open(os.path.join(run.args.out, "metrics.json"), "w") as f:
