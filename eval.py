@@ -975,6 +975,81 @@ def metrics_from_collected(c):
     return m
 
 
+# The headline numbers that --bootstrap reports: (label, path in metrics_from_collected's dict).
+HEADLINE = (("SGDet R@50", ("sgg", "R@50")), ("SGDet mR@50", ("sgg", "mR@50")),
+            ("HICO mAP Full", ("hico", "default", "mAP_full")), ("HICO mAP Rare", ("hico", "default", "mAP_rare")),
+            ("HICO mAP Non-rare", ("hico", "default", "mAP_non_rare")), ("V-COCO AP S1", ("vcoco", "role_mAP_S1")))
+
+
+def headline(metrics):
+    """{label: value in %} of the HEADLINE numbers present in a metrics dict."""
+    out = {}
+    for label, path in HEADLINE:
+        v = metrics
+        for k in path:
+            v = v.get(k) if isinstance(v, dict) else None
+        if v is not None:
+            out[label] = 100 * float(v)
+    return out
+
+
+def resample(collected, picks):
+    """collect()'s dict with each task's test images replaced by picks[task] (indices, repeats allowed): one image
+    drawn twice counts twice, its ground truth and its predictions alike."""
+    out = {}
+    for task, c in collected.items():
+        idx = picks[task]
+        out[task] = {**c, "gts": [c["gts"][i] for i in idx], "preds": [c["preds"][i] for i in idx]}
+    return out
+
+
+def bootstrap(collected_runs, resamples=200, seed=0):
+    """How much of a metric, and of the difference between runs, is the luck of the test images: the test images
+    of each split are drawn with replacement `resamples` times, the same draw for every run (a paired bootstrap),
+    and the HEADLINE metrics recomputed. collected_runs: {name: collect()'s dict}, every run on the same test
+    splits. Returns {"runs": {name: {label: (value, std)}}, "differences": {"b - a": {label: (diff, std, lo, hi)}}}
+    with the 2.5 / 97.5 % percentiles of each difference against the first run."""
+    import numpy as np
+
+    names = list(collected_runs)
+    sizes = {t: len(c["gts"]) for t, c in collected_runs[names[0]].items()}
+    for name in names[1:]:
+        other = {t: len(c["gts"]) for t, c in collected_runs[name].items()}
+        if other != sizes:
+            raise ValueError(f"--bootstrap: {name} has test splits {other}, {names[0]} has {sizes}: the runs must "
+                             f"be evaluated on the same test images")
+    full = {n: headline(metrics_from_collected(c)) for n, c in collected_runs.items()}
+    rng = np.random.default_rng(seed)
+    draws = {n: [] for n in names}
+    for _ in range(resamples):
+        picks = {t: rng.integers(0, size, size) for t, size in sizes.items()}
+        for n in names:
+            draws[n].append(headline(metrics_from_collected(resample(collected_runs[n], picks))))
+    labels = [label for label, _ in HEADLINE if label in full[names[0]]]
+    table = {n: np.array([[d[label] for label in labels] for d in draws[n]]) for n in names}
+    result = {"resamples": resamples, "seed": seed, "images": sizes,
+              "runs": {n: {label: (full[n][label], float(table[n][:, j].std())) for j, label in enumerate(labels)}
+                       for n in names},
+              "differences": {}}
+    for n in names[1:]:
+        diff = table[n] - table[names[0]]
+        result["differences"][f"{n} - {names[0]}"] = {
+            label: (full[n][label] - full[names[0]][label], float(diff[:, j].std()),
+                    float(np.percentile(diff[:, j], 2.5)), float(np.percentile(diff[:, j], 97.5)))
+            for j, label in enumerate(labels)}
+    return result
+
+
+def format_bootstrap(result):
+    lines = [f"paired bootstrap: {result['resamples']} draws of the test images {result['images']} with replacement"]
+    for n, row in result["runs"].items():
+        lines.append(f"{n}: " + " | ".join(f"{label} {v:.1f} +- {s:.1f}" for label, (v, s) in row.items()))
+    for n, row in result["differences"].items():
+        lines.append(f"{n}: " + " | ".join(f"{label} {d:+.1f} (std {s:.1f}, 95 % {lo:+.1f} .. {hi:+.1f})"
+                                            for label, (d, s, lo, hi) in row.items()))
+    return "\n".join(lines)
+
+
 def evaluate(model, cfg, data, device, limit=0):
     """Tables I-IV of a model: call it on every rank when a process group is initialised (each rank runs its
     shard, rank 0 computes the metrics). Returns the metrics dict on rank 0 and None on the other ranks, which
@@ -1926,6 +2001,10 @@ def parse_args(argv=None):
     p.add_argument("--json", default="",
                    help="write the metrics here (default with --ckpt: eval_<checkpoint stem>.json beside the "
                         "checkpoint, e.g. runs/toy/eval_ckpt.json; train.py's metrics.json is never replaced)")
+    p.add_argument("--bootstrap", nargs="+", default=[], metavar="PREDICTIONS",
+                   help="files written by --save-predictions (runs on the same test images): each headline metric's "
+                        "spread over --resamples draws of the test images, and each run's difference to the first")
+    p.add_argument("--resamples", type=int, default=200, help="--bootstrap: draws of the test images")
     p.add_argument("--limit", type=int, default=0, help="first N test images only")
     p.add_argument("--visualize", default="", help="write Figure 2-4 style PNGs of test images into this folder")
     p.add_argument("--num_visualize", type=int, default=8, help="test images per task for --visualize")
@@ -1938,8 +2017,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.image and not args.ckpt:
         p.error("--image needs --ckpt")
-    if not args.benchmark and not args.image and not (args.ckpt or args.predictions):
+    if not args.benchmark and not args.image and not args.bootstrap and not (args.ckpt or args.predictions):
         p.error("give --ckpt (or --predictions)")
+    if args.resamples < 1:
+        p.error("--resamples must be >= 1")
     if args.visualize and not args.ckpt:
         p.error("--visualize needs --ckpt (it runs the model)")
     if args.limit < 0:
@@ -2127,6 +2208,19 @@ def main(argv=None):
     args = parse_args(argv)
     if args.benchmark:
         run_benchmark(args.benchmark)
+        return
+    if args.bootstrap:  # test-set noise of saved predictions: no model, one process
+        if len(set(args.bootstrap)) < len(args.bootstrap):
+            raise SystemExit("eval.py: --bootstrap: a predictions file is given twice")
+        try:
+            runs = {path: load_predictions(path) for path in args.bootstrap}
+            result = bootstrap(runs, args.resamples)
+        except (PredictionsError, ValueError) as e:
+            raise SystemExit(f"eval.py: {e}") from None
+        print(format_bootstrap(result))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
         return
     if args.image:  # your own images: pictures, scene graphs and JSON (run_on_images)
         raise SystemExit(run_on_images(args.ckpt, args.image, args.out_dir, args.top, args.threshold,

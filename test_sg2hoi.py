@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -657,6 +658,29 @@ def test_hico_mask_top100_and_images_without_gt_boxes():
     assert ap == pytest.approx(3 / 11)
 
 
+def test_bootstrap_redraws_test_images_with_their_ground_truth_and_pairs_the_runs():
+    """eval.resample / eval.bootstrap on the two-image case above (a TP at 0.7 in image 0, an FP at 0.95 in image
+    1): drawing image 0 twice gives AP 1, image 1 twice AP 0, one of each 3 / 11. The bootstrap's std matches
+    that distribution's, and a run compared with itself differs by exactly 0 in every draw."""
+    H, O = [0, 0, 99, 99], [100, 100, 199, 199]
+    gt, pred = _hico_case([H, O], [0, 1], [(0, 1)], [[0.9, 0.8, 0.7]], [H, O], [0, 1], [[0, 1, 2]])
+    _, fp_pred = _hico_case([H, [300, 300, 399, 399]], [0, 1], [(0, 1)], [[0, 0, 0.95]], [], [], [])
+    run = {"hoi": dict(dataset="hico", gts=[gt, gt], preds=[pred, fp_pred], correct_mat=np.ones((3, 2)), rare=[],
+                       non_rare=None)}
+    mAP = lambda c: ev.headline(ev.metrics_from_collected(c))["HICO mAP Full"]
+    assert mAP(run) == pytest.approx(300 / 11)
+    for picks, expected in (([0, 0], 100.0), ([1, 1], 0.0), ([1, 0], 300 / 11), ([0, 1], 300 / 11)):
+        assert mAP(ev.resample(run, {"hoi": np.array(picks)})) == pytest.approx(expected), picks
+    r = ev.bootstrap({"a": run, "b": run}, resamples=1000, seed=0)
+    value, std = r["runs"]["a"]["HICO mAP Full"]
+    mean = 0.25 * 100 + 0.5 * 300 / 11
+    exact = math.sqrt(0.25 * (100 - mean) ** 2 + 0.5 * (300 / 11 - mean) ** 2 + 0.25 * mean ** 2)  # 37.1
+    assert value == pytest.approx(300 / 11) and std == pytest.approx(exact, abs=2)
+    assert r["differences"]["b - a"]["HICO mAP Full"] == (0.0, 0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="the same test images"):
+        ev.bootstrap({"a": run, "c": {"hoi": {**run["hoi"], "gts": [gt], "preds": [pred]}}}, resamples=2)
+
+
 def test_hico_rare_split_and_known_object():
     H, O1, O2 = [0, 0, 99, 99], [100, 100, 199, 199], [200, 200, 299, 299]
     gt_a, pred_a = _hico_case([H, O1], [0, 1], [(0, 1)], [[0, 0.9, 0]], [H, O1], [0, 1], [[0, 1, 1]], O=3)
@@ -847,7 +871,8 @@ def dataclasses_equal(a, b):
 
 
 def test_resume_after_sigkill_continues_with_the_same_losses(tiny_toy, tmp_path):
-    common = ["train.py", "--toy_root", tiny_toy, "--no_eval", "--ckpt_every", "4", "--deterministic"] + TINY
+    common = ["train.py", "--toy_root", tiny_toy, "--no_eval", "--ckpt_every", "4", "--deterministic",
+              "--ema_decay", "0.9"] + TINY
     ref, killed = str(tmp_path / "ref"), str(tmp_path / "killed")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     ref_err = open(tmp_path / "ref.err", "w")
@@ -880,6 +905,12 @@ def test_resume_after_sigkill_continues_with_the_same_losses(tiny_toy, tmp_path)
     assert event["event"] == "resume" and event["step"] % 4 == 0
     for x in _log(killed):
         assert x["loss"] == pytest.approx(reference[x["step"]], rel=1e-5, abs=1e-6), x["step"]
+    # the averaged weights resume too: the same average as the uninterrupted run, over the same 18 updates
+    a, b = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=True) for d in (ref, killed))
+    assert a["state"]["ema_updates"] == b["state"]["ema_updates"] == 18 and a["ema"].keys() == a["model"].keys()
+    for k in a["ema"]:
+        torch.testing.assert_close(b["ema"][k], a["ema"][k], rtol=1e-5, atol=1e-6, msg=k)
+    assert any(not torch.equal(a["ema"][k], a["model"][k]) for k in a["model"])
 
 
 def test_divergence_stops_naming_the_step_or_skips_until_max_skips(tiny_toy, tmp_path):
@@ -1005,7 +1036,8 @@ def test_two_processes_resume_restores_every_ranks_rng(tiny_toy, tmp_path):
 def test_two_gloo_processes_evaluate_during_training_and_slow_final_metrics_do_not_time_out(tiny_toy, tmp_path):
     """2 gloo processes: the schedule, an evaluation at the end of phase 1 (log event, best.pt), and a final
     evaluation whose metrics rank 0 computes alone for longer than the collective timeout: the run still ends
-    cleanly with metrics.json."""
+    cleanly with metrics.json. With weight averaging the final evaluation gathers both weights' predictions
+    before rank 0 computes (the slow one is the averaged weights', then the trained weights' follow)."""
     wrapper = tmp_path / "slow_train.py"
     wrapper.write_text(f"""import os, sys, time
 sys.path.insert(0, {HERE!r})
@@ -1023,7 +1055,7 @@ train.main()
     out = str(tmp_path / "run")
     r = _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(wrapper), "--toy_root",
               tiny_toy, "--out", out, "--max_steps", "8", "--eval_every", "1", "--eval_limit", "4", "--dist_timeout",
-              "0.05"] + TINY, timeout=400)
+              "0.05", "--ema_decay", "0.5"] + TINY, timeout=400)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
     assert "2 process(es)" in r.stdout and "Table I" in r.stdout and "Table IV" in r.stdout
     log = _log(out)  # rank 0 only: one line per step; 48 images / global batch 8 = 6 steps per epoch
@@ -1034,6 +1066,43 @@ train.main()
                                                                       ("eval", 8, "hico.default.mAP_full")]
     assert "hico" not in events[0]["metrics"], "phase 1 evaluates the SGG part only"
     assert os.path.exists(os.path.join(out, "best.pt")) and os.path.exists(os.path.join(out, "metrics.json"))
+    assert os.path.exists(os.path.join(out, "metrics_raw.json")) and "metrics_raw.json" in r.stdout
+
+
+def test_weight_average_is_the_exponential_average_and_keeps_buffers_exact():
+    """train.make_ema / update_ema against a hand computation: the first update copies, each later one is
+    ema = d * ema + (1 - d) * w; buffers (an integer table, running statistics) are copied, not averaged."""
+    import train
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 1), torch.nn.BatchNorm1d(1))
+    net.register_buffer("table", torch.tensor([149, 3, 7]))
+    assert train.make_ema(net, sg2hoi.make_config("toy", ema_decay=0.0)) is None
+    ema = train.make_ema(net, sg2hoi.make_config("toy", ema_decay=0.9))
+    expected = None
+    for w in (1.0, 2.0, 4.0, -3.0):
+        with torch.no_grad():
+            net[0].weight.fill_(w)
+            net[1].running_mean.fill_(w)
+        train.update_ema(ema, net)
+        expected = w if expected is None else 0.9 * expected + 0.1 * w
+    torch.testing.assert_close(ema.module[0].weight, torch.full((1, 2), expected))  # 1 -> 1.1 -> 1.39 -> 0.951
+    assert expected == pytest.approx(0.951)
+    assert ema.module[1].running_mean.item() == -3.0 and torch.equal(ema.module.table, torch.tensor([149, 3, 7]))
+    assert ema.n_averaged.item() == 4
+
+
+def test_eval_loads_the_averaged_or_the_trained_weights(tiny_ckpt, tmp_path):
+    ckpt = torch.load(tiny_ckpt, weights_only=True)  # trained without averaging: no "ema"
+    with pytest.raises(ev.InputError, match="holds no averaged weights"):
+        ev.load_model_from_checkpoint(tiny_ckpt, "cpu", weights="ema")
+    model, _ = ev.load_model_from_checkpoint(tiny_ckpt, "cpu")  # auto = the trained weights here
+    assert all(torch.equal(v, ckpt["model"][k]) for k, v in model.state_dict().items())
+    ckpt["ema"] = {k: v + 1 if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    path = str(tmp_path / "with_ema.pt")
+    torch.save(ckpt, path)
+    for weights, key in (("auto", "ema"), ("ema", "ema"), ("raw", "model")):
+        model, _ = ev.load_model_from_checkpoint(path, "cpu", weights=weights)
+        assert all(torch.equal(v, ckpt[key][k]) for k, v in model.state_dict().items()), weights
 
 
 # ---------------------------------------------------------------- resume, schedule variants, faults (issues 8, 9)
@@ -1204,6 +1273,18 @@ def test_eval_cli_tables_pictures_and_saved_predictions(tiny_ckpt, tmp_path, cap
     assert [c["name"] for c in per_class] == [f"{verbs[v]} {objects[o]['name']}" for _, o, v in
                                               (c["triplet"] for c in per_class)]
     assert np.mean([c["ap"] for c in per_class]) == pytest.approx(from_model["hico"]["default"]["mAP_full"])
+    # --bootstrap on saved predictions: each run's headline numbers (the same as evaluated) and the differences
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match="given twice"):
+        ev.main(["--bootstrap", preds, preds])
+    same = str(tmp_path / "same.pt")
+    shutil.copyfile(preds, same)
+    ev.main(["--bootstrap", preds, same, "--resamples", "3", "--json", str(tmp_path / "boot.json")])
+    assert "paired bootstrap: 3 draws" in capsys.readouterr().out
+    with open(tmp_path / "boot.json") as f:
+        boot = json.load(f)
+    assert boot["runs"][preds]["SGDet R@50"][0] == pytest.approx(100 * from_model["sgg"]["R@50"])
+    assert boot["differences"][f"{same} - {preds}"]["HICO mAP Full"] == [0.0, 0.0, 0.0, 0.0]
 
 
 # ==================================================================================================== data at full size, bad images, loader errors (issues 9 and 11)
@@ -2092,6 +2173,7 @@ def test_bbseg_targets_use_the_backbone_stride_on_an_odd_canvas():
     ("cost_rel", -1.0), ("weight_decay", -1e-4), ("batch_size", 0), ("num_rel_queries", 0), ("num_hoi_queries", -1),
     ("enc_layers", 0), ("hoi_dec_layers", 0), ("image_size", 0), ("max_size", 0), ("d_model", 0), ("nheads", 0),
     ("sgg_epochs", -1), ("joint_epochs", 1.5), ("lr_drop", 0.0), ("lr_drop", 1.5), ("dropout", 1.0),
+    ("ema_decay", 1.0), ("ema_decay", -0.1),
     ("use_r2i", "yes"), ("query_transform_memory", "keys"), ("relq_queries", "random")])
 def test_every_config_value_is_validated_naming_the_field(field, value):
     with pytest.raises(ValueError, match=f"Config.{field}"):

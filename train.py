@@ -17,7 +17,8 @@ The schedule: phase 1 trains the SGG part alone on the scene-graph data (sgg_epo
 jointly (joint_epochs over the HOI data) with batches that alternate SGG, HOI, SGG, ... (the two datasets never
 share an image) and the SGG part at a 10x lower learning rate. With --hoi_on_frozen_sgg true (Table V "HOI") phase 2
 trains the HOI part alone on HOI batches with the SGG part frozen. AdamW, weight decay 1e-4, lr 1e-4, backbone 1e-5,
-gradient clipping 0.1, lr x 0.1 after 2/3 of each phase (as DETR / QPIC).
+gradient clipping 0.1, lr x 0.1 after 2/3 of each phase (as DETR / QPIC). Not in the paper: --ema_decay d > 0 keeps an
+exponential moving average of the weights (make_ema), which evaluation, best.pt and eval.py then use.
 
 The same experiment on 1 or N processes. `batch_size` is the GLOBAL batch (images per optimiser step). Each of the
 W processes takes batch_size / W images per step, split into micro-batches of at most --micro_batch images whose
@@ -868,18 +869,20 @@ def final_evaluation(run, model, data, state, log):
     if run.args.no_eval:
         return None
     phase = run.schedule.phase(max(state["step"] - 1, 0))
-    if run.ema is not None:
-        raw = evaluation.evaluate(model, run.cfg, eval_tasks(data, phase), run.device, limit=run.args.eval_limit)
-        if is_master() and raw is not None:
-            print("the trained weights without averaging (metrics_raw.json):\n" + evaluation.format_tables(raw))
-            with open(os.path.join(run.args.out, "metrics_raw.json"), "w") as f:
-                json.dump(raw, f, indent=1)
+    raw = None  # with averaging, the trained weights' predictions are collected first, their metrics computed last:
+    if run.ema is not None:  # every rank takes part in both gathers before rank 0 computes anything
+        raw = evaluation.collect(model, run.cfg, eval_tasks(data, phase), run.device, limit=run.args.eval_limit)
         if is_master():
             print(f"the averaged weights (ema_decay {run.cfg.ema_decay}; metrics.json):")
     metrics = evaluate_during_training(run, model, data, state, phase, log)
     if is_master() and metrics is not None:
         with open(os.path.join(run.args.out, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=1)
+    if is_master() and raw is not None:
+        raw = evaluation.metrics_from_collected(raw)
+        print("the trained weights without averaging (metrics_raw.json):\n" + evaluation.format_tables(raw))
+        with open(os.path.join(run.args.out, "metrics_raw.json"), "w") as f:
+            json.dump(raw, f, indent=1)
     return metrics
 
 
