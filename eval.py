@@ -2102,6 +2102,8 @@ def load_model_and_data(ckpt_path, device, weights="auto"):
     import torch.distributed as dist
 
     rank, world = _rank_world()
+    if rank == 0 and "ema" in ckpt:
+        print(f"{ckpt_path}: evaluating the {'trained' if weights == 'raw' else 'averaged (ema)'} weights")
     barrier = dist.barrier if world > 1 else (lambda: None)  # the toy data is generated once, by rank 0
     data = sg2hoi.build_data(cfg, ckpt["args"], is_master=rank == 0, barrier=barrier)
     return model, cfg, data
