@@ -975,22 +975,26 @@ def metrics_from_collected(c):
     return m
 
 
-# The headline numbers that --bootstrap reports: (label, path in metrics_from_collected's dict).
-HEADLINE = (("SGDet R@50", ("sgg", "R@50")), ("SGDet mR@50", ("sgg", "mR@50")),
-            ("HICO mAP Full", ("hico", "default", "mAP_full")), ("HICO mAP Rare", ("hico", "default", "mAP_rare")),
-            ("HICO mAP Non-rare", ("hico", "default", "mAP_non_rare")), ("V-COCO AP S1", ("vcoco", "role_mAP_S1")))
+def lookup_metric(metrics, dotted):
+    """metrics["a"]["b"] for "a.b" (e.g. "hico.default.mAP_full") as a float; None where it is absent."""
+    value = metrics
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return float(value)
+
+
+# The headline numbers that --bootstrap reports: (label, place in metrics_from_collected's dict).
+HEADLINE = (("SGDet R@50", "sgg.R@50"), ("SGDet mR@50", "sgg.mR@50"), ("HICO mAP Full", "hico.default.mAP_full"),
+            ("HICO mAP Rare", "hico.default.mAP_rare"), ("HICO mAP Non-rare", "hico.default.mAP_non_rare"),
+            ("V-COCO AP S1", "vcoco.role_mAP_S1"))
 
 
 def headline(metrics):
     """{label: value in %} of the HEADLINE numbers present in a metrics dict."""
-    out = {}
-    for label, path in HEADLINE:
-        v = metrics
-        for k in path:
-            v = v.get(k) if isinstance(v, dict) else None
-        if v is not None:
-            out[label] = 100 * float(v)
-    return out
+    values = {label: lookup_metric(metrics, dotted) for label, dotted in HEADLINE}
+    return {label: 100 * v for label, v in values.items() if v is not None}
 
 
 def resample(collected, picks):
@@ -1009,8 +1013,6 @@ def bootstrap(collected_runs, resamples=200, seed=0):
     and the HEADLINE metrics recomputed. collected_runs: {name: collect()'s dict}, every run on the same test
     splits. Returns {"runs": {name: {label: (value, std)}}, "differences": {"b - a": {label: (diff, std, lo, hi)}}}
     with the 2.5 / 97.5 % percentiles of each difference against the first run."""
-    import numpy as np
-
     names = list(collected_runs)
     sizes = {t: len(c["gts"]) for t, c in collected_runs[names[0]].items()}
     for name in names[1:]:

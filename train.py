@@ -731,7 +731,7 @@ def evaluate_during_training(run, model, data, state, phase, log):
         return None
     print(evaluation.format_tables(metrics), flush=True)
     name = best_metric_name(run, phase, metrics)
-    value = lookup_metric(metrics, name)
+    value = evaluation.lookup_metric(metrics, name)
     log.write(json.dumps({"event": "eval", "step": state["step"], "phase": phase, "metric": name, "value": value,
                           "metrics": _json_safe(metrics)}) + "\n")
     log.flush()
@@ -757,15 +757,6 @@ def best_metric_name(run, phase, metrics):
     if phase == 2 and "vcoco" in metrics:
         return "vcoco.role_mAP_S1"
     return "sgg.R@50"
-
-
-def lookup_metric(metrics, dotted):
-    value = metrics
-    for part in dotted.split("."):
-        if not isinstance(value, dict) or part not in value:
-            return None
-        value = value[part]
-    return float(value)
 
 
 def _json_safe(x):
