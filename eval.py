@@ -1239,6 +1239,12 @@ def load_model_from_checkpoint(path, device, weights="auto"):
     """train.py's checkpoint -> (model in eval mode on device, Config); `weights` as in checkpoint_weights.
     Raises InputError naming the file when it is missing, unreadable, not a train.py checkpoint, or its config
     lacks the class names of its tasks."""
+    model, cfg, _ = read_checkpoint(path, device, weights)
+    return model, cfg
+
+
+def read_checkpoint(path, device, weights="auto"):
+    """load_model_from_checkpoint's work, also returning the checkpoint dict itself (its "args": the data)."""
     import dataclasses
     import torch
     import sg2hoi
@@ -1272,7 +1278,7 @@ def load_model_from_checkpoint(path, device, weights="auto"):
     except RuntimeError as e:
         raise InputError(f"{path}: the weights do not fit the checkpoint's config "
                          f"({' '.join(str(e).split())[:400]})") from None
-    return model.to(device).eval(), cfg
+    return model.to(device).eval(), cfg, ckpt
 
 
 def hoi_validity_mask(cfg):
@@ -2090,19 +2096,13 @@ def agree(error):
 
 def load_model_and_data(ckpt_path, device, weights="auto"):
     """A train.py checkpoint -> (model on device, its Config, its data: the same test splits it was trained for)."""
-    import torch
     import sg2hoi
-
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    cfg = sg2hoi.Config(**ckpt["config"])
-    model = sg2hoi.build_model(cfg)
-    try:
-        model.load_state_dict(checkpoint_weights(ckpt, ckpt_path, weights))
-    except InputError as e:
-        raise SystemExit(f"eval.py: {e}") from None
-    model.to(device)
     import torch.distributed as dist
 
+    try:
+        model, cfg, ckpt = read_checkpoint(ckpt_path, device, weights)
+    except InputError as e:
+        raise SystemExit(f"eval.py: {e}") from None
     rank, world = _rank_world()
     if rank == 0 and "ema" in ckpt:
         print(f"{ckpt_path}: evaluating the {'trained' if weights == 'raw' else 'averaged (ema)'} weights")
