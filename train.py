@@ -922,9 +922,10 @@ STUDY_ROWS = {  # row -> (flags on top of FULL, the paper's R@50, R@100, mR@50, 
     "RELQ": (["--hoi_queries_from_rel", "true"], (22.6, 26.1, 10.4, 11.3, 29.29, 24.03, 30.62)),
 }
 STUDY_COLUMNS = ("R@50", "R@100", "mR@50", "mR@100", "Full", "Rare", "Non-rare")
-# The study's reduced budget: the toy model with 5 SGG + 9 joint epochs (the toy preset before commit 1493111) instead
-# of the preset's 8 + 12, about 2/3 of the toy default's steps. Shorter schedules leave the HOI part untrained (5 + 3 epochs gave HOI mAP
-# 2.8; 3 + 6, with a narrower backbone, R@50 19 and mAP 8), and a table of untrained rows measures nothing.
+# The study's reduced budget: the toy model with 5 SGG + 9 joint epochs (the toy preset before commit 1493111)
+# instead of the preset's 8 + 12, about 2/3 of the toy default's steps. Shorter schedules leave the HOI part
+# untrained (5 + 3 epochs gave HOI mAP 2.8; 3 + 6, with a narrower backbone, R@50 19 and mAP 8), and a table of
+# untrained rows measures nothing.
 STUDY_BUDGET = ["--sgg_epochs", "5", "--joint_epochs", "9"]
 
 
