@@ -750,27 +750,30 @@ def _test_dataset(records, cfg):
     return sg2hoi.DetectionDataset(records, {"task": "sgg" if "rels" in records[0] else "hoi"}, tf)
 
 
-def _forward(model, images, mask, device):
-    """The model in inference: no gradients, bf16 autocast on CUDA (as in training)."""
+def _forward(model, images, mask, device, amp=False):
+    """The model in inference: no gradients; float32, or bf16 autocast on CUDA when amp (train.py --amp bf16 /
+    eval.py --amp bf16: faster, the box branches stay float32)."""
     import torch
 
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
         return model(images.to(device), mask.to(device))
 
 
-def predict(model, cfg, records, device, batch_size=8, rel_post=None, hoi_post=None, want=("rel", "hoi")):
+def predict(model, cfg, records, device, batch_size=8, rel_post=None, hoi_post=None, want=("rel", "hoi"), amp=False):
     """Run the model on records; returns (relation predictions, HOI predictions) per image, original pixels.
     rel_post / hoi_post: functions applied to each batch's list of predictions as soon as it is made (collect
-    uses them to keep only the compact form); want: which of the two to compute."""
+    uses them to keep only the compact form); want: which of the two to compute; amp: as in _forward."""
     import torch
     import sg2hoi
 
+    if not records:  # a process whose shard of the test split is empty (fewer images than processes)
+        return [], []
     loader = torch.utils.data.DataLoader(_test_dataset(records, cfg), batch_size=batch_size, shuffle=False,
                                          num_workers=0, collate_fn=sg2hoi.collate)
     rel_preds, hoi_preds = [], []
     model.eval()
     for images, mask, targets in loader:
-        out = _forward(model, images, mask, device)
+        out = _forward(model, images, mask, device, amp)
         sizes = [t["orig_size"].tolist() for t in targets]
         if "rel" in want:
             batch = sg2hoi.relation_predictions(out["rel"], sizes)
@@ -781,7 +784,7 @@ def predict(model, cfg, records, device, batch_size=8, rel_post=None, hoi_post=N
     return rel_preds, hoi_preds
 
 
-def time_per_image(model, cfg, records, device, warmup=3, n=20):
+def time_per_image(model, cfg, records, device, warmup=3, n=20, amp=False):
     """Table I's time per image: batch 1, after warm-up, model forward plus post-processing."""
     import torch
     import sg2hoi
@@ -795,7 +798,7 @@ def time_per_image(model, cfg, records, device, warmup=3, n=20):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        out = _forward(model, images, mask, device)
+        out = _forward(model, images, mask, device, amp)
         sg2hoi.relation_predictions(out["rel"], [targets[0]["orig_size"].tolist()])
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -837,7 +840,7 @@ def _interleave(shards, n):
     return out
 
 
-def collect(model, cfg, data, device, limit=0, compact=True):
+def collect(model, cfg, data, device, limit=0, compact=True, amp=False):
     """data: {"sgg": {"train": (records, meta), "test": (...)}, "hoi": {...}} -> everything the metrics need.
 
     Distributed (a torch.distributed process group is initialised): every rank runs the model on its own shard
@@ -848,7 +851,7 @@ def collect(model, cfg, data, device, limit=0, compact=True):
     The compact form keeps what the evaluator reads: HICO-DET the top-100 masked (pair, verb) candidates
     (hico_candidates), SGDet each pair's graph-constrained triplet and the top-100 no-graph-constraint
     candidates (sgdet_candidates), V-COCO the masked detections in float32 (vcoco_detections); the metrics are
-    the same as from the full predictions (compact=False keeps those, for tests)."""
+    the same as from the full predictions (compact=False keeps those, for tests). amp: as in _forward."""
     import sg2hoi
 
     rank, world = _rank_world()
@@ -858,7 +861,7 @@ def collect(model, cfg, data, device, limit=0, compact=True):
         tests["sgg"] = test = test[:limit] if limit else test
         C = len(meta["predicate_names"])
         post = (lambda batch: sgdet_candidates(batch, C)) if compact else None
-        local["sgg"] = predict(model, cfg, test[rank::world], device, rel_post=post, want=("rel",))[0]
+        local["sgg"] = predict(model, cfg, test[rank::world], device, rel_post=post, want=("rel",), amp=amp)[0]
     if "hoi" in data:
         test, meta = data["hoi"]["test"]
         tests["hoi"] = test = test[:limit] if limit else test
@@ -869,7 +872,7 @@ def collect(model, cfg, data, device, limit=0, compact=True):
         else:
             post = lambda batch: [vcoco_detections(p, meta["verbs"], meta["actions"], meta["correct_mat"])  # noqa
                                   for p in batch]
-        local["hoi"] = predict(model, cfg, test[rank::world], device, hoi_post=post, want=("hoi",))[1]
+        local["hoi"] = predict(model, cfg, test[rank::world], device, hoi_post=post, want=("hoi",), amp=amp)[1]
     gathered = _gather_to_master(local)
     if rank != 0:
         return None
@@ -885,7 +888,7 @@ def collect(model, cfg, data, device, limit=0, compact=True):
                           zeroshot=zeroshot_from_training(train, test),
                           longtail=vocab["vg150_longtail"] if is_vg150 else
                           longtail_groups(train, len(meta["predicate_names"])))
-        out["sgg"]["time"], out["sgg"]["device"] = time_per_image(model, cfg, test, device)  # rank 0 alone
+        out["sgg"]["time"], out["sgg"]["device"] = time_per_image(model, cfg, test, device, amp=amp)  # rank 0 alone
     if "hoi" in data:
         (train, _), (_, meta) = data["hoi"]["train"], data["hoi"]["test"]
         test = tests["hoi"]
@@ -1052,11 +1055,11 @@ def format_bootstrap(result):
     return "\n".join(lines)
 
 
-def evaluate(model, cfg, data, device, limit=0):
+def evaluate(model, cfg, data, device, limit=0, amp=False):
     """Tables I-IV of a model: call it on every rank when a process group is initialised (each rank runs its
     shard, rank 0 computes the metrics). Returns the metrics dict on rank 0 and None on the other ranks, which
-    return right after the gather (no collective afterwards inside this function)."""
-    collected = collect(model, cfg, data, device, limit)
+    return right after the gather (no collective afterwards inside this function). amp: as in _forward."""
+    collected = collect(model, cfg, data, device, limit, amp=amp)
     return None if collected is None else metrics_from_collected(collected)
 
 
@@ -1329,6 +1332,8 @@ def read_image(path):
         raise InputError(f"{path}: no such image file")
     try:
         image = torchvision.io.decode_image(path, mode=torchvision.io.ImageReadMode.RGB, apply_exif_orientation=True)
+        if image.ndim == 4:  # an animated GIF decodes as (frames, 3, H, W): its first frame is the picture
+            image = image[0]
         return TF.to_dtype(image, torch.uint8, scale=True)  # 16-bit PNGs decode as uint16
     except (RuntimeError, ValueError):
         pass
@@ -1761,7 +1766,7 @@ def _outputs_for(path, out_dir, used):
 def predict_image(model, cfg, image_uint8, device, top=10, threshold=0.1, correct_mat=None):
     """One image (3, H, W) uint8 -> (image_predictions(...), resized (h, w)): the test-time resize of the
     checkpoint's config (shorter side cfg.image_size, longer side <= cfg.max_size), batch of one, _forward
-    (bf16 autocast on CUDA), boxes back in the original image's pixels."""
+    (float32), boxes back in the original image's pixels."""
     import torch
     import sg2hoi
     from torchvision import tv_tensors
@@ -2014,6 +2019,10 @@ def parse_args(argv=None):
                         "spread over --resamples draws of the test images, and each run's difference to the first")
     p.add_argument("--resamples", type=int, default=200, help="--bootstrap: draws of the test images")
     p.add_argument("--limit", type=int, default=0, help="first N test images only")
+    p.add_argument("--amp", default="none", choices=["none", "bf16"],
+                   help="bf16: autocast on CUDA (faster; the boxes stay float32); none: float32 throughout")
+    p.add_argument("--dist_timeout", type=float, default=60.0,
+                   help="minutes a distributed collective may wait (torchrun) before the run fails instead of hanging")
     p.add_argument("--visualize", default="", help="write Figure 2-4 style PNGs of test images into this folder")
     p.add_argument("--num_visualize", type=int, default=8, help="test images per task for --visualize")
     p.add_argument("--benchmark", choices=["metrics", "model", "data", "rehearsal"], default="",
@@ -2033,6 +2042,8 @@ def parse_args(argv=None):
         p.error("--visualize needs --ckpt (it runs the model)")
     if args.limit < 0:
         p.error("--limit must be >= 0")
+    if not args.dist_timeout > 0:
+        p.error("--dist_timeout must be > 0 minutes")
     return args
 
 
@@ -2065,21 +2076,25 @@ def check_writable(paths):
     return None
 
 
-def init_distributed():
+def init_distributed(timeout_minutes=60.0):
     """Under torchrun (RANK in the environment): the process group (nccl with this process's GPU on CUDA,
-    gloo on CPU) and this rank's device; otherwise nothing and the default device."""
+    gloo on CPU) and this rank's device; otherwise nothing and the default device. A collective that waits
+    longer than `timeout_minutes` fails the run instead of hanging; NCCL's own default (10 minutes) would end
+    the other ranks while rank 0 alone parses the annotations or computes the metrics of a real test split."""
+    import datetime
     import torch
     import torch.distributed as dist
 
     if "RANK" not in os.environ:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    timeout = datetime.timedelta(minutes=timeout_minutes)
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("nccl", device_id=device, timeout=timeout)
     else:
         device = torch.device("cpu")
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=timeout)
     return device
 
 
@@ -2134,7 +2149,8 @@ def benchmark_rehearsal(root="/tmp/sg2hoi_fullsize", out="/tmp/sg2hoi_rehearsal"
                 os.path.join(here, "train.py")]
     batch = processes  # one image per process
     common = ["--preset", "paper", "--vg", os.path.join(root, "vg"), "--hoi", os.path.join(root, "hico"),
-              "--train_subset", str(subset), "--batch_size", str(batch), "--sgg_epochs", "1", "--joint_epochs", "1",
+              "--text_teacher", "objects", "--train_subset", str(subset), "--batch_size", str(batch),
+              "--sgg_epochs", "1", "--joint_epochs", "1",
               "--eval_every", "0", "--eval_limit", "2", "--ckpt_every", "1", "--log_every", "1", "--workers", "1",
               *model_args]
     phase1 = subset // batch
@@ -2229,7 +2245,7 @@ def main(argv=None):
     if args.image:  # your own images: pictures, scene graphs and JSON (run_on_images)
         raise SystemExit(run_on_images(args.ckpt, args.image, args.out_dir, args.top, args.threshold,
                                        weights=args.weights))
-    device = init_distributed()
+    device = init_distributed(args.dist_timeout)
     rank = _rank_world()[0]
     try:
         # 1. every output path is writable, before any work (rank 0 checks, every rank stops on an error)
@@ -2248,7 +2264,7 @@ def main(argv=None):
                 raise SystemExit(f"eval.py: {e}") from None
         else:
             model, cfg, data = load_model_and_data(args.ckpt, device, args.weights)
-            collected = collect(model, cfg, data, device, args.limit)
+            collected = collect(model, cfg, data, device, args.limit, amp=args.amp == "bf16")
         # 3. rank 0: metrics, tables, files, pictures
         if rank == 0:
             try:

@@ -86,10 +86,9 @@ class Config:
     text_embeddings: str = ""  # .pt file {name: (text_dim,) tensor} (build_clip_embeddings); "" = seeded stand-in
     #                            (see class_text_embeddings)
     word_vectors: str = ""  # GloVe-format .txt for semantic_embedding="glove" (HSSG); its width comes from the file
-    # Ablations (Tables V-VIII). The defaults are Sec. IV-D's stated defaults: SG2HOI+cls (align [CLS]) with randomly
-    # initialised classifiers. The FULL row of Tables V-VIII is SG2HOI+pool with CLIP-initialised classifiers
-    # (Sec. IV-E: "the latter three variants employ embeddings from CLIP"; "our full model (SG2HOI+pool)"): that is
-    # the preset "full" below (PRESETS), not these defaults.
+    # Ablations (Tables V-VIII). These field defaults align [CLS] (Sec. IV-D) with randomly initialised classifiers,
+    # which is none of the paper's four variants: the presets below (PRESETS) are the variants, "paper" = SG2HOI+cls
+    # and "full" = SG2HOI+pool, the FULL row of Tables V-VIII.
     tasks: str = "both"  # both | sgg (Table V "SGG") | hoi (HOI data only: relation part trained by the HOI loss)
     hoi_on_frozen_sgg: bool = False  # True = Table V "HOI": phase 1 SGG as usual, phase 2 HOI batches only, SGG frozen
     use_bbseg: bool = True  # False = "-HSS" (Table VI)
@@ -127,7 +126,9 @@ class Config:
     loss_align: float = 4.0  # lambda_2 in Eq. 10
     eos_coef: float = 0.1  # weight of the "no object" / "no relation" class (DETR)
     unmatched_loss: bool = True  # False = the paper's literal "no loss for unmatched queries" (see SetCriterion)
-    aux_loss: bool = True  # deep supervision on every decoder layer
+    # deep supervision: every decoder layer's outputs are matched and trained (DETR, QPIC, RelTR, SGTR); the paper does
+    # not mention it. False = the last layer only.
+    aux_loss: bool = True
     # optimisation (used by train.py; saved with checkpoints)
     lr: float = 1e-4
     lr_backbone: float = 1e-5
@@ -209,12 +210,28 @@ class Config:
         return self.tasks in ("both", "hoi")
 
 
+# The paper's four variants (Sec. IV-E), at the paper's sizes and settings (Sec. IV-D). The paper names what each
+# adds: "+rand, where the object and predicate classifiers are initialized randomly; +clip, utilizing embeddings
+# from CLIP for initialization of these classifiers; +cls, aligning the output feature [CLS] with the CLIP feature
+# for VL feature alignment; and +pool, employing the pooled feature from Eq. (4)", and "the latter three variants
+# employ embeddings from CLIP to initialize their object and predicate classifiers". Read here as steps that add one
+# piece each: +rand and +clip have no VL alignment (Eq. 5 off: the alignment is what +cls and +pool add), and the
+# classifiers are those of every branch (objects, predicates, HOI objects, verbs). All four keep the CLIP semantic
+# map of Eq. 3. Give the CLIP-initialised ones the text embeddings (--text_embeddings, build_clip_embeddings), or
+# their classifiers start from seeded stand-ins (fine for tests and CPUs; not the paper's model).
+VARIANTS = {
+    "rand": dict(classifier_init="random", use_vl_distill=False),  # SG2HOI+rand
+    "clip": dict(classifier_init="text", use_vl_distill=False),  # SG2HOI+clip
+    "cls": dict(classifier_init="text", align_feature="cls"),  # SG2HOI+cls
+    "pool": dict(classifier_init="text", align_feature="pool"),  # SG2HOI+pool
+}
+
 PRESETS = {
-    # The paper's model with Sec. IV-D's defaults (SG2HOI+cls, random classifiers).
-    "paper": dict(),
-    # The FULL row of Tables V-VIII: SG2HOI+pool with CLIP-initialised classifiers (Sec. IV-E). Give it the CLIP
-    # text embeddings (--text_embeddings, build_clip_embeddings) or the classifiers start from seeded stand-ins.
-    "full": dict(align_feature="pool", classifier_init="text"),
+    **VARIANTS,
+    # Sec. IV-D's default ("In default, we choose f_en[CLS] to align with the corresponding CLIP feature"): +cls
+    "paper": VARIANTS["cls"],
+    # The FULL row of Tables V-VIII, "our full model (SG2HOI+pool)"
+    "full": VARIANTS["pool"],
     # A model a 2-core CPU trains in minutes on the toy scenes (128 px images).
     # 8 SGG + 12 joint epochs: with 5 + 9, SGDet R@50 moved by 7-8 points between seeds; with 10 + 9 the HOI part,
     # 558 HOI steps, still moved by about 10 points of mAP. 8 + 12 has the same number of steps (README, toy results).
@@ -272,7 +289,7 @@ def class_text_embeddings(names, dim, path="") -> torch.Tensor:
     """(len(names), dim) text embeddings: from `path` ({name: tensor}) or the seeded stand-in."""
     if not path:
         return torch.stack([standin_embedding(n, dim) for n in names]) if names else torch.zeros(0, dim)
-    table = torch.load(path, weights_only=True)
+    table = torch.load(path, map_location="cpu", weights_only=True)  # a file saved from GPU tensors stays on the CPU
     missing = [n for n in names if n not in table]
     if missing:
         raise KeyError(f"{path}: no text embedding for class name(s) {missing[:5]}")
@@ -617,6 +634,18 @@ class MLP(nn.Module):
         return x
 
 
+class BoxMLP(MLP):
+    """A box branch: the 3-layer MLP and a sigmoid -> (cx, cy, w, h) in [0, 1] of the un-padded image.
+
+    Always computed in float32, also under bf16 autocast (train.py --amp bf16 on CUDA): bf16 keeps 8 bits of
+    mantissa, a step of 2^-8 for coordinates in [0.5, 1), about 2.6 px of a 1333 px image, which is too coarse
+    for the L1 / GIoU losses and for the IoU >= 0.5 tests of the metrics on VG's small objects."""
+
+    def forward(self, x):  # (..., d) -> (..., 4) float32
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float()).sigmoid()
+
+
 PRIOR_BIAS = -math.log((1 - 0.01) / 0.01)  # sigmoid(b) = 0.01: multi-label heads start "mostly negative" (RetinaNet)
 
 
@@ -758,7 +787,10 @@ class SG2HOI(nn.Module):
         self.cfg = cfg
         d = cfg.d_model
         self.backbone = build_backbone(cfg)
-        self.input_proj = nn.Conv2d(self.backbone.num_channels, d, 1)  # V -> C' = d channels (DETR's 1x1 conv)
+        # V -> C' = d channels. The paper "deploy[s] 5 convolutional layers with the kernel size 1 x 1" here,
+        # following DETR and HOI-Trans, which use one; five 1x1 convs with no non-linearity named between them are
+        # one linear map, so this is DETR's single 1x1 conv (and DETR's input_proj weights load into it).
+        self.input_proj = nn.Conv2d(self.backbone.num_channels, d, 1)
 
         # III-A: classes of the segmentation map = the union of the relation and HOI object vocabularies
         entity = cfg.entity_names or [f"entity {i}" for i in range(cfg.num_entity_classes)]
@@ -793,8 +825,8 @@ class SG2HOI(nn.Module):
         self.rel_sub = Branch(cfg, cfg.entity_names, cfg.num_entity_classes)
         self.rel_obj = Branch(cfg, cfg.entity_names, cfg.num_entity_classes)
         self.rel_pred = Branch(cfg, cfg.predicate_names, cfg.num_predicates)
-        self.rel_sub_box = MLP(d, d, 4, 3)
-        self.rel_obj_box = MLP(d, d, 4, 3)
+        self.rel_sub_box = BoxMLP(d, d, 4, 3)
+        self.rel_obj_box = BoxMLP(d, d, 4, 3)
 
         # III-C: R2ITrans, feature / query transformation, HOI decoder and its five branches
         if cfg.hoi:
@@ -815,8 +847,8 @@ class SG2HOI(nn.Module):
             self.hoi_human = nn.Linear(d, 2)  # binary human score: [human, no-human]
             self.hoi_obj = Branch(cfg, cfg.hoi_object_names, cfg.num_hoi_objects)
             self.hoi_verb = Branch(cfg, cfg.verb_names, cfg.num_verbs, with_background=False)  # multi-label
-            self.hoi_human_box = MLP(d, d, 4, 3)
-            self.hoi_obj_box = MLP(d, d, 4, 3)
+            self.hoi_human_box = BoxMLP(d, d, 4, 3)
+            self.hoi_obj_box = BoxMLP(d, d, 4, 3)
 
         for name, p in self.named_parameters():  # DETR's init for the transformer
             if p.dim() > 1 and any(s in name for s in ("encoder", "decoder", "r2i", "_transform")) \
@@ -870,7 +902,7 @@ class SG2HOI(nn.Module):
         obj_logits, f_o = self.rel_obj(f_sg)
         pred_logits, f_r = self.rel_pred(f_sg)  # (L, B, N_rel, N_r + 1); last column = "no relation"
         out["rel"] = dict(sub_logits=sub_logits, obj_logits=obj_logits, pred_logits=pred_logits,
-                          sub_boxes=self.rel_sub_box(f_sg).sigmoid(), obj_boxes=self.rel_obj_box(f_sg).sigmoid())
+                          sub_boxes=self.rel_sub_box(f_sg), obj_boxes=self.rel_obj_box(f_sg))  # (L, B, N_rel, 4)
 
         if cfg.hoi and with_hoi:
             # Eq. 7: f_r2i = R2ITrans([W_t [f_s, f_r, f_o]]_k, p), from the last relation-decoder layer
@@ -905,8 +937,7 @@ class SG2HOI(nn.Module):
             obj_logits, _ = self.hoi_obj(h_hoi)
             verb_logits, _ = self.hoi_verb(h_hoi)
             out["hoi"] = dict(human_logits=self.hoi_human(h_hoi), obj_logits=obj_logits, verb_logits=verb_logits,
-                              human_boxes=self.hoi_human_box(h_hoi).sigmoid(),
-                              obj_boxes=self.hoi_obj_box(h_hoi).sigmoid())
+                              human_boxes=self.hoi_human_box(h_hoi), obj_boxes=self.hoi_obj_box(h_hoi))
         return out
 
     # -------------------------------------------------------------------- which task trains which parameter
@@ -1176,7 +1207,10 @@ class SetCriterion(nn.Module):
         weight = torch.ones(C, device=logits.device)
         weight[background_weight_index] = self.cfg.eos_coef
         total_weight = norm["matched"] + self.cfg.eos_coef * norm["unmatched"]
-        return F.cross_entropy(logits.float().transpose(1, 2), target, weight=weight, reduction="sum") / total_weight
+        # over (B * Q, C) rows: the same sum as the (B, C, Q) form, and the form that has a deterministic CUDA
+        # kernel (nll_loss2d has none: train.py --deterministic would refuse it)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), weight=weight, reduction="sum")
+        return loss / total_weight
 
     def _box_losses(self, pred, tgt, num, keep=None):
         if keep is not None:
@@ -1209,7 +1243,9 @@ class SetCriterion(nn.Module):
         matched = {k: torch.cat([t[k][j] for t, (_, j) in zip(tgts, indices)]) for k in tgts[0]}
         cfg = self.cfg
         num, num_obj = max(norm["matched"], 1.0), max(norm["with_object"], 1.0)
-        # verbs: focal loss (gamma 2, no alpha: QPIC's CornerNet-style form) normalised by positive labels
+        # verbs: the paper calls its classification losses "a standard cross-entropy loss", but a person's verbs are
+        # multi-label (hold and ride the same bicycle), which a softmax cannot express. As the HOI transformers it
+        # follows: a sigmoid focal loss (gamma 2, no alpha: QPIC's CornerNet-style form), normalised by the positives
         if cfg.unmatched_loss:
             verb_target = torch.zeros_like(out["verb_logits"], dtype=torch.float)
             verb_target[idx] = matched["verbs"]

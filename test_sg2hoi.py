@@ -107,9 +107,10 @@ def _naive_relation_cost(out, q, t, a1=1.0, a2=2.0, a3=4.0):
             - a2 * (p_s + p_o) - a3 * p_r)
 
 
-def test_matcher_equals_brute_force():
-    """The Hungarian matching has the minimum total Eq. 9 cost over all injective assignments."""
-    torch.manual_seed(0)
+@pytest.mark.parametrize("seed", range(6))
+def test_matcher_equals_brute_force(seed):
+    """The Hungarian matching has the minimum total Eq. 9 cost over all injective assignments (6 random cases)."""
+    torch.manual_seed(seed)
     Q, T = 5, 3
     out = dict(sub_logits=torch.randn(1, Q, 6), obj_logits=torch.randn(1, Q, 6), pred_logits=torch.randn(1, Q, 5),
                sub_boxes=torch.rand(1, Q, 4) * 0.4 + 0.3, obj_boxes=torch.rand(1, Q, 4) * 0.4 + 0.3)
@@ -124,8 +125,11 @@ def test_matcher_equals_brute_force():
     assert found == pytest.approx(brute, abs=1e-5)
 
 
-def test_hoi_matcher_equals_brute_force_and_ignores_missing_object_box():
-    torch.manual_seed(1)
+@pytest.mark.parametrize("seed", range(1, 7))
+def test_hoi_matcher_equals_brute_force_and_ignores_missing_object_box(seed):
+    """The HOI matching has the minimum total cost over all assignments (6 random cases); a target without an
+    object (V-COCO, index -1) pays no object-box cost."""
+    torch.manual_seed(seed)
     Q = 4
     out = dict(human_logits=torch.randn(1, Q, 2), obj_logits=torch.randn(1, Q, 6), verb_logits=torch.randn(1, Q, 6),
                human_boxes=torch.rand(1, Q, 4) * 0.4 + 0.3, obj_boxes=torch.rand(1, Q, 4) * 0.4 + 0.3)
@@ -544,16 +548,22 @@ def test_toy_data_has_long_tail_rare_hois_and_zero_shot_triplets(toy_root):
     assert sum(map(sgg_cue, train)) >= 5 * max(1, sum(v == sit_at for r in hico_train for v in r["hois"][:, 2]))
 
 
-def test_horizontal_flip_moves_boxes_and_keeps_indices(tmp_path):
+def test_dataset_with_the_training_transform_flips_boxes_with_the_image_and_keeps_indices(tmp_path):
+    """DetectionDataset + make_transforms(train=True) (shorter side 50 = the image's: the resize keeps the size):
+    each seed gives the boxes unchanged or mirrored (x -> 100 - x), and over 8 seeds both occur."""
     _png(str(tmp_path / "a.png"), 100, 50)
     rec = dict(file=str(tmp_path / "a.png"), image_id=1, width=100, height=50,
                boxes=np.array([[10, 5, 30, 25], [60, 10, 100, 50]], np.float32), labels=np.array([3, 4]),
                rels=np.array([[0, 1, 2]]))
-    flip = torchvision.transforms.v2.RandomHorizontalFlip(1.0)
-    ds = sg2hoi.DetectionDataset([rec], {"task": "sgg"}, flip)
-    _, t = ds[0]
-    assert t["boxes"].tolist() == [[70, 5, 90, 25], [0, 10, 40, 50]]  # x -> 100 - x
-    assert t["rels"].tolist() == [[0, 1, 2]] and t["labels"].tolist() == [3, 4]
+    ds = sg2hoi.DetectionDataset([rec], {"task": "sgg"}, sg2hoi.make_transforms(True, 50, 100, multi_scale=False))
+    seen = set()
+    for seed in range(8):
+        torch.manual_seed(seed)
+        image, t = ds[0]
+        assert image.shape[-2:] == (50, 100)
+        seen.add(tuple(map(tuple, t["boxes"].tolist())))
+        assert t["rels"].tolist() == [[0, 1, 2]] and t["labels"].tolist() == [3, 4]
+    assert seen == {((10, 5, 30, 25), (60, 10, 100, 50)), ((70, 5, 90, 25), (0, 10, 40, 50))}
 
 
 def test_resize_scales_boxes_and_vanished_boxes_drop_with_their_relations(tmp_path):
@@ -946,6 +956,471 @@ def test_two_node_torchrun_with_c10d_rendezvous_on_localhost(tiny_toy, tmp_path)
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     assert any("2 process(es)" in o[0] for o in outs)
     assert [x["step"] for x in _log(out)] == [1, 2, 3, 4]
+
+
+# ---------------------------------------------------------------- worked examples: every rule by hand (issue 27)
+# One small example per rule that the paper, a reference evaluator or a data format fixes, with the arithmetic in
+# the comments. tools/mutants.py puts a realistic one-line bug into a copy of the code for each rule and checks
+# that the tests named for that rule catch it (README, "Do the tests catch a wrong implementation?").
+LN2, LN3 = math.log(2), math.log(3)
+
+
+def _which_target(query_box, box_a, box_b):
+    """One query, two targets a (0) and b (1) that differ only in their boxes (every class and verb cost is equal:
+    uniform logits): the target each matcher gives the query, (relation matcher, HOI matcher)."""
+    q = torch.tensor([[query_box]])  # (B = 1, Q = 1, 4) cxcywh
+    two = torch.tensor([box_a, box_b])  # the same box for subject and object (human and object)
+    rel_out = dict(sub_logits=torch.zeros(1, 1, 3), obj_logits=torch.zeros(1, 1, 3), pred_logits=torch.zeros(1, 1, 3),
+                   sub_boxes=q, obj_boxes=q)
+    rel_tgt = dict(sub_boxes=two, obj_boxes=two, sub_labels=torch.tensor([0, 0]), obj_labels=torch.tensor([0, 0]),
+                   preds=torch.tensor([0, 0]))
+    hoi_out = dict(human_logits=torch.zeros(1, 1, 2), obj_logits=torch.zeros(1, 1, 3), verb_logits=torch.zeros(1, 1, 2),
+                   human_boxes=q, obj_boxes=q)
+    hoi_tgt = dict(human_boxes=two, obj_boxes=two, obj_labels=torch.tensor([0, 0]),
+                   verbs=torch.tensor([[1.0, 0.0], [1.0, 0.0]]), has_obj=torch.tensor([True, True]))
+    matcher = sg2hoi.HungarianMatcher()  # alpha = 1, 2, 4; box cost 2.5 L1 - GIoU
+    return (int(matcher.match_relations(rel_out, [rel_tgt])[0][1]), int(matcher.match_hois(hoi_out, [hoi_tgt])[0][1]))
+
+
+def test_matcher_box_cost_is_2_5_l1_minus_giou_where_l1_and_giou_disagree():
+    """Eq. 9's box cost, per box: 2.5 * L1(cxcywh) - GIoU. In each case L1 alone and GIoU alone prefer different
+    targets, and the weighted sum decides: a matcher without either term picks the other target."""
+    # case 1, query (.5, .5, .1, .1):
+    #   a = (.5, .5, .3, .3) contains it: L1 = .4, GIoU = IoU = .01 / .09 = .111 -> 2.5 * .4 - .111 = .889
+    #   b = (.6, .5, .1, .1) touches it:  L1 = .1, GIoU = 0 (enclosing box = union) -> .25
+    #   L1 alone: b; GIoU alone: a; the sum: b
+    assert _which_target([.5, .5, .1, .1], [.5, .5, .3, .3], [.6, .5, .1, .1]) == (1, 1)
+    # case 2, query (.5, .5, .2, .2):
+    #   a = (.5, .5, .3, .3) contains it: L1 = .2, GIoU = .04 / .09 = .444 -> .5 - .444 = .056
+    #   b = (.69, .5, .2, .2) overlaps .01 x .2: L1 = .19, IoU = GIoU = .002 / .078 = .026 -> .475 - .026 = .449
+    #   L1 alone: b; GIoU alone: a; the sum: a
+    assert _which_target([.5, .5, .2, .2], [.5, .5, .3, .3], [.69, .5, .2, .2]) == (0, 0)
+
+
+def _onehot(rows, width, big=20.0):
+    """Logits (1, len(rows), width) that put probability ~1 on the given class of each query."""
+    x = torch.zeros(1, len(rows), width)
+    for q, c in enumerate(rows):
+        x[0, q, c] = big
+    return x
+
+
+def test_matcher_class_costs_weigh_2_and_the_predicate_cost_4():
+    """Eq. 9: alpha_2 = 2 on p(subject label) + p(object label), alpha_3 = 4 on p(predicate); the boxes are equal.
+    Target: subject label 0, object label 1, predicate 2. Which of two queries gets it?"""
+    box = torch.full((1, 2, 4), 0.5)
+    tgt = dict(sub_boxes=torch.full((1, 4), 0.5), obj_boxes=torch.full((1, 4), 0.5), sub_labels=torch.tensor([0]),
+               obj_labels=torch.tensor([1]), preds=torch.tensor([2]))
+    matcher = sg2hoi.HungarianMatcher(1, 2, 4)
+
+    def winner(sub, obj, pred):  # per query: the class its subject / object / predicate logits say
+        out = dict(sub_logits=_onehot(sub, 3), obj_logits=_onehot(obj, 3), pred_logits=_onehot(pred, 4),
+                   sub_boxes=box, obj_boxes=box)
+        return int(matcher.match_relations(out, [tgt])[0][0])
+
+    # q0: both labels right, predicate wrong: -2 * (1 + 1) - 4 * 0 = -4
+    # q1: object label wrong, predicate right: -2 * (1 + 0) - 4 * 1 = -6  -> q1 (the predicate weighs more)
+    assert winner(sub=[0, 0], obj=[1, 0], pred=[0, 2]) == 1
+    # q0: both labels right: -4; q1: the object says label 0 (the target's *subject* label): -2 -> q0
+    assert winner(sub=[0, 0], obj=[1, 0], pred=[0, 0]) == 0
+
+
+def _rel_case(layers=1, **cfg_kw):
+    """One image, one relation: subject box (25, 25, 75, 75) label 0, object box (30, 30, 70, 70) label 1,
+    predicate 0, on a 100 x 100 image; two queries, q0 near the target, q1 far away (unmatched).
+    Criterion without L_seg / L_algn unless cfg_kw asks (they have their own tests); 2 entity classes, 2 predicates."""
+    cfg = toy_cfg(**dict(dict(num_entity_classes=2, num_predicates=2, num_rel_queries=2, use_bbseg=False,
+                              use_vl_distill=False), **cfg_kw))
+    crit = sg2hoi.SetCriterion(cfg, torch.arange(2), torch.arange(2), 5, 8)
+    t = dict(boxes=torch.tensor([[25., 25, 75, 75], [30, 30, 70, 70]]), labels=torch.tensor([0, 1]),
+             rels=torch.tensor([[0, 1, 0]]), size=torch.tensor([100, 100]))
+    # q0: subject box exact (.5, .5, .5, .5); object box (.5, .5, .2, .2) inside the target's (.5, .5, .4, .4)
+    sub_boxes = torch.tensor([[[.5, .5, .5, .5], [.1, .1, .05, .05]]])
+    obj_boxes = torch.tensor([[[.5, .5, .2, .2], [.1, .1, .05, .05]]])
+    # q0's logits give p = 2 / 4 to the right class (ln 2 against two zeros); q1's are uniform over 3 classes
+    sub_logits = torch.tensor([[[LN2, 0, 0], [0, 0, 0]]])
+    obj_logits = torch.tensor([[[0, LN2, 0], [0, 0, 0]]])
+    pred_logits = torch.tensor([[[LN2, 0, 0], [0, 0, 0]]])
+    rel = {k: v[None].repeat(layers, 1, 1, 1) for k, v in dict(
+        sub_logits=sub_logits, obj_logits=obj_logits, pred_logits=pred_logits, sub_boxes=sub_boxes,
+        obj_boxes=obj_boxes).items()}
+    return crit, dict(feat_mask=torch.zeros(1, 4, 4, dtype=torch.bool), rel=rel), [t]
+
+
+def test_relation_loss_terms_by_hand_with_the_no_object_weight_eos_coef():
+    """Eq. 10's L_rel on the case of _rel_case: each term weighted by its alpha (1, 2, 4); unmatched queries learn
+    "no object" / "no relation" with weight eos_coef = 0.1 (DETR); CE = weighted sum / total weight 1 + 0.1."""
+    crit, out, targets = _rel_case()
+    losses = crit(out, targets, "sgg")
+    # boxes (matched q0 only, / 1 relation): subject exact -> 0; object: L1 = .2 + .2 = .4, GIoU = IoU = .04 / .16
+    # = .25 -> GIoU loss .75; alpha_1 * (2.5 * .4 + .75) = 1.75
+    assert float(losses["rel_box"]) == pytest.approx(1.75, abs=1e-5)
+    # CE: q0 -> its label, p = 1/2: ln 2, weight 1; q1 -> "no object" (last class), p = 1/3: ln 3, weight 0.1
+    ce = (LN2 + 0.1 * LN3) / (1 + 0.1)
+    assert float(losses["rel_cls"]) == pytest.approx(2 * (ce + ce), abs=1e-5)  # alpha_2 x (subject + object)
+    assert float(losses["rel_pred"]) == pytest.approx(4 * ce, abs=1e-5)  # alpha_3 x predicate
+    assert float(losses["loss"]) == pytest.approx(1.75 + 8 * ce, abs=1e-5)
+
+
+def test_auxiliary_losses_match_every_decoder_layer_and_add_up():
+    """Deep supervision (DETR): every decoder layer is matched and pays the whole L_rel; the terms of layer l < L-1
+    carry the suffix _l and the total adds them all. Two identical layers -> twice one layer's loss."""
+    crit, out, targets = _rel_case(layers=1)
+    one = crit(out, targets, "sgg")
+    crit, out, targets = _rel_case(layers=2)
+    two = crit(out, targets, "sgg")
+    assert sorted(two) == ["loss", "rel_box", "rel_box_0", "rel_cls", "rel_cls_0", "rel_pred", "rel_pred_0"]
+    for k in ("rel_box", "rel_cls", "rel_pred"):
+        assert float(two[k + "_0"]) == pytest.approx(float(one[k]))
+    assert float(two["loss"]) == pytest.approx(2 * float(one["loss"]))
+
+
+def test_alignment_loss_is_the_mean_absolute_error_times_4_or_the_mean_squared_error():
+    """Eq. 5 / Eq. 10: lambda_2 L_algn with L_algn = mean over the text_dim components of |student - teacher| (l1,
+    the default) or of its square (VLl2). Student = teacher except one component off by 2 of 64."""
+    for loss, per_component in (("l1", 2.0), ("l2", 4.0)):
+        crit, out, targets = _rel_case(use_vl_distill=True, align_loss=loss)
+        teacher = torch.randn(crit.cfg.text_dim)
+        student = teacher.clone()
+        student[5] += 2.0
+        targets[0]["clip"] = teacher
+        out["align"] = student[None]  # (B, text_dim)
+        assert float(crit(out, targets, "sgg")["align"]) == pytest.approx(4 * per_component / 64, abs=1e-6)
+
+
+def test_hoi_box_loss_leaves_out_the_object_box_of_an_action_without_object():
+    """V-COCO: an HOI without object (index -1) has a zero object box that no box loss reads; the human box still
+    counts. Both predicted human boxes exact, so the box loss is 0 whatever the object boxes are."""
+    cfg = toy_cfg(num_hoi_objects=3, num_verbs=2, num_hoi_queries=2, use_bbseg=False, use_vl_distill=False)
+    crit = sg2hoi.SetCriterion(cfg, torch.arange(3), torch.arange(3), 5, 8)
+    t = dict(boxes=torch.tensor([[40., 40, 60, 60]]), labels=torch.tensor([0]), hois=torch.tensor([[0, -1, 0]]),
+             size=torch.tensor([100, 100]))
+    out = dict(feat_mask=torch.zeros(1, 4, 4, dtype=torch.bool), hoi=dict(
+        human_boxes=torch.tensor([[[[.5, .5, .2, .2], [.1, .1, .05, .05]]]]),
+        obj_boxes=torch.tensor([[[[.5, .5, .5, .5], [.1, .1, .05, .05]]]]),
+        human_logits=torch.zeros(1, 1, 2, 2), obj_logits=torch.zeros(1, 1, 2, 4), verb_logits=torch.zeros(1, 1, 2, 2)))
+    assert float(crit(out, [t], "hoi")["hoi_box"]) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_hoi_loss_terms_by_hand_human_class_and_focal_verbs_over_positive_labels():
+    """L_hoi: the human branch is a 2-way CE whose matched target is class 0 ("human"); verbs use the focal loss
+    (gamma 2) over every query and verb, divided by the number of positive verb labels (QPIC), not of matches."""
+    cfg = toy_cfg(num_hoi_objects=2, num_verbs=2, num_hoi_queries=2, use_bbseg=False, use_vl_distill=False)
+    crit = sg2hoi.SetCriterion(cfg, torch.arange(2), torch.arange(2), 5, 8)
+    # one person (0, 0, 50, 100) and one object of class 1 (50, 0, 100, 100) on a 100 x 100 image, two verbs
+    t = dict(boxes=torch.tensor([[0., 0, 50, 100], [50, 0, 100, 100]]), labels=torch.tensor([0, 1]),
+             hois=torch.tensor([[0, 1, 0], [0, 1, 1]]), size=torch.tensor([100, 100]))
+    far = [.1, .1, .05, .05]
+    out = dict(feat_mask=torch.zeros(1, 4, 4, dtype=torch.bool), hoi=dict(
+        human_boxes=torch.tensor([[[[.25, .5, .5, 1.], far]]]), obj_boxes=torch.tensor([[[[.75, .5, .5, 1.], far]]]),
+        human_logits=torch.tensor([[[[math.log(3), 0], [0, 0]]]]),  # q0: p(human) = 3/4
+        obj_logits=torch.tensor([[[[0, LN2, 0], [0, 0, 0]]]]),  # q0: p(class 1) = 1/2; q1 uniform
+        verb_logits=torch.zeros(1, 1, 2, 2)))  # sigmoid = 1/2 everywhere
+    losses = crit(out, [t], "hoi")
+    assert float(losses["hoi_box"]) == pytest.approx(0.0, abs=1e-5)  # both boxes of q0 exact
+    # human CE: q0 -> class 0, -ln(3/4), weight 1; q1 -> class 1 ("no human"), ln 2, weight 0.1
+    # object CE: q0 -> class 1, ln 2; q1 -> "no object", ln 3, weight 0.1; both / (1 + 0.1), times alpha_2 = 2
+    human = (math.log(4 / 3) + 0.1 * LN2) / 1.1
+    obj = (LN2 + 0.1 * LN3) / 1.1
+    assert float(losses["hoi_cls"]) == pytest.approx(2 * (human + obj), abs=1e-5)
+    # focal loss at p = 1/2: -ln(1/2) * (1 - 1/2)^2 = ln 2 / 4 for each of 2 queries x 2 verbs -> ln 2 in all,
+    # / 2 positive verb labels (1 matched pair) -> ln 2 / 2, times alpha_3 = 4
+    assert float(losses["hoi_verb"]) == pytest.approx(4 * LN2 / 2, abs=1e-5)
+
+
+def test_seg_loss_sums_the_channels_and_averages_the_unpadded_cells_of_a_2x2_map():
+    """Eq. 2 per image: sum over the N_seg + 1 channels of the BCE, averaged over the un-padded cells."""
+    logits = torch.zeros(1, 2, 2, 2)  # (B, channels, H, W)
+    logits[0, 1, 0, 0] = math.log(3)  # sigmoid = 3/4 at channel 1 of cell (0, 0), whose target is 1
+    logits[0, :, 1, 1] = 10.0  # the padded cell: a huge loss that must not count
+    y = torch.zeros(1, 2, 2, 2)
+    y[0, 1, 0, 0] = 1.0
+    y[0, 0, 0, 1] = y[0, 0, 1, 0] = 1.0
+    pad = torch.tensor([[[False, False], [False, True]]])
+    # logit 0: BCE = ln 2 whatever the target (5 of the 6 valid values); the sixth: -ln(3/4) = ln(4/3)
+    expected = (5 * LN2 + math.log(4 / 3)) / 3  # summed over the 2 channels, averaged over 3 valid cells
+    assert float(sg2hoi.loss_bbseg(logits, y, pad)[0]) == pytest.approx(expected, abs=1e-6)
+
+
+def _recorder(seen, name):
+    """A forward hook that keeps the first (args, output) of its module in seen[name] (and returns None, so the
+    output is unchanged)."""
+    def hook(module, args, output):
+        seen.setdefault(name, (args, output))
+    return hook
+
+
+def _hooked_forward(cfg, hooks):
+    """A forward pass of a fresh toy model on a 64 x 64 batch whose second image has 32 padded rows (so padding
+    matters), recording the inputs and outputs of the named sub-modules: {name: (args, output)}."""
+    torch.manual_seed(0)
+    model = sg2hoi.build_model(cfg).eval()
+    seen = {}
+    for name in hooks:
+        model.get_submodule(name).register_forward_hook(_recorder(seen, name))
+    images, mask = torch.randn(2, 3, 64, 64), torch.zeros(2, 64, 64, dtype=torch.bool)
+    mask[1, 32:] = True
+    with torch.no_grad():
+        out = model(images, mask)
+    return model, out, seen
+
+
+def test_aggregation_concatenates_w_v_v_and_w_s_of_the_semantic_map_with_background_zero():
+    """Eq. 3: f_agg = [W_v V, W_s E_s], E_s = the class text embedding of each cell's argmax class of s, and the zero
+    vector where the argmax is background (channel 0). Eq. 4: the [CLS] token's input is GAP(V) over the un-padded
+    cells. Both read at the encoder's input."""
+    cfg = toy_cfg()
+    torch.manual_seed(0)
+    model = sg2hoi.build_model(cfg).eval()
+    seen = {}
+    forced = torch.zeros(2, len(model.seg_names) + 1, 8, 8)  # s: background on the left half, class 2 on the right
+    forced[:, 0, :, :4] = 5.0
+    forced[:, 3, :, 4:] = 5.0
+    model.bbseg.register_forward_hook(lambda m, a, o: forced)  # replaces BBSeg's output
+    model.input_proj.register_forward_hook(_recorder(seen, "v"))
+    model.encoder.register_forward_hook(_recorder(seen, "encoder"))
+    images, mask = torch.randn(2, 3, 64, 64), torch.zeros(2, 64, 64, dtype=torch.bool)
+    mask[1, 32:] = True  # image 1: the bottom 4 of 8 cell rows are padding
+    with torch.no_grad():
+        model(images, mask)
+        v, (tokens, tok_pos, tok_mask) = seen["v"][1], seen["encoder"][0]  # v (2, d, 8, 8); tokens (2, 1 + 64, d)
+        text = sg2hoi.class_text_embeddings(model.seg_names, cfg.text_dim, cfg.text_embeddings)  # (N_seg, E)
+        e_s = torch.zeros(2, cfg.text_dim, 8, 8)
+        e_s[:, :, :, 4:] = text[2][None, :, None, None]  # class 2 on the right; background (left) -> 0
+        f_agg = torch.cat([model.w_v(v), model.w_s(e_s)], 1)  # (2, d, 8, 8)
+        assert torch.allclose(tokens[:, 1:], f_agg.flatten(2).transpose(1, 2), atol=1e-5)
+        gap = torch.stack([v[0].mean((1, 2)), v[1, :, :4].mean((1, 2))])  # image 1: its 4 un-padded rows only
+        assert torch.allclose(tokens[:, 0], gap, atol=1e-5)
+    assert not tok_mask[:, 0].any() and tok_mask[1, 1:].sum() == 32  # [CLS] never masked; 4 rows x 8 padded
+
+
+@pytest.mark.parametrize("feature", ["cls", "pool"])
+def test_vl_alignment_reads_the_cls_output_or_the_mean_of_the_unpadded_encoder_outputs(feature):
+    """Eq. 5: the vector aligned with CLIP is W_a f_en[CLS] (SG2HOI+cls) or W_a of the mean of f_en over the
+    un-padded positions, [CLS] excluded (SG2HOI+pool)."""
+    model, out, seen = _hooked_forward(toy_cfg(align_feature=feature), ["encoder"])
+    f_en = seen["encoder"][1]  # (2, 1 + 64, d)
+    if feature == "cls":
+        f_vl = f_en[:, 0]
+    else:  # image 1: the first 32 cells (4 rows of 8) are its image
+        f_vl = torch.stack([f_en[0, 1:].mean(0), f_en[1, 1:33].mean(0)])
+    assert torch.allclose(out["align"], model.align_proj(f_vl), atol=1e-5)
+
+
+def test_r2itrans_and_the_feature_and_query_transformations_attend_to_what_sec_iii_c_says():
+    """Sec. III-C, read through forward hooks on one toy forward pass:
+      Eq. 7  R2ITrans = self-attention over W_t [f_s, f_r, f_o] (the last relation-decoder layer's branch features)
+             with Q_rel as position: queries = keys = x + Q_rel, values = x;
+      feature transformation: f_en (+ its positions) queries f_r2i (+ Q_rel); values f_r2i, without positions;
+      query transformation: Q_hoi queries the decoded relation queries f_sg[-1] (+ Q_rel); values f_sg[-1];
+      Eq. 8  the HOI decoder reads the transformed HOI queries and F_hoi = the feature transformation's output
+             without the [CLS] position."""
+    names = ["encoder", "rel_decoder", "rel_sub", "rel_obj", "rel_pred", "w_t", "r2i", "r2i.layers.0.self_attn",
+             "feature_transform.0", "feature_transform.0.multihead_attn", "query_transform.0",
+             "query_transform.0.multihead_attn", "hoi_decoder"]
+    model, out, seen = _hooked_forward(toy_cfg(), names)
+    close = lambda a, b: a.shape == b.shape and torch.allclose(a, b, atol=1e-5)  # noqa: E731
+    q_rel = model.rel_query_embed.weight[None].expand(2, -1, -1)  # (2, N_rel, d)
+    f_en, f_sg = seen["encoder"][1], seen["rel_decoder"][1]  # (2, 1 + 64, d), (L, 2, N_rel, d)
+    _, tok_pos, tok_mask = seen["encoder"][0]
+    # W_t's input: the three branch features of the LAST layer. Their order inside the concatenation is not
+    # observable (W_t is learned: permuting its inputs permutes its columns), so the test accepts any order.
+    blocks = seen["w_t"][0][0].split(model.cfg.d_model, -1)
+    last = {n: seen[f"rel_{n}"][1][1][-1] for n in ("sub", "obj", "pred")}
+    assert sorted(n for b in blocks for n, f in last.items() if close(b, f)) == ["obj", "pred", "sub"]
+    x, pos = seen["r2i"][0][:2]
+    assert close(x, seen["w_t"][1]) and close(pos, q_rel)
+    q, k, v = seen["r2i.layers.0.self_attn"][0][:3]
+    assert close(q, x + q_rel) and close(k, x + q_rel) and close(v, x)
+    f_r2i = seen["r2i"][1]
+    q, k, v = seen["feature_transform.0.multihead_attn"][0][:3]
+    assert close(q, f_en + tok_pos) and close(k, f_r2i + q_rel) and close(v, f_r2i)
+    q, k, v = seen["query_transform.0.multihead_attn"][0][:3]
+    q_hoi = model.hoi_query_embed.weight[None].expand(2, -1, -1)
+    assert close(q, q_hoi) and close(k, f_sg[-1] + q_rel) and close(v, f_sg[-1])
+    queries, memory, mem_pos, mem_mask = seen["hoi_decoder"][0]
+    assert close(queries, seen["query_transform.0"][1])
+    assert close(memory, seen["feature_transform.0"][1][:, 1:]) and close(mem_pos, tok_pos[:, 1:])
+    assert torch.equal(mem_mask, tok_mask[:, 1:])
+
+
+def test_triplet_scores_multiply_subject_object_and_predicate_or_human_object_and_verb_probabilities():
+    """Inference: a relation scores p(subject) x p(object) x p(predicate) (RelTR), an HOI p(human) x p(object) x
+    sigmoid(verb) (QPIC); "no object" is left out of the object's argmax."""
+    rel_out = dict(sub_logits=torch.tensor([[[[LN2, 0, 0]]]]),  # p = (1/2, 1/4, 1/4): label 0 at 1/2
+                   obj_logits=torch.tensor([[[[0, LN3, 0]]]]),  # p = (1/5, 3/5, 1/5): label 1 at 3/5
+                   pred_logits=torch.tensor([[[[math.log(4), 0, 0]]]]),  # p = (4/6, 1/6, 1/6 = no relation)
+                   sub_boxes=torch.full((1, 1, 1, 4), .5), obj_boxes=torch.full((1, 1, 1, 4), .5))
+    pred = sg2hoi.relation_predictions(rel_out, [(100, 100)])[0]
+    # one pair (box 0 = its subject, box 1 = its object), predicate 1 (column 0 = no relation): 1/2 x 3/5 x 2/3
+    (s, p, o, score), = sg2hoi.relation_triplets(pred)
+    assert (s, p, o) == (0, 1, 1) and score == pytest.approx(0.2)
+    hoi_out = dict(human_logits=torch.tensor([[[[math.log(3), 0]]]]),  # p(human) = 3/4
+                   obj_logits=torch.tensor([[[[LN2, 0, 0]]]]),  # label 0 at 1/2
+                   verb_logits=torch.zeros(1, 1, 1, 1),  # sigmoid = 1/2
+                   human_boxes=torch.full((1, 1, 1, 4), .5), obj_boxes=torch.full((1, 1, 1, 4), .5))
+    hoi = sg2hoi.hoi_predictions(hoi_out, [(100, 100)])[0]
+    assert hoi["verb_scores"][0, 0] == pytest.approx(3 / 4 * 1 / 2 * 1 / 2)
+
+
+def _one_relation(sub_box, obj_box, gt_sub=(0, 0, 9, 9), gt_obj=(20, 0, 29, 9)):
+    """SGDet R@1 of one prediction against one GT relation (labels 1 -> 2, predicate 1), boxes given."""
+    gt = dict(boxes=np.array([gt_sub, gt_obj], np.float32), labels=np.array([1, 2]), rels=np.array([[0, 1, 1]]))
+    pred = _sg_pred([sub_box, obj_box], [1, 2], [1, 1], [[0, 1]], [[0, 1.0]])
+    return ev.sgdet_metrics([gt], [pred], num_predicates=1, ks=(1,))["R@1"]
+
+
+def test_sgdet_hit_needs_iou_at_least_half_for_subject_and_object():
+    """A hit needs IoU >= 0.5 for both boxes, with the +1 pixel convention: a hit at 0.5, a miss at 0.45."""
+    # GT (0, 0, 9, 9) = 10 x 10 = 100 px; (0, 0, 9, 19) = 200 px holds it: IoU = 100 / 200 = 0.5 exactly
+    assert _one_relation((0, 0, 9, 19), (20, 0, 29, 9)) == 1.0
+    assert _one_relation((0, 0, 9, 9), (20, 0, 29, 19)) == 1.0
+    # GT (0, 0, 8, 9) = 9 x 10 = 90 px; (0, 0, 19, 9) = 200 px holds it: IoU = 90 / 200 = 0.45
+    assert _one_relation((0, 0, 19, 9), (20, 0, 29, 9), gt_sub=(0, 0, 8, 9)) == 0.0
+    assert _one_relation((0, 0, 9, 9), (20, 0, 39, 9), gt_obj=(20, 0, 28, 9)) == 0.0
+
+
+def test_hico_hit_needs_iou_at_least_half_for_human_and_object():
+    """HICO-DET (QPIC): a detection matches with both IoUs >= 0.5: a hit at exactly 0.5, a miss at 0.45."""
+    H, O = [0, 0, 9, 9], [20, 0, 29, 9]
+    for human, obj, gt_h, ap in (([0, 0, 9, 19], O, H, 1.0), (H, [20, 0, 29, 19], H, 1.0),  # IoU 100 / 200
+                                 ([0, 0, 19, 9], O, [0, 0, 8, 9], 0.0)):  # IoU 90 / 200 = 0.45
+        gt, pred = _hico_case([human, obj], [0, 1], [(0, 1)], [[0.9, 0, 0]], [gt_h, O], [0, 1], [[0, 1, 0]])
+        assert ev.hico_map([gt], [pred], np.ones((3, 2)), [])["mAP_full"] == pytest.approx(ap)
+
+
+def test_sgdet_recall_at_k_counts_the_gt_relations_hit_by_the_first_k_triplets():
+    """R@K = |GT relations hit by the first K triplets| / |GT relations|, in the order given."""
+    A, B, C, D = [0, 0, 10, 10], [20, 20, 30, 30], [50, 50, 60, 60], [80, 80, 90, 90]
+    gt = dict(boxes=np.array([A, B, C, D], np.float32), labels=np.array([1, 2, 3, 4]),
+              rels=np.array([[0, 1, 1], [2, 3, 1], [1, 2, 1]]))  # three GT relations
+    # predictions in this order: hits GT 0, misses (wrong pair), hits GT 1
+    pred = _sg_pred([A, B, C, D], [1, 2, 3, 4], [1, 1, 1, 1], [[0, 1], [0, 3], [2, 3]], [[0, 1.0]] * 3)
+    m = ev.sgdet_metrics([gt], [pred], num_predicates=1, ks=(1, 2, 3))
+    assert (m["R@1"], m["R@2"], m["R@3"]) == pytest.approx((1 / 3, 1 / 3, 2 / 3))
+
+
+def test_sgdet_graph_constraint_predicate_ignores_the_no_relation_column():
+    """SGB: with the graph constraint a pair's predicate is 1 + argmax(rel_scores[:, 1:]): column 0 ("no relation")
+    never wins, even when it is the largest score. Here no relation .6, predicate 1 .3, predicate 2 .1."""
+    A, B = [0, 0, 10, 10], [20, 20, 30, 30]
+    gt = dict(boxes=np.array([A, B], np.float32), labels=np.array([1, 2]), rels=np.array([[0, 1, 1]]))
+    pred = _sg_pred([A, B], [1, 2], [1, 1], [[0, 1]], [[0.6, 0.3, 0.1]])
+    assert ev.sgdet_metrics([gt], [pred], num_predicates=2, ks=(1,))["R@1"] == 1.0
+
+
+def test_rare_and_non_rare_split_at_exactly_ten_training_instances():
+    """HICO-DET (QPIC): rare = fewer than 10 training instances; non-rare = at least 10. 10 is non-rare."""
+    records = [dict(labels=np.array([0, 1]), hois=np.array([[0, 1, 0]] * 10 + [[0, 1, 1]] * 9))]
+    rare, counts = sg2hoi.rare_triplets_from_training(records)
+    assert counts == {(0, 1, 0): 10, (0, 1, 1): 9}
+    assert rare == [(0, 1, 1)]
+    assert ev.non_rare_triplets(counts) == [(0, 1, 0)]
+
+
+def test_learning_rate_drops_tenfold_at_two_thirds_of_each_phase_and_sgg_slows_in_phase_2():
+    """The schedule (Sec. IV-D + README): phase 1 = sgg_epochs of SGG steps, phase 2 = SGG and HOI alternating over
+    2 x joint_epochs x HOI steps; lr x 0.1 from 2/3 of each phase on; in phase 2 the SGG part trains at
+    lr_sgg_phase2 = 1e-5 (the HOI part at lr = 1e-4, the backbone at 1e-5 throughout)."""
+    import train
+    cfg = sg2hoi.make_config("paper", sgg_epochs=10, joint_epochs=5)
+    sched = train.make_schedule(cfg, {"sgg": SimpleNamespace(steps_per_epoch=3),
+                                      "hoi": SimpleNamespace(steps_per_epoch=6)})
+    assert (sched.phase1_steps, sched.phase2_steps) == (30, 60)  # 10 x 3; 2 x 5 x 6
+    assert (sched.phase(29), sched.phase(30), sched.task(30), sched.task(31)) == (1, 2, "sgg", "hoi")
+    opt = torch.optim.SGD([{"params": [torch.nn.Parameter(torch.zeros(1))], "name": n, "lr": lr, "base_lr": lr}
+                           for n, lr in (("backbone", 1e-5), ("sgg", 1e-4), ("hoi", 1e-4))])
+
+    def lrs(step):
+        train.set_learning_rates(opt, cfg, sched.phase(step), sched.progress(step))
+        return [g["lr"] for g in opt.param_groups]  # backbone, sgg, hoi
+
+    assert lrs(19) == pytest.approx([1e-5, 1e-4, 1e-4])  # 19 / 30 < 2/3
+    assert lrs(20) == pytest.approx([1e-6, 1e-5, 1e-5])  # 20 / 30 = 2/3: dropped
+    assert lrs(30) == pytest.approx([1e-5, 1e-5, 1e-4])  # phase 2 starts at progress 0; SGG at lr_sgg_phase2
+    assert lrs(69) == pytest.approx([1e-5, 1e-5, 1e-4])  # 39 / 60 < 2/3
+    assert lrs(70) == pytest.approx([1e-6, 1e-6, 1e-5])  # 40 / 60 = 2/3
+
+
+def test_sgdet_ground_truth_predicates_are_1_based_for_the_evaluator():
+    """The loaders keep predicates 0-based (0..49); SGB's evaluator reads 1..50 with column 0 = no relation."""
+    record = dict(boxes=np.zeros((2, 4)), labels=np.array([3, 4]), rels=np.array([[0, 1, 0], [1, 0, 49]]))
+    assert ev.sgg_ground_truth(record)["rels"].tolist() == [[0, 1, 1], [1, 0, 50]]
+
+
+def test_training_transform_moves_the_box_with_the_image_through_flip_and_resize():
+    """make_transforms(train=True): an asymmetric 400 x 600 image, a bright block at its left inside a box. After the
+    flip (p = 1/2) and the multi-scale resize the box still holds the block: its inside is bright, its mirror image
+    dark. Over several seeds both the flipped and the unflipped case occur."""
+    tf = sg2hoi.make_transforms(True, 800, 1333)
+    image = torch.zeros(3, 400, 600, dtype=torch.uint8)
+    image[:, 100:200, 50:150] = 255  # the block
+    box = torchvision.tv_tensors.BoundingBoxes(torch.tensor([[40., 90, 160, 210]]), format="XYXY",
+                                               canvas_size=(400, 600))  # the block with 10 px around it
+    flipped = set()
+    for seed in range(6):
+        torch.manual_seed(seed)
+        out, out_box = tf(torchvision.tv_tensors.Image(image), box)
+        H, W = out.shape[-2:]
+        scale = H / 400
+        assert 480 <= H <= 800 and W == pytest.approx(600 * scale, abs=1)  # shorter side 480..800, ratio kept
+        x1, y1, x2, y2 = out_box[0].tolist()
+        assert (x2 - x1, y2 - y1) == pytest.approx((120 * scale, 120 * scale), abs=1)
+        m = int(20 * scale)  # the block's middle: 20 (resized) px inside the box
+        inside = out[:, int(y1) + m:int(y2) - m, int(x1) + m:int(x2) - m].mean()
+        mirror = out[:, int(y1) + m:int(y2) - m, W - int(x2) + m:W - int(x1) - m].mean()
+        assert inside > mirror + 1.0, (seed, inside, mirror)  # normalised units: black ~ -2, white ~ +2
+        flipped.add(x1 > W / 2)
+    assert flipped == {True, False}
+
+
+def test_hoi_matcher_gives_a_target_without_object_no_object_box_cost():
+    """V-COCO: an action without object (index -1) has a zero object box that the matching must ignore. Target: the
+    human box (.5, .5, .2, .2), no object. q1 has that human box exactly (cost 2.5 * 0 - 1 = -1); q0's is off by .1
+    in x (L1 .1, GIoU 1/3: .25 - .33 = -.08) but its object box lies next to the zero box. Without an object cost q1
+    wins; charging the zero box would make q0 win (L1 to the zero box: q0 .09, q1 2.0; 2.5 x 1.91 > .92)."""
+    t = sg2hoi.hoi_targets(dict(boxes=torch.tensor([[40., 40, 60, 60]]), labels=torch.tensor([0]),
+                                hois=torch.tensor([[0, -1, 0]]), size=torch.tensor([100, 100])),
+                           num_verbs=2, missing_object_label=2)
+    assert t["has_obj"].tolist() == [False] and t["obj_boxes"].tolist() == [[0, 0, 0, 0]]
+    out = dict(human_logits=torch.zeros(1, 2, 2), obj_logits=torch.zeros(1, 2, 3), verb_logits=torch.zeros(1, 2, 2),
+               human_boxes=torch.tensor([[[.6, .5, .2, .2], [.5, .5, .2, .2]]]),
+               obj_boxes=torch.tensor([[[.015, .015, .03, .03], [.5, .5, .5, .5]]]))
+    rows, _ = sg2hoi.HungarianMatcher().match_hois(out, [t])[0]
+    assert rows.tolist() == [1]
+
+
+def test_hico_eleven_point_ap_counts_recall_1_and_takes_the_best_precision_at_or_above_each_recall():
+    """11-point AP = mean over t = 0, 0.1, ..., 1.0 of max(precision at recall >= t). Recall 1/2 at precision 1,
+    then recall 1 at precision 1/2: t = 0 .. 0.5 give 1 (6 points), t = 0.6 .. 1.0 give 1/2 (5 points)."""
+    assert ev.eleven_point_ap(np.array([0.5, 1.0]), np.array([1.0, 0.5])) == pytest.approx((6 + 2.5) / 11)
+    # the precision of a later, higher recall counts for the lower thresholds too (interpolation)
+    assert ev.eleven_point_ap(np.array([0.5, 1.0]), np.array([0.5, 1.0])) == pytest.approx(1.0)
+
+
+def test_hico_verb_object_mask_zeroes_impossible_pairs_before_the_top_k():
+    """HICO-DET (QPIC): scores x correct_mat[verb, object label] before the top-k: an impossible (verb, object)
+    candidate scores 0 and cannot push a possible one out. One pair, verb 0 impossible with object 1 (score .9),
+    verb 1 possible (score .5, a true positive); top-1 only."""
+    H, O = [0, 0, 99, 99], [100, 100, 199, 199]
+    gt, pred = _hico_case([H, O], [0, 1], [(0, 1)], [[0.9, 0.5, 0]], [H, O], [0, 1], [[0, 1, 1]])
+    mask = np.ones((3, 2))
+    mask[0, 1] = 0
+    assert ev.hico_map([gt], [pred], mask, [], max_hois=1)["mAP_full"] == pytest.approx(1.0)
+    # without the mask the top-1 is the impossible verb 0 (not a GT class) and the true positive is cut
+    assert ev.hico_map([gt], [pred], np.ones((3, 2)), [], max_hois=1)["mAP_full"] == 0.0
+
+
+def test_mutant_catalogue_is_well_formed():
+    """tools/mutants.py (not part of the suite, README): every mutant's old text occurs exactly once in its file,
+    names are unique, at least 30 mutants. A refactor that moves a line makes this fail instead of a silent rot."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("mutants", os.path.join(HERE, "tools", "mutants.py"))
+    mutants = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mutants)
+    assert mutants.catalogue_problems(HERE) == []
+    assert len(mutants.MUTANTS) >= 30
+
 
 
 # ---------------------------------------------------------------- the same experiment on 1 or N processes (issue 10)
@@ -1583,21 +2058,6 @@ def test_check_images_only_lists_the_bad_images_and_exits_1(fullsize_tiny, tmp_p
     assert "[check images] hoi test: 19 images decoded, 1 bad" in out and f"{victim} (record 3)" in out
 
 
-def test_paper_training_transform_moves_boxes_with_the_flip_and_the_multi_scale_resize():
-    # the paper's training transform: boxes follow the flip and the multi-scale resize
-    tf = sg2hoi.make_transforms(True, 800, 1333)
-    big = torchvision.tv_tensors.Image(torch.zeros(3, 400, 600, dtype=torch.uint8))
-    b = torchvision.tv_tensors.BoundingBoxes(torch.tensor([[0., 0, 60, 40]]), format="XYXY", canvas_size=(400, 600))
-    for seed in range(4):
-        torch.manual_seed(seed)
-        out, out_b = tf(big, b)
-        scale = out.shape[-2] / 400
-        assert 480 <= out.shape[-2] <= 800 and abs(out.shape[-1] - 600 * scale) <= 1
-        x1 = out_b[0, 0].item()
-        assert out_b[0, 2:].tolist() == pytest.approx([x1 + 60 * scale, 40 * scale], abs=0.51)
-        assert x1 == 0 or x1 == pytest.approx(out.shape[-1] - 60 * scale, abs=0.51)  # flipped or not
-
-
 # ==================================================================================================== metrics: vectorised
 # evaluators, V-COCO mask, non-rare split, input checks, output paths, distributed evaluation (issues 8, 9, 10, 11)
 
@@ -1934,9 +2394,13 @@ def test_seg_loss_is_computed_in_float32_under_bf16_autocast():
         out = model(images, mask)
         assert out["seg_logits"].dtype == torch.bfloat16
         losses = crit(out, sgg_targets(), "sgg")
-    y = crit.seg_targets(out, sgg_targets(), "sgg")
-    ref = cfg.loss_seg * sg2hoi.loss_bbseg(out["seg_logits"].float(), y, out["feat_mask"]).mean()
-    assert losses["seg"].dtype == torch.float32 and torch.allclose(losses["seg"], ref, rtol=1e-6, atol=0)
+    # the reference is Eq. 2 written out in float32 (BCE(x, y) = softplus(x) - x y; sum over channels, mean over
+    # the un-padded cells, mean over the 2 images, times lambda_1), not loss_bbseg itself
+    x, y = out["seg_logits"].float(), crit.seg_targets(out, sgg_targets(), "sgg")
+    valid = (~out["feat_mask"]).float()  # (B, h, w)
+    per_image = ((torch.nn.functional.softplus(x) - x * y).sum(1) * valid).sum((1, 2)) / valid.sum((1, 2))
+    ref = cfg.loss_seg * per_image.mean()
+    assert losses["seg"].dtype == torch.float32 and torch.allclose(losses["seg"], ref, rtol=1e-5, atol=0)
 
 
 def test_only_the_text_initialised_class_weights_get_the_text_classifier_learning_rate():
@@ -2451,3 +2915,235 @@ def test_hoi_without_object_becomes_an_action_of_its_human():
     assert person["actions"] == ["stand"] and len(graph["entities"]) == 2
     assert [(d["label"], d["kind"]) for d in graph["edges"]] == [("hold", "hoi")]
     assert 'label="person\\n(stand)"' in ev.scene_graph_dot(graph, (120, 120))
+
+
+# ---------------------------------------------------------------- the paths that only run on GPUs (issue 26)
+
+
+def test_two_processes_evaluate_a_test_split_of_one_image(tiny_ckpt, tmp_path):
+    """Rank 1's shard of a one-image test split is empty: it predicts nothing and still joins the gather."""
+    r = _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "eval.py", "--ckpt", tiny_ckpt,
+              "--limit", "1", "--save-predictions", str(tmp_path / "p.pt"), "--json", str(tmp_path / "m.json")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    p = ev.load_predictions(str(tmp_path / "p.pt"))
+    assert len(p["sgg"]["preds"]) == len(p["hoi"]["preds"]) == 1
+    assert ev.predict(None, toy_cfg(), [], torch.device("cpu")) == ([], [])  # no model call, no records[0]
+
+
+def test_box_branches_compute_in_float32_under_bf16_autocast():
+    torch.manual_seed(0)
+    model = sg2hoi.build_model(toy_cfg()).eval()
+    x, mask = batch()
+    with torch.no_grad():
+        reference = model(x, mask)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x, mask)
+    assert out["rel"]["pred_logits"].dtype == torch.bfloat16  # autocast is on for the rest of the model
+    for head, key in (("rel", "sub_boxes"), ("rel", "obj_boxes"), ("hoi", "human_boxes"), ("hoi", "obj_boxes")):
+        assert out[head][key].dtype == torch.float32, key
+        assert reference[head][key].dtype == torch.float32
+    # the box head itself in float32: fed the same (bf16-rounded) features, autocast changes nothing
+    f = torch.randn(5, 64).bfloat16().float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = model.rel_sub_box(f)
+    assert torch.equal(inside, model.rel_sub_box(f))
+
+
+def test_deterministic_sets_the_cublas_workspace_and_every_cross_entropy_is_two_dimensional(monkeypatch):
+    import train
+
+    calls = []
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda mode: calls.append(mode))
+    train.make_deterministic()
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8" and calls == [True]
+    # nll_loss2d (a 3-D cross-entropy input) has no deterministic CUDA kernel: the criterion never asks for it
+    dims, cross_entropy = [], torch.nn.functional.cross_entropy
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", lambda x, *a, **k: dims.append(x.dim()) or
+                        cross_entropy(x, *a, **k))
+    cfg = toy_cfg()
+    model = sg2hoi.build_model(cfg)
+    criterion = sg2hoi.build_criterion(model)
+    for task, targets in (("sgg", sgg_targets()), ("hoi", hoi_targets())):
+        criterion(model(*batch()), targets, task)
+    assert dims and set(dims) == {2}
+
+
+def test_batch_norm_is_synchronised_across_gpus_and_left_per_process_on_cpu(monkeypatch, capsys):
+    import train
+
+    model = sg2hoi.build_model(toy_cfg(seg_norm="batch"))
+    names, params = list(model.state_dict()), list(model.parameters())
+    assert train.synchronise_batch_norm(model, torch.device("cuda")) is model  # one process: nothing to do
+    monkeypatch.setattr(train, "world_size", lambda: 2)
+    monkeypatch.setattr(train, "is_master", lambda: True)
+    same = train.synchronise_batch_norm(model, torch.device("cpu"))
+    assert "SyncBatchNorm needs CUDA" in capsys.readouterr().out
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in same.modules())
+    synced = train.synchronise_batch_norm(model, torch.device("cuda"))  # conversion only; no CUDA call
+    norms = [m for m in synced.bbseg.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert len(norms) == 5 and all(isinstance(m, torch.nn.SyncBatchNorm) for m in norms)
+    assert list(synced.state_dict()) == names and all(a is b for a, b in zip(synced.parameters(), params))
+    group_norm = sg2hoi.build_model(toy_cfg())  # the toy preset's GroupNorm needs nothing
+    assert train.synchronise_batch_norm(group_norm, torch.device("cuda")) is group_norm
+    assert "SyncBatchNorm" not in capsys.readouterr().out
+
+
+def test_gradient_accumulation_skips_the_all_reduce_also_under_torch_compile(tmp_path):
+    import contextlib
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    import train
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = DDP(torch.nn.Linear(3, 2))
+        for wrapped in (ddp, torch.compile(ddp)):  # compiling is lazy: nothing is compiled here
+            with train.gradient_sync(wrapped, last=False):
+                assert ddp.require_backward_grad_sync is False  # DDP's no_sync is in force
+            assert ddp.require_backward_grad_sync is True
+            assert isinstance(train.gradient_sync(wrapped, last=True), contextlib.nullcontext)
+    finally:
+        dist.destroy_process_group()
+    assert isinstance(train.gradient_sync(torch.nn.Linear(3, 2), last=False), contextlib.nullcontext)
+
+
+def test_rng_states_hold_the_process_own_gpu_and_restore_on_a_node_with_fewer_gpus(monkeypatch):
+    import train
+
+    torch.manual_seed(123)
+    cpu_state = torch.get_rng_state()
+    expected = torch.rand(3)
+    saved_by_8_gpu_node = torch.full((16,), 7, dtype=torch.uint8)
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": saved_by_8_gpu_node.clone())
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [saved_by_8_gpu_node] * 8)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append(state))
+
+    def one_gpu_node(states):
+        if len(states) > 1:
+            raise RuntimeError("invalid device ordinal")  # what torch says for a device this node lacks
+        restored.extend(states)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", one_gpu_node)
+    states = train.rng_states()  # the states of a one-process run: its CPU and its own GPU
+    assert len(states) == 1 and torch.equal(states[0]["cuda"], saved_by_8_gpu_node)
+    torch.rand(5)
+    train.restore_rng_states([{"torch": cpu_state, "cuda": saved_by_8_gpu_node}])
+    assert torch.equal(torch.rand(3), expected)  # the CPU stream continues where it was saved
+    assert len(restored) == 1 and torch.equal(restored[0], saved_by_8_gpu_node)
+
+
+def test_eval_process_group_gets_the_collective_timeout(monkeypatch):
+    import datetime
+    import torch.distributed as dist
+
+    seen = {}
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: seen.update(backend=backend, **kw))
+    assert ev.init_distributed(90.0) == torch.device("cpu")
+    assert seen == {"backend": "gloo", "timeout": datetime.timedelta(minutes=90)}
+    assert ev.parse_args(["--ckpt", "c.pt"]).dist_timeout == 60.0
+    with pytest.raises(SystemExit):
+        ev.parse_args(["--ckpt", "c.pt", "--dist_timeout", "0"])
+
+
+def test_text_tables_and_the_clip_cache_load_onto_the_cpu(monkeypatch, tmp_path):
+    import train
+
+    table = {"cat": torch.ones(4), "dog": -torch.ones(4)}
+    seen, load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda path, **kw: seen.append(kw.get("map_location")) or load(path, **kw))
+    torch.save(table, tmp_path / "text.pt")
+    emb = sg2hoi.class_text_embeddings(["dog", "cat"], 4, str(tmp_path / "text.pt"))
+    assert torch.allclose(emb, torch.stack([-torch.ones(4), torch.ones(4)]) / 2)  # unit rows, in the names' order
+    torch.save({"1.jpg": torch.ones(4)}, tmp_path / "clip.pt")
+    args = SimpleNamespace(clip_cache=str(tmp_path / "clip.pt"), text_teacher="auto", vg="data/vg", hoi="")
+    data = {"sgg": {"train": ([{"file": "/data/vg/images/1.jpg"}], {})}}
+    teachers = train.eq5_teachers(args, toy_cfg(text_dim=4), data)
+    assert torch.equal(teachers["sgg"]["1.jpg"], torch.ones(4))
+    assert seen == ["cpu", "cpu"]
+
+
+def test_real_data_without_a_clip_image_cache_is_refused_unless_a_teacher_is_chosen():
+    import train
+
+    cfg = toy_cfg(entity_names=[f"e{i}" for i in range(9)])
+    data = {"sgg": {"train": ([], {})}}
+    real = dict(clip_cache="", vg="data/vg", hoi="")
+    with pytest.raises(SystemExit, match=r"--clip_cache.*build_clip_image_cache.*--text_teacher objects"):
+        train.eq5_teachers(SimpleNamespace(text_teacher="auto", **real), cfg, data)
+    chosen = train.eq5_teachers(SimpleNamespace(text_teacher="objects", **real), cfg, data)
+    assert torch.equal(chosen["sgg"], sg2hoi.class_text_embeddings(cfg.entity_names, cfg.text_dim))
+    assert train.eq5_teachers(SimpleNamespace(text_teacher="none", **real), cfg, data) == {"sgg": None}
+    toy = train.eq5_teachers(SimpleNamespace(text_teacher="auto", clip_cache="", vg="", hoi=""), cfg, data)
+    assert torch.equal(toy["sgg"], chosen["sgg"])  # the toy scenes keep their stand-in teacher
+    off = train.eq5_teachers(SimpleNamespace(text_teacher="auto", **real), toy_cfg(use_vl_distill=False), data)
+    assert off == {"sgg": None}  # -VLpool needs no teacher
+
+
+@pytest.mark.parametrize("variant", ["rand", "clip", "cls", "pool"])
+def test_each_variant_preset_builds_the_model_its_name_promises(variant):
+    """Sec. IV-E: +rand random classifiers; +clip, +cls, +pool CLIP-initialised ones; +cls aligns [CLS], +pool the
+    pooled encoder output (Eq. 5); +rand and +clip align nothing (the reading stated beside sg2hoi.VARIANTS)."""
+    sizes = {k: v for k, v in sg2hoi.PRESETS["toy"].items() if k not in sg2hoi.PRESETS[variant]}
+    sizes.update(num_entity_classes=9, num_predicates=10, num_hoi_objects=9, num_verbs=7, num_rel_queries=8,
+                 num_hoi_queries=8)
+    cfg = sg2hoi.make_config(variant, **sizes)
+    model = sg2hoi.build_model(cfg).eval()
+    text = variant != "rand"
+    for branch in (model.rel_sub, model.rel_obj, model.rel_pred, model.hoi_obj, model.hoi_verb):
+        assert isinstance(branch.classifier, sg2hoi.TextClassifier) == text
+    if text:  # the class rows start as the classes' (normalised) text embeddings
+        names = [f"class {i}" for i in range(9)]  # make_classifier's names without a vocabulary
+        assert torch.allclose(model.rel_sub.classifier.weight, sg2hoi.class_text_embeddings(names, cfg.text_dim))
+    assert hasattr(model, "align_proj") == (variant in ("cls", "pool"))
+    encoded = []
+    model.encoder.register_forward_hook(lambda m, i, o: encoded.append(o))
+    x, mask = batch()
+    with torch.no_grad():
+        out = model(x, mask)
+    assert ("align" in out) == (variant in ("cls", "pool"))
+    if "align" in out:
+        f_en = encoded[0]  # (B, 1 + h*w, d)
+        valid = (~out["feat_mask"]).flatten(1).unsqueeze(-1).float()
+        f_vl = f_en[:, 0] if variant == "cls" else (f_en[:, 1:] * valid).sum(1) / valid.sum(1)
+        assert torch.allclose(out["align"], model.align_proj(f_vl), atol=1e-6)
+    assert sg2hoi.PRESETS["paper"] == sg2hoi.PRESETS["cls"] and sg2hoi.PRESETS["full"] == sg2hoi.PRESETS["pool"]
+
+
+def test_an_animated_gif_gives_its_first_frame_and_the_images_after_it_still_run(tiny_toy, tiny_ckpt, tmp_path):
+    from PIL import Image
+
+    frames = [Image.new("RGB", (40, 30), colour) for colour in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
+    gif = tmp_path / "anim.gif"
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    image = ev.read_image(str(gif))
+    assert image.shape == (3, 30, 40) and image.dtype == torch.uint8
+    assert image[:, 0, 0].tolist() == [255, 0, 0]  # the first frame
+    with open(os.path.join(tiny_toy, "vg", "test.json")) as f:
+        jpg = os.path.join(tiny_toy, "vg", "images", json.load(f)["images"][0]["file_name"])
+    out = str(tmp_path / "out")
+    status = ev.run_on_images(tiny_ckpt, [str(gif), jpg], out, top=2, threshold=0.0)
+    assert status == 0
+    assert sorted(f for f in os.listdir(out) if f.endswith(".json")) == sorted(
+        ["anim.json", os.path.splitext(os.path.basename(jpg))[0] + ".json"])
+
+
+def test_gpu_check_dry_run_writes_every_section_of_its_report(tmp_path):
+    """tools/gpu_check.py --dry: the GPU check's steps on the CPU at toy sizes (a stop and a resume in phase 2,
+    two --deterministic runs, the step and inference timings) and its one report file."""
+    sys.path.insert(0, os.path.join(HERE, "tools"))
+    import gpu_check
+
+    report = gpu_check.main(["--dry", "--out", str(tmp_path)])
+    assert report["main"]["steps"] == 18 and report["main"]["resumed_at_step"] == 9  # 6 SGG + 12 joint steps
+    assert "SGDet R@50" in report["main"] and "HICO mAP Full" in report["main"]
+    assert report["deterministic"] == {"steps": 2, "identical_losses": True}
+    (row,) = report["bench"]["training"]
+    assert row["s_per_step"] > 0 and report["bench"]["inference"][0]["ms_per_image"] > 0
+    text = (tmp_path / "report.md").read_text()
+    for section in ("## 1. Main command", "## 2. --deterministic", "## 3. Training step", "## 4. torch.compile",
+                    "## 5. Inference", "## Raw figures"):
+        assert section in text

@@ -45,7 +45,6 @@ T_START = time.time()  # before torch is imported: the start-up time reported in
 import argparse
 import contextlib
 import dataclasses
-import datetime
 import glob
 import json
 import math
@@ -94,8 +93,9 @@ def make_parser(suppress_defaults=False):
     add("--vg_format", default="json", choices=["json", "h5"])
     add("--hoi", default="", help="HICO-DET or V-COCO root (QPIC layout)")
     add("--hoi_dataset", default="hico", choices=["hico", "vcoco"])
-    add("--text_teacher", default="objects", choices=["objects", "none"],
-        help="Eq. 5 teacher without CLIP: mean text embedding of the image's objects (toy), or none")
+    add("--text_teacher", default="auto", choices=["auto", "objects", "none"],
+        help="Eq. 5 teacher without --clip_cache: objects = the mean text embedding of the image's objects, none = "
+             "no teacher; auto = objects on the toy scenes, and on real data a refusal (not the paper's experiment)")
     add("--clip_cache", default="", help=".pt {image file name: CLIP image embedding} for Eq. 5 (real data)")
     add("--train_subset", type=int, default=0,
         help="train on the first N images of each training split only (0 = all; for rehearsals at full size)")
@@ -187,19 +187,38 @@ def barrier():
         dist.barrier()
 
 
-def setup_distributed(timeout_minutes):
-    """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE: NCCL on CUDA GPUs, gloo on CPUs. Every collective gives up
-    after `timeout_minutes` (the run then fails instead of hanging)."""
-    if "RANK" not in os.environ:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    timeout = datetime.timedelta(minutes=timeout_minutes)
-    if torch.cuda.is_available():
-        local = int(os.environ["LOCAL_RANK"])
-        torch.cuda.set_device(local)
-        dist.init_process_group("nccl", device_id=torch.device("cuda", local), timeout=timeout)
-        return torch.device("cuda", local)
-    dist.init_process_group("gloo", timeout=timeout)
-    return torch.device("cpu")
+def synchronise_batch_norm(model, device):
+    """BBSeg's BatchNorm (Config.seg_norm="batch", the paper's) normalises over the images of one forward. With one
+    image per GPU each process would normalise over its own image, and 1 and N processes would train different
+    models. Under NCCL, SyncBatchNorm normalises over the micro-batches of all processes together: N GPUs with one
+    image each then compute what one process with the N images in one micro-batch computes. torch has no
+    SyncBatchNorm for CPU tensors, so on CPU (gloo) the statistics stay per process, as said once here; the toy
+    preset uses seg_norm="group", which does not depend on the batch at all."""
+    if world_size() == 1 or not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()):
+        return model
+    if device.type == "cuda":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same parameters and state-dict names
+    if is_master():
+        print(f"note: BBSeg's BatchNorm normalises over each process's own images on {device.type} (SyncBatchNorm "
+              f"needs CUDA): {world_size()} processes train a different model from 1 (--seg_norm group does not)")
+    return model
+
+
+def gradient_sync(ddp_model, last):
+    """Gradient accumulation: only the last micro-batch's backward all-reduces the gradients (DDP's no_sync for the
+    others). torch.compile wraps the DDP module in an OptimizedModule, which is no DDP instance: look inside."""
+    ddp = getattr(ddp_model, "_orig_mod", ddp_model)
+    if isinstance(ddp, DDP) and not last:
+        return ddp.no_sync()
+    return contextlib.nullcontext()
+
+
+def make_deterministic():
+    """--deterministic: the same run gives the same numbers on the same machine. cuBLAS needs a fixed workspace for
+    that (read at its first call, so set before any CUDA work), and torch then raises on every operation that has
+    no deterministic kernel instead of running it."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
 
 
 # ------------------------------------------------------------------------------------------------ data streams
@@ -407,9 +426,10 @@ def load_checkpoint(path):
 
 
 def rng_states():
-    """Every process's CPU and CUDA RNG states, in rank order (dropout draws differ per process)."""
+    """Every process's CPU RNG state and that of its own GPU, in rank order (dropout draws differ per process). Only
+    the process's own device (not every visible one): a run resumed on a node with fewer GPUs restores the same."""
     own = {"torch": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.zeros(0, dtype=torch.uint8)}
     if not dist.is_initialized():
         return [own]
     states = [None] * world_size()
@@ -425,8 +445,8 @@ def restore_rng_states(states):
         return
     own = states[rank()]
     torch.set_rng_state(own["torch"])
-    if torch.cuda.is_available() and len(own["cuda"]):
-        torch.cuda.set_rng_state_all(own["cuda"])
+    if torch.cuda.is_available() and torch.is_tensor(own["cuda"]) and own["cuda"].numel():
+        torch.cuda.set_rng_state(own["cuda"])  # this process's device (torch.cuda.set_device in init_distributed)
 
 
 def rewrite_log_for_resume(log_path, step, ckpt_path):
@@ -450,10 +470,10 @@ def rewrite_log_for_resume(log_path, step, ckpt_path):
 def setup(args):
     """Processes, seeds, the config and the output folder. With --resume the checkpoint's experiment is continued:
     a flag that would change it is refused (RUNTIME_FLAGS may change)."""
-    device = setup_distributed(args.dist_timeout)
-    torch.manual_seed(args.seed + rank())
     if args.deterministic:
-        torch.use_deterministic_algorithms(True)
+        make_deterministic()
+    device = evaluation.init_distributed(args.dist_timeout)
+    torch.manual_seed(args.seed + rank())
     resume = load_checkpoint(args.resume) if args.resume else None
     if resume:
         saved = resume["args"]
@@ -509,20 +529,7 @@ def load_data(run):
         run.cfg = sg2hoi.config_from_meta(run.cfg, data.get("sgg", {}).get("train", (None, None))[1],
                                           data.get("hoi", {}).get("train", (None, None))[1])
     cfg = run.cfg
-    # the teacher of Eq. 5 per task: CLIP image embeddings {file name: vector}, or the class text embeddings (toy)
-    teachers = dict.fromkeys(data)
-    if args.clip_cache and cfg.use_vl_distill:
-        cache = torch.load(args.clip_cache, weights_only=True)
-        for task in data:  # a cache keyed for other images would silently switch Eq. 5 off
-            try:
-                sg2hoi.teacher_coverage(data[task]["train"][0], cache, f"{task} training split")
-            except ValueError as e:
-                raise SystemExit(f"--clip_cache {args.clip_cache}: {e}") from None
-        teachers = dict.fromkeys(data, cache)
-    elif args.text_teacher == "objects" and cfg.use_vl_distill:
-        teachers = {task: sg2hoi.class_text_embeddings(
-            cfg.entity_names if task == "sgg" else cfg.hoi_object_names, cfg.text_dim, cfg.text_embeddings)
-            for task in data}
+    teachers = eq5_teachers(args, cfg, data)
     micro, accumulation = split_batch(cfg.batch_size, world_size(), args.micro_batch)
     loader_kw = loader_settings(args, run.device)
     train_tf = sg2hoi.make_transforms(True, cfg.image_size, cfg.max_size, multi_scale=cfg.image_size > 480)
@@ -546,6 +553,32 @@ def load_data(run):
     return data, streams
 
 
+def eq5_teachers(args, cfg, data):
+    """The teacher of Eq. 5 per task: CLIP image embeddings {file name: vector} (--clip_cache, the paper's), the
+    class text embeddings of the image's objects (--text_teacher objects, the toy scenes' stand-in), or None."""
+    if not cfg.use_vl_distill:
+        return dict.fromkeys(data)
+    if args.clip_cache:
+        cache = torch.load(args.clip_cache, map_location="cpu", weights_only=True)  # GPU-saved tensors stay on CPU
+        for task in data:  # a cache keyed for other images would silently switch Eq. 5 off
+            try:
+                sg2hoi.teacher_coverage(data[task]["train"][0], cache, f"{task} training split")
+            except ValueError as e:
+                raise SystemExit(f"--clip_cache {args.clip_cache}: {e}") from None
+        return dict.fromkeys(data, cache)
+    if args.text_teacher == "auto" and (args.vg or args.hoi):
+        raise SystemExit("train.py: the VL distillation of Eq. 5 aligns with CLIP's image embeddings, and real data "
+                         "(--vg / --hoi) was given without --clip_cache. Build the cache once (needs open_clip and "
+                         "its weights): sg2hoi.build_clip_image_cache([train records ...], 'clip_cache.pt'), then "
+                         "pass --clip_cache clip_cache.pt. Or choose another experiment explicitly: --text_teacher "
+                         "objects (the mean text embedding of each image's objects) or --use_vl_distill false.")
+    if args.text_teacher == "none":
+        return dict.fromkeys(data)
+    return {task: sg2hoi.class_text_embeddings(cfg.entity_names if task == "sgg" else cfg.hoi_object_names,
+                                               cfg.text_dim, cfg.text_embeddings) for task in data}
+
+
+
 # ------------------------------------------------------------------------------------------------ 3. model, criterion, optimiser
 
 
@@ -563,7 +596,7 @@ def build(run):
     model = sg2hoi.build_model(cfg)
     if args.init_detr and not run.resume:
         sg2hoi.load_detr_weights(model, args.init_detr, verbose=is_master())
-    model.to(run.device)
+    model = synchronise_batch_norm(model.to(run.device), run.device)
     criterion = sg2hoi.build_criterion(model).to(run.device)
     optimizer = make_optimizer(model, cfg)
     ema = make_ema(model, cfg)
@@ -673,8 +706,7 @@ def train_step(run, ddp_model, model, criterion, optimizer, micro_batches, task,
     summed, problem = {}, None
     for m, (images, mask, targets) in enumerate(micro_batches):
         last = m == len(micro_batches) - 1
-        sync = ddp_model.no_sync() if (isinstance(ddp_model, DDP) and not last) else contextlib.nullcontext()
-        with sync:
+        with gradient_sync(ddp_model, last):
             images, mask = images.to(device, non_blocking=True), mask.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 outputs = ddp_model(images, mask, with_hoi=with_hoi)
@@ -726,7 +758,7 @@ def checkpoint(run, model, optimizer, state, name="ckpt.pt"):
 def evaluate_during_training(run, model, data, state, phase, log):
     """Evaluation on every rank (eval.evaluate shards the test splits); rank 0 logs, prints, keeps best.pt."""
     metrics = evaluation.evaluate(eval_model(run, model), run.cfg, eval_tasks(data, phase), run.device,
-                                  limit=run.args.eval_limit)
+                                  limit=run.args.eval_limit, amp=run.args.amp == "bf16")
     if not is_master() or metrics is None:
         return None
     print(evaluation.format_tables(metrics), flush=True)
@@ -862,7 +894,8 @@ def final_evaluation(run, model, data, state, log):
     phase = run.schedule.phase(max(state["step"] - 1, 0))
     raw = None  # with averaging, the trained weights' predictions are collected first, their metrics computed last:
     if run.ema is not None:  # every rank takes part in both gathers before rank 0 computes anything
-        raw = evaluation.collect(model, run.cfg, eval_tasks(data, phase), run.device, limit=run.args.eval_limit)
+        raw = evaluation.collect(model, run.cfg, eval_tasks(data, phase), run.device, limit=run.args.eval_limit,
+                                 amp=run.args.amp == "bf16")
         if is_master():
             print(f"the averaged weights (ema_decay {run.cfg.ema_decay}; metrics.json):")
     metrics = evaluate_during_training(run, model, data, state, phase, log)
@@ -901,8 +934,8 @@ def main(argv=None):
 # run is skipped and an interrupted one resumed when the study is started again.
 
 # The FULL row's flags. "pool_text" is the paper's FULL (SG2HOI+pool, CLIP-initialised classifiers: give the CLIP
-# text embeddings with --run_args "--text_embeddings ..."). The toy study's default is the toy preset as it is (Sec.
-# IV-D's SG2HOI+cls, random classifiers): without CLIP the "text" classifiers start from seeded stand-in vectors, and
+# text embeddings with --run_args "--text_embeddings ..."). The toy study's default is the toy preset as it is ([CLS]
+# aligned, random classifiers): without CLIP the "text" classifiers start from seeded stand-in vectors, and
 # with them the toy model's box loss barely moved in phase 1 (rel_box 4.1 at step 900 against 1.2; FULL then ended
 # at R@50 6 and HOI mAP 5 where the defaults reach about 72 and 58), so every row would be compared with an
 # untrained model.
