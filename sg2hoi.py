@@ -16,19 +16,12 @@ The idea in five lines:
 """
 from __future__ import annotations
 
-import array
-import concurrent.futures
 import dataclasses
-import gc
-import hashlib
-import itertools
 import json
 import math
 import os
 import re
-import types
 import warnings
-import zipfile
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -71,10 +64,8 @@ class Config:
     # depend on the micro-batch, so 1 or N processes train the same function (the toy preset; see TinyBackbone)
     seg_norm: str = "batch"
     text_dim: int = 512  # CLIP ViT-B/32 embedding width (Sec. IV-D)
-    # vocabularies (set from the datasets; defaults = VG150 and HICO-DET)
-    # N_o has two meanings in the paper: the relation decoder's N_o = the 150 VG entity classes (here), and BBSeg's
-    # N_o = the classes of the segmentation map = the union of entity and HOI object names (VG150 + COCO-80: 191
-    # distinct names; SG2HOI.seg_names), written N_seg in this file.
+    # vocabularies (set from the datasets; defaults = VG150 and HICO-DET). The paper's N_o is both the relation
+    # decoder's entity classes (here) and BBSeg's classes, the union of entity and HOI object names (N_seg here).
     num_entity_classes: int = 150  # N_o for the relation decoder (VG150 objects)
     num_predicates: int = 50  # N_r
     num_hoi_objects: int = 80  # HOI object classes (COCO-80; 81 for V-COCO with "no object")
@@ -83,7 +74,7 @@ class Config:
     predicate_names: list = field(default_factory=list)
     hoi_object_names: list = field(default_factory=list)
     verb_names: list = field(default_factory=list)
-    text_embeddings: str = ""  # .pt file {name: (text_dim,) tensor} (build_clip_embeddings); "" = seeded stand-in
+    text_embeddings: str = ""  # .pt file {name: (text_dim,) tensor} (tools/prepare_clip.py); "" = seeded stand-in
     #                            (see class_text_embeddings)
     word_vectors: str = ""  # GloVe-format .txt for semantic_embedding="glove" (HSSG); its width comes from the file
     # Ablations (Tables V-VIII). These field defaults align [CLS] (Sec. IV-D) with randomly initialised classifiers,
@@ -95,25 +86,20 @@ class Config:
     semantic_embedding: str = "clip"  # clip | discrete ("HSSD") | glove ("HSSG") (Table VI)
     use_vl_distill: bool = True  # False = "-VLpool" (Table VII)
     align_feature: str = "cls"  # cls = SG2HOI+cls | pool = SG2HOI+pool (Table VII, Eq. 5)
-    # l1 | l2 ("VLl2", Table VII). Both are element-wise losses averaged over the text_dim components: l1 = mean
-    # absolute error (F.l1_loss), l2 = mean squared error (F.mse_loss). The paper's "l2 norm strategy" is read as the
-    # L2 counterpart of its element-wise l1 default (the L1Loss / MSELoss pair of feature distillation), not as the
-    # unsquared Euclidean distance ||s - t||_2. Both have the same minimiser (MSE = ||s - t||_2^2 / text_dim); they
-    # differ in the gradient: MSE's shrinks with the error, the distance's has constant length.
+    # l1 | l2 ("VLl2", Table VII): mean absolute / mean squared error over the text_dim components. The paper's "l2
+    # norm strategy" is read as the L2 counterpart of its element-wise l1 (feature distillation's L1Loss / MSELoss),
+    # not the unsquared distance ||s - t||_2 (same minimiser, a gradient of constant length).
     align_loss: str = "l1"
     classifier_init: str = "random"  # random | text (CLIP text embeddings as classifier weights, Sec. III-B)
     use_feature_transform: bool = True  # False = "-FETR" (Table VIII)
     use_query_transform: bool = True  # False = "-QUTR" (Table VIII)
     use_r2i: bool = True  # False = "-R2ITR" (Table VIII)
     hoi_queries_from_rel: bool = False  # True = "RELQ": relation queries are the HOI queries (Table VIII)
-    # Two literal variants of Sec. III-C (defaults = this implementation's choice; the comparison is an ablation run):
-    # keys/values of the query transformation: "decoded" = the relation decoder's last-layer output f_sg[-1] (the
-    # relation queries after they read this image), "learnable" = the learnable relation queries Q_rel themselves
-    # (the paper's words: "the relation queries Q_rel, which serve as both keys and values"; then the transformed
-    # HOI queries are the same for every image).
+    # Two literal readings of Sec. III-C (defaults = this implementation's choice). Keys / values of the query
+    # transformation: "decoded" = f_sg[-1], the relation queries after they read this image; "learnable" = Q_rel
+    # itself (the paper's "the relation queries Q_rel, which serve as both keys and values"; then the transformed
+    # HOI queries are the same for every image). RELQ's HOI queries likewise: f_sg[-1] or Q_rel.
     query_transform_memory: str = "decoded"
-    # RELQ's HOI queries: "decoded" = f_sg[-1], "learnable" = the learnable relation queries Q_rel (the paper's "the
-    # relation query is used for the HOI queries" read literally). Only used with hoi_queries_from_rel.
     relq_queries: str = "decoded"
     # matching and losses. The cost_* weights are used twice: as the matching costs alpha_1..3 of Eq. 9 AND as the
     # weights of the same terms in the losses L_rel / L_hoi (SetCriterion): the paper writes L_rel with Eq. 9's terms.
@@ -137,10 +123,6 @@ class Config:
     weight_decay: float = 1e-4
     clip_max_norm: float = 0.1
     lr_drop: float = 2 / 3  # lr x 0.1 after this fraction of each phase (not given in the paper; DETR / QPIC practice)
-    # Exponential moving average of the weights, updated after every optimiser step (not in the paper; DINO, RT-DETR
-    # practice): 0 = off; d > 0 keeps ema = d * ema + (1 - d) * weights, averaging over about 1 / (1 - d) steps.
-    # Evaluation, best.pt and eval.py then use the averaged weights (train.py's final evaluation reports both).
-    ema_decay: float = 0.0
     batch_size: int = 8  # the GLOBAL batch: images per optimiser step, over all processes and accumulation steps
     # (the paper: "a batch size of 8 on 8 GPUs", read as 8 images per step, one per GPU, as QPIC / CDN count theirs)
     sgg_epochs: int = 20  # phase 1: SGG alone
@@ -148,58 +130,21 @@ class Config:
     image_size: int = 800  # shorter side at test time (multi-scale 480..800 at training)
     max_size: int = 1333
 
-    # value checks of __post_init__ (a bad value fails where it is set, naming the field, not steps later)
-    _AT_LEAST_ONE = ("d_model", "nheads", "dim_feedforward", "enc_layers", "rel_dec_layers", "r2i_layers",
-                     "feat_trans_layers", "query_trans_layers", "hoi_dec_layers", "num_rel_queries", "num_hoi_queries",
-                     "seg_hidden", "text_dim", "num_entity_classes", "num_predicates", "num_hoi_objects", "num_verbs",
-                     "batch_size", "image_size", "max_size")
-    _AT_LEAST_ZERO_INT = ("sgg_epochs", "joint_epochs")
-    _AT_LEAST_ZERO_FLOAT = ("cost_box", "box_l1", "box_giou", "cost_class", "cost_rel", "loss_seg", "loss_align",
-                            "eos_coef", "lr", "lr_backbone", "lr_text_classifier", "lr_sgg_phase2", "weight_decay",
-                            "clip_max_norm")
-
     def __post_init__(self):
-        for name in self._AT_LEAST_ONE + self._AT_LEAST_ZERO_INT:
-            v, low = getattr(self, name), 1 if name in self._AT_LEAST_ONE else 0
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ValueError(f"Config.{name}: must be an integer >= {low}, got {v!r}")
-        for name in self._AT_LEAST_ZERO_FLOAT + ("dropout", "lr_drop", "ema_decay"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise ValueError(f"Config.{name}: must be a finite number >= 0, got {v!r}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"Config.dropout: must be in [0, 1), got {self.dropout!r}")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"Config.ema_decay: must be in [0, 1) (0 = no weight averaging), got {self.ema_decay!r}")
-        if not 0 < self.lr_drop <= 1:
-            raise ValueError(f"Config.lr_drop: the fraction of each phase after which lr drops must be in (0, 1] "
-                             f"(1 = never), got {self.lr_drop!r}")
-        for name in ("pretrained_backbone", "use_bbseg", "use_vl_distill", "use_feature_transform",
-                     "use_query_transform", "use_r2i", "hoi_queries_from_rel", "unmatched_loss", "aux_loss"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"Config.{name}: must be true or false, got {getattr(self, name)!r}")
-        if self.backbone not in ("resnet50", "resnet101", "tiny"):
-            raise ValueError(f"Config.backbone: unknown backbone {self.backbone!r} (resnet50 | resnet101 | tiny)")
-        choices = dict(tasks=("both", "sgg", "hoi"), semantic_embedding=("clip", "discrete", "glove"),
-                       align_feature=("cls", "pool"), align_loss=("l1", "l2"), classifier_init=("random", "text"),
-                       query_transform_memory=("decoded", "learnable"), relq_queries=("decoded", "learnable"),
-                       seg_norm=("batch", "group"))
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"Config.{name}: {getattr(self, name)!r} is not one of {allowed}")
+        """Every value is checked where it is set: a bad one fails naming the field, not steps later in the model."""
+        for f in dataclasses.fields(self):
+            _check_field(f.name, f.type, getattr(self, f.name))
         if self.d_model % self.nheads or self.d_model % 2:
             raise ValueError(f"Config.d_model={self.d_model} must be even and divisible by nheads={self.nheads}")
         if self.hoi_on_frozen_sgg and self.tasks != "both":
             raise ValueError("Config.hoi_on_frozen_sgg (Table V 'HOI') needs tasks='both': phase 1 trains the SGG part")
         if self.hoi_queries_from_rel and self.num_hoi_queries != self.num_rel_queries:
             raise ValueError("Config.hoi_queries_from_rel (RELQ) needs num_hoi_queries == num_rel_queries")
-        for name in ("entity_names", "predicate_names", "hoi_object_names", "verb_names"):
-            names, count = getattr(self, name), {"entity_names": self.num_entity_classes,
-                                                 "predicate_names": self.num_predicates,
-                                                 "hoi_object_names": self.num_hoi_objects,
-                                                 "verb_names": self.num_verbs}[name]
+        for kind, count in (("entity", self.num_entity_classes), ("predicate", self.num_predicates),
+                            ("hoi_object", self.num_hoi_objects), ("verb", self.num_verbs)):
+            names = getattr(self, f"{kind}_names")
             if names and len(names) != count:
-                raise ValueError(f"Config.{name} has {len(names)} names but the class count is {count}")
+                raise ValueError(f"Config.{kind}_names has {len(names)} names but the class count is {count}")
 
     @property
     def sgg(self):
@@ -210,15 +155,39 @@ class Config:
         return self.tasks in ("both", "hoi")
 
 
-# The paper's four variants (Sec. IV-E), at the paper's sizes and settings (Sec. IV-D). The paper names what each
-# adds: "+rand, where the object and predicate classifiers are initialized randomly; +clip, utilizing embeddings
-# from CLIP for initialization of these classifiers; +cls, aligning the output feature [CLS] with the CLIP feature
-# for VL feature alignment; and +pool, employing the pooled feature from Eq. (4)", and "the latter three variants
-# employ embeddings from CLIP to initialize their object and predicate classifiers". Read here as steps that add one
-# piece each: +rand and +clip have no VL alignment (Eq. 5 off: the alignment is what +cls and +pool add), and the
-# classifiers are those of every branch (objects, predicates, HOI objects, verbs). All four keep the CLIP semantic
-# map of Eq. 3. Give the CLIP-initialised ones the text embeddings (--text_embeddings, build_clip_embeddings), or
-# their classifiers start from seeded stand-ins (fine for tests and CPUs; not the paper's model).
+CHOICES = dict(backbone=("resnet50", "resnet101", "tiny"), seg_norm=("batch", "group"), tasks=("both", "sgg", "hoi"),
+               semantic_embedding=("clip", "discrete", "glove"), align_feature=("cls", "pool"), align_loss=("l1", "l2"),
+               classifier_init=("random", "text"), query_transform_memory=("decoded", "learnable"),
+               relq_queries=("decoded", "learnable"))
+ZERO_ALLOWED = ("sgg_epochs", "joint_epochs")  # the integers that may be 0; every other one counts something
+
+
+def _check_field(name, kind, v):
+    """One Config value against its type: integers >= 1 (epochs >= 0), finite floats >= 0 (dropout < 1, lr_drop in
+    (0, 1]), true / false, one of CHOICES."""
+    low = 0 if name in ZERO_ALLOWED else 1
+    if kind == "int" and (isinstance(v, bool) or not isinstance(v, int) or v < low):
+        raise ValueError(f"Config.{name}: must be an integer >= {low}, got {v!r}")
+    if kind == "float" and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0):
+        raise ValueError(f"Config.{name}: must be a finite number >= 0, got {v!r}")
+    if name == "dropout" and not v < 1:
+        raise ValueError(f"Config.dropout: must be in [0, 1), got {v!r}")
+    if name == "lr_drop" and not 0 < v <= 1:
+        raise ValueError(f"Config.lr_drop: the fraction of each phase after which lr drops must be in (0, 1] "
+                         f"(1 = never), got {v!r}")
+    if kind == "bool" and not isinstance(v, bool):
+        raise ValueError(f"Config.{name}: must be true or false, got {v!r}")
+    if name in CHOICES and v not in CHOICES[name]:
+        raise ValueError(f"Config.{name}: {v!r} is not one of {CHOICES[name]}")
+
+
+# The paper's four variants (Sec. IV-E) at its sizes and settings (Sec. IV-D): +rand "the object and predicate
+# classifiers are initialized randomly", +clip "utilizing embeddings from CLIP for initialization of these
+# classifiers", +cls and +pool align [CLS] or "the pooled feature from Eq. (4)" with CLIP, and "the latter three
+# variants employ embeddings from CLIP to initialize their object and predicate classifiers". Read as steps that add
+# one piece each: +rand and +clip align nothing (Eq. 5 off); the classifiers are those of every branch. All four keep
+# the CLIP semantic map of Eq. 3. Without --text_embeddings (tools/prepare_clip.py) the classifiers start from
+# seeded stand-ins (fine for tests and CPUs; not the paper's model).
 VARIANTS = {
     "rand": dict(classifier_init="random", use_vl_distill=False),  # SG2HOI+rand
     "clip": dict(classifier_init="text", use_vl_distill=False),  # SG2HOI+clip
@@ -232,9 +201,8 @@ PRESETS = {
     "paper": VARIANTS["cls"],
     # The FULL row of Tables V-VIII, "our full model (SG2HOI+pool)"
     "full": VARIANTS["pool"],
-    # A model a 2-core CPU trains in minutes on the toy scenes (128 px images).
-    # 8 SGG + 12 joint epochs: with 5 + 9, SGDet R@50 moved by 7-8 points between seeds; with 10 + 9 the HOI part,
-    # 558 HOI steps, still moved by about 10 points of mAP. 8 + 12 has the same number of steps (README, toy results).
+    # A model a 2-core CPU trains in minutes on the toy scenes (128 px images); 8 SGG + 12 joint epochs varied least
+    # between seeds among the schedules of about 3,000 steps tried.
     "toy": dict(backbone="tiny", d_model=64, nheads=4, dim_feedforward=256, dropout=0.0, enc_layers=2,
                 rel_dec_layers=2, r2i_layers=1, feat_trans_layers=1, query_trans_layers=1, hoi_dec_layers=2,
                 num_rel_queries=16, num_hoi_queries=16, seg_hidden=32, seg_norm="group", text_dim=64, batch_size=16,
@@ -271,178 +239,13 @@ def boxes_to_pixels(boxes_cxcywh, size_hw):
     return box_convert(boxes_cxcywh, "cxcywh", "xyxy") * boxes_cxcywh.new_tensor([w, h, w, h])
 
 
-# ------------------------------------------------------------------------------------------------ Class text
-# The paper embeds "A photo of a [class]" with CLIP's frozen text encoder (Sec. III-A, IV-D). CLIP weights
-# cannot be downloaded everywhere, so the embeddings come from a file made once by `build_clip_embeddings`
-# (needs open_clip and its weights). Without that file every name gets a fixed, seeded unit vector:
-# distinct and reproducible but without linguistic meaning, i.e. the HSSD-like stand-in of Table VI.
-
-
-def standin_embedding(name: str, dim: int) -> torch.Tensor:
-    """A unit vector seeded by the class name (stable across runs and machines)."""
-    g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-    v = torch.randn(dim, generator=g)
-    return v / v.norm()
-
-
-def class_text_embeddings(names, dim, path="") -> torch.Tensor:
-    """(len(names), dim) text embeddings: from `path` ({name: tensor}) or the seeded stand-in."""
-    if not path:
-        return torch.stack([standin_embedding(n, dim) for n in names]) if names else torch.zeros(0, dim)
-    table = torch.load(path, map_location="cpu", weights_only=True)  # a file saved from GPU tensors stays on the CPU
-    missing = [n for n in names if n not in table]
-    if missing:
-        raise KeyError(f"{path}: no text embedding for class name(s) {missing[:5]}")
-    emb = torch.stack([table[n].float().flatten() for n in names])
-    if emb.shape[1] != dim:
-        raise ValueError(f"{path}: embeddings have width {emb.shape[1]}, Config.text_dim is {dim}")
-    return F.normalize(emb, dim=-1)
-
-
-def load_word_vectors(path, names, dim=None) -> torch.Tensor:
-    """GloVe-format text file (word v1 ... vD per line) -> (len(names), D); multi-word names are averaged.
-
-    The width D is the file's own (GloVe: 300); W_s of Eq. 3 adapts to it, so it is independent of Config.text_dim
-    (the CLIP width of Eq. 5 and of the text classifiers). `dim`, when given, is checked."""
-    if not path:
-        raise ValueError("Config.word_vectors: semantic_embedding='glove' (HSSG) needs a GloVe .txt file")
-    wanted = {w for n in names for w in n.replace("_", " ").split()}
-    vectors = {}
-    with open(path, encoding="utf8") as f:
-        for line_no, line in enumerate(f, 1):
-            parts = line.rstrip().split(" ")
-            if parts[0] in wanted:
-                dim = dim or len(parts) - 1  # the first word read fixes the width
-                if len(parts) - 1 != dim:
-                    raise ValueError(f"{path}:{line_no}: word {parts[0]!r} has {len(parts) - 1} values, "
-                                     f"the file's other vectors have {dim}")
-                vectors[parts[0]] = torch.tensor([float(x) for x in parts[1:]])
-    out = []
-    for n in names:
-        words = n.replace("_", " ").split()
-        missing = [w for w in words if w not in vectors]
-        if missing:
-            raise KeyError(f"{path}: no word vector for {missing} (class {n!r})")
-        out.append(F.normalize(torch.stack([vectors[w] for w in words]).mean(0), dim=0))
-    return torch.stack(out)
-
-
-# V-COCO's 81st object class "no object" (QPIC) labels an HOI whose role object is absent (agent-only actions such
-# as stand, smile, run, or an object outside the image). "A photo of a no object" is not an English phrase; the
-# class is embedded as CLIP's text for the absence of any object, "A photo of nothing". It is a real CLIP text
-# vector (unit norm, like the others), so a text-initialised classifier and the semantic map treat it as any class.
-CLIP_PROMPTS = {"no object": "A photo of nothing"}
-
-
-def clip_prompt(name: str) -> str:
-    """The text CLIP embeds for a class name (Sec. IV-D: "A photo of a [class]")."""
-    return CLIP_PROMPTS.get(name, f"A photo of a {name.replace('_', ' ')}")
-
-
-def class_names_for(sgg="vg", hoi="hico", vocab=None):
-    """Every class name a dataset combination looks up in the text-embedding file, once each, in a fixed order:
-    sgg="vg" (or None): VG150 entities + predicates; hoi="hico" | "vcoco" (or None): COCO-80 objects (+ "no object"
-    for V-COCO) + the verbs (HICO-DET's 117, V-COCO's 29 action_role names). The segmentation map's classes are the
-    union of entities and HOI objects (SG2HOI.seg_names), so they are covered. The names are those the loaders put in
-    the metas (load_vg_json, load_hico, load_vcoco), i.e. those config_from_meta gives the model."""
-    v = vocab or load_vocab()
-    names = []
-    if sgg == "vg":
-        names += v["vg150_objects"] + v["vg150_predicates"]
-    elif sgg is not None:
-        raise ValueError(f"class_names_for: unknown scene-graph dataset {sgg!r} (vg or None)")
-    if hoi == "hico":
-        names += [c["name"] for c in v["coco80"]] + v["hico_verbs"]
-    elif hoi == "vcoco":
-        names += [c["name"] for c in v["coco80"]] + ["no object"] + [x["name"] for x in v["vcoco_verbs"]]
-    elif hoi is not None:
-        raise ValueError(f"class_names_for: unknown HOI dataset {hoi!r} (hico, vcoco or None)")
-    return list(dict.fromkeys(names))
-
-
-def build_clip_embeddings(names, out_path, model_name="ViT-B-32", pretrained="openai"):
-    """Optional helper: CLIP text embeddings of clip_prompt(name) saved as {name: tensor}, the file
-    --text_embeddings reads. names: class_names_for(...) for the datasets to train on.
-
-    Needs the `open_clip` package and its weights (not in requirements; never called by default)."""
-    import open_clip  # lazy: an optional extra
-
-    model, _, _ = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
-    tokenizer = open_clip.get_tokenizer(model_name)
-    with torch.no_grad():
-        emb = model.encode_text(tokenizer([clip_prompt(n) for n in names])).float()
-    torch.save({n: e for n, e in zip(names, F.normalize(emb, dim=-1))}, out_path)
-
-
-def clip_image_teacher(model_name="ViT-B-32", pretrained="openai"):
-    """Optional helper: a frozen CLIP image encoder, f(uint8 image (3,H,W)) -> (512,) unit vector (Eq. 5).
-
-    The image is resized to 224 x 224 as in the paper (Sec. IV-D). Needs `open_clip` and its weights."""
-    import open_clip  # lazy: an optional extra
-
-    model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
-    model.eval()
-    to_pil = torchvision.transforms.v2.ToPILImage()
-
-    @torch.no_grad()
-    def encode(image_uint8):
-        x = preprocess(to_pil(image_uint8)).unsqueeze(0)
-        return F.normalize(model.encode_image(x).float(), dim=-1)[0]
-    return encode
-
-
-def clip_image_key(path: str) -> str:
-    """The key of an image in the CLIP image cache: its file name without folders. It does not depend on where the
-    dataset lies (another machine, another data root) and is unique within each real dataset (VG ids "2343.jpg",
-    HICO-DET "HICO_train2015_00000001.jpg", COCO "COCO_train2014_000000000009.jpg"); build_clip_image_cache checks
-    that it is unique among the images it encodes."""
-    return os.path.basename(path)
-
-
-def build_clip_image_cache(records_list, out_path, model_name="ViT-B-32", pretrained="openai"):
-    """Optional helper: the CLIP image embedding of every training image, saved as {clip_image_key(file): (512,)
-    tensor}, the file train.py --clip_cache reads (the teacher of Eq. 5). records_list: lists of records."""
-    encode = clip_image_teacher(model_name, pretrained)
-    cache, source = {}, {}
-    for records in records_list:
-        for r in records:
-            key = clip_image_key(r["file"])
-            if key in source and source[key] != r["file"]:
-                raise ValueError(f"build_clip_image_cache: {source[key]} and {r['file']} have the same file name "
-                                 f"{key!r}; the cache is keyed by file name")
-            source[key] = r["file"]
-            cache[key] = encode(torchvision.io.decode_image(r["file"], mode=torchvision.io.ImageReadMode.RGB))
-    torch.save(cache, out_path)
-    return out_path
-
-
-def teacher_coverage(records, cache, name, min_fraction=0.99):
-    """Check that the CLIP image cache holds a teacher vector for at least min_fraction of a training split's images;
-    return the fraction covered. Below it Eq. 5's `align` term would silently vanish from (most) batches, e.g. with a
-    cache built from another dataset; so this raises a ValueError with the counts (the choice here: a clear error
-    rather than a warning, since a run without its distillation term is not the experiment asked for)."""
-    found = sum(clip_image_key(r["file"]) in cache for r in records)
-    fraction = found / max(len(records), 1)
-    if records and fraction < min_fraction:
-        example = clip_image_key(records[0]["file"])
-        raise ValueError(f"CLIP image cache: only {found} of {len(records)} images of {name} ({100 * fraction:.1f} %) "
-                         f"have a teacher vector (needs >= {100 * min_fraction:g} %); keys are image file names, e.g. "
-                         f"{example!r}; cache keys look like {next(iter(cache), None)!r}. Rebuild the cache with "
-                         f"build_clip_image_cache for these images")
-    return fraction
-
-
-# ------------------------------------------------------------------------------------------------ Backbone + position encoding
+# ----------------------------------------------------------------------------------------- Backbone + position encoding
 
 
 class TinyBackbone(nn.Module):
-    """A 4-layer CNN of stride 8 for the toy preset: 128 px images give a 16 x 16 feature map.
-
-    Normalisation is GroupNorm, not BatchNorm: it normalises each image on its own, so the function the model
-    computes does not depend on how many images share a forward pass. The same global batch split over 1 or N
-    processes (or accumulation steps) then trains the same model; with BatchNorm the statistics would be those of
-    each process's micro-batch, and SyncBatchNorm (which would share them) does not run on CPU. 32 groups (1, 2, 4
-    channels each): on the overfit-one-batch check, 8 groups learned about 4x slower than BatchNorm, 32 did not."""
+    """A 4-layer CNN of stride 8 for the toy preset: 128 px images give a 16 x 16 feature map. GroupNorm, not
+    BatchNorm, normalises each image on its own, so 1 or N processes (or accumulation steps) train the same model
+    (SyncBatchNorm does not run on CPU). 32 groups: 8 learned 4x slower than BatchNorm on one batch, 32 did not."""
 
     def __init__(self, channels=128):
         super().__init__()
@@ -620,30 +423,22 @@ class Decoder(nn.Module):
         return torch.stack(outputs)  # (L, B, Q, d)
 
 
-class MLP(nn.Module):
-    """The 3-layer box MLP of DETR (Sec. IV-D: "3 non-linear project layers")."""
+class BoxMLP(nn.Module):
+    """A box branch: DETR's 3-layer MLP (Sec. IV-D: "3 non-linear project layers") and a sigmoid -> (cx, cy, w, h)
+    in [0, 1] of the un-padded image. Always float32, also under bf16 autocast (train.py --amp bf16 on CUDA): bf16's
+    step is 2^-8 for coordinates in [0.5, 1), 2.6 px of a 1333 px image, too coarse for the L1 / GIoU losses and
+    the IoU >= 0.5 tests of the metrics on VG's small objects."""
 
-    def __init__(self, d_in, d_hidden, d_out, num_layers):
+    def __init__(self, d, num_layers=3):
         super().__init__()
-        dims = [d_in] + [d_hidden] * (num_layers - 1) + [d_out]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
-
-    def forward(self, x):
-        for i, layer in enumerate(self.layers):
-            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
-        return x
-
-
-class BoxMLP(MLP):
-    """A box branch: the 3-layer MLP and a sigmoid -> (cx, cy, w, h) in [0, 1] of the un-padded image.
-
-    Always computed in float32, also under bf16 autocast (train.py --amp bf16 on CUDA): bf16 keeps 8 bits of
-    mantissa, a step of 2^-8 for coordinates in [0.5, 1), about 2.6 px of a 1333 px image, which is too coarse
-    for the L1 / GIoU losses and for the IoU >= 0.5 tests of the metrics on VG's small objects."""
+        self.layers = nn.ModuleList(nn.Linear(d, 4 if i == num_layers - 1 else d) for i in range(num_layers))
 
     def forward(self, x):  # (..., d) -> (..., 4) float32
         with torch.autocast(x.device.type, enabled=False):
-            return super().forward(x.float()).sigmoid()
+            x = x.float()
+            for layer in self.layers[:-1]:
+                x = F.relu(layer(x))
+            return self.layers[-1](x).sigmoid()
 
 
 PRIOR_BIAS = -math.log((1 - 0.01) / 0.01)  # sigmoid(b) = 0.01: multi-label heads start "mostly negative" (RetinaNet)
@@ -696,7 +491,7 @@ class Branch(nn.Module):
         return self.classifier(h), h
 
 
-# ------------------------------------------------------------------------------------------------ III-A  Holistic semantic-spatial features
+# ---------------------------------------------------------------------------- III-A  Holistic semantic-spatial features
 
 
 class BBSeg(nn.Module):
@@ -752,10 +547,7 @@ def bbseg_targets(boxes_list, labels_list, feat_hw, stride, num_classes_with_bg)
 
 def loss_bbseg(seg_logits, seg_targets, feat_mask):
     """Eq. 2 per image: sum over the N_seg + 1 channels of the BCE averaged over the un-padded positions -> (B,).
-    (The criterion averages it over the images of the global batch.)
-
-    Computed in float32 whatever the autocast state (the logits come in bf16 under bf16 autocast), as every other
-    loss term: summing N_seg + 1 channels x H x W bf16 values would keep about three significant digits."""
+    In float32 under any autocast, as every loss term: a sum of N_seg x H x W bf16 values keeps three digits."""
     with torch.autocast(seg_logits.device.type, enabled=False):
         bce = F.binary_cross_entropy_with_logits(seg_logits.float(), seg_targets.float(), reduction="none")
         valid = (~feat_mask).unsqueeze(1).float()  # (B, 1, H, W)
@@ -764,11 +556,8 @@ def loss_bbseg(seg_logits, seg_targets, feat_mask):
 
 def downsample_mask(mask, feat_hw, stride):
     """Padding mask (B, H, W) of the canvas -> (B, h, w) of a feature map of the given stride: a cell is padding when
-    every pixel of its stride x stride block is padding. For the backbones here (h, w) = ceil(H / stride),
-    ceil(W / stride), and the un-padded image alone would give exactly its ceil(height / stride) rows, so the valid
-    cells are those the image's own feature map has. DETR's F.interpolate(mask, size) (nearest) samples pixel
-    floor(i * H / h) instead, which is the same when H is a multiple of the stride and drifts otherwise (a 1,199 px
-    canvas gives a scale of 31.55, not 32)."""
+    its whole stride x stride block is, so the valid cells are those the image's own feature map has. (DETR's
+    nearest F.interpolate drifts when H is no multiple of the stride: a 1,199 px canvas gives a scale of 31.55.)"""
     valid = F.max_pool2d((~mask).float()[:, None], stride, stride, ceil_mode=True)[:, 0] > 0  # (B, h, w)
     if tuple(valid.shape[-2:]) != tuple(feat_hw):
         raise ValueError(f"downsample_mask: a {tuple(mask.shape[-2:])} canvas at stride {stride} gives "
@@ -776,7 +565,7 @@ def downsample_mask(mask, feat_hw, stride):
     return ~valid
 
 
-# ------------------------------------------------------------------------------------------------ The model (III-A to III-C)
+# ------------------------------------------------------------------------------------------- The model (III-A to III-C)
 
 
 class SG2HOI(nn.Module):
@@ -825,8 +614,8 @@ class SG2HOI(nn.Module):
         self.rel_sub = Branch(cfg, cfg.entity_names, cfg.num_entity_classes)
         self.rel_obj = Branch(cfg, cfg.entity_names, cfg.num_entity_classes)
         self.rel_pred = Branch(cfg, cfg.predicate_names, cfg.num_predicates)
-        self.rel_sub_box = BoxMLP(d, d, 4, 3)
-        self.rel_obj_box = BoxMLP(d, d, 4, 3)
+        self.rel_sub_box = BoxMLP(d)
+        self.rel_obj_box = BoxMLP(d)
 
         # III-C: R2ITrans, feature / query transformation, HOI decoder and its five branches
         if cfg.hoi:
@@ -847,185 +636,127 @@ class SG2HOI(nn.Module):
             self.hoi_human = nn.Linear(d, 2)  # binary human score: [human, no-human]
             self.hoi_obj = Branch(cfg, cfg.hoi_object_names, cfg.num_hoi_objects)
             self.hoi_verb = Branch(cfg, cfg.verb_names, cfg.num_verbs, with_background=False)  # multi-label
-            self.hoi_human_box = BoxMLP(d, d, 4, 3)
-            self.hoi_obj_box = BoxMLP(d, d, 4, 3)
+            self.hoi_human_box = BoxMLP(d)
+            self.hoi_obj_box = BoxMLP(d)
 
         for name, p in self.named_parameters():  # DETR's init for the transformer
             if p.dim() > 1 and any(s in name for s in ("encoder", "decoder", "r2i", "_transform")) \
                     and "in_proj" not in name:
                 nn.init.xavier_uniform_(p)
-        self._reach = None  # {(task, with align term): parameter names its loss reaches}, see loss_reach()
 
-    # -------------------------------------------------------------------- forward
+    # -------------------------------------------------------------------- forward, in the paper's three stages
     def forward(self, images, mask, with_hoi=True):
         """images (B, 3, H, W) normalised; mask (B, H, W) True on padding. Returns a dict of outputs.
 
-        with_hoi=False skips Sec. III-C: training runs it on HOI batches only (an SGG batch has no HOI loss);
-        idle_parameters("sgg") lists the parameters that then must not move."""
-        cfg, out = self.cfg, {}
+        with_hoi=False skips Sec. III-C: training runs it on HOI batches only (an SGG batch has no HOI loss)."""
+        out, enc = self.encode(images, mask)  # Eq. 1-5: backbone, BBSeg, encoder with [CLS], VL alignment
+        out["rel"], sg = self.decode_relations(enc)  # Eq. 6: the scene graph
+        if self.cfg.hoi and with_hoi:
+            out["hoi"] = self.decode_hois(enc, sg)  # Eq. 7-8: HOIs from the scene graph
+        return out
+
+    def encode(self, images, mask):
+        """Sec. III-A and Eq. 4-5. Returns (outputs the losses read, features the decoders read)."""
+        cfg = self.cfg
         feat = self.backbone(images)  # (B, C, h, w)
-        fmask = downsample_mask(mask, feat.shape[-2:], self.backbone.stride)  # (B, h, w)
+        fmask = downsample_mask(mask, feat.shape[-2:], self.backbone.stride)  # (B, h, w), True on padding
         pos = sine_position_encoding(fmask, cfg.d_model).flatten(1, 2)  # (B, h*w, d)
         v = self.input_proj(feat)  # V: (B, d, h, w)
-        out["feat_mask"], out["canvas_hw"] = fmask, images.shape[-2:]
+        out = {"feat_mask": fmask, "canvas_hw": images.shape[-2:]}
 
-        # Eq. 1 and 3: box-level segmentation, semantic map, aggregation
+        # Eq. 1 and 3: box-level segmentation s, semantic map E_s, aggregation f_agg = [W_v V, W_s E_s]
         if cfg.use_bbseg:
             seg_logits = self.bbseg(v)  # s: (B, N_seg + 1, h, w)
             e_s = self.semantic_table[seg_logits.argmax(1)]  # E_s: (B, h, w, E); background -> 0
             f_agg = torch.cat([self.w_v(v), self.w_s(e_s.permute(0, 3, 1, 2).contiguous())], dim=1)  # (B, d, h, w)
             out["seg_logits"] = seg_logits
-        else:  # -HSS
+        else:  # -HSS (Table VI): the visual features alone
             f_agg = v
 
-        # Eq. 4: f_en = Encoder([GAP(V), f_agg_1 ... f_agg_HW], p)
+        # Eq. 4: f_en = Encoder([GAP(V), f_agg_1 ... f_agg_HW], p); the [CLS] token starts as the pooled V
         valid = (~fmask).flatten(1).unsqueeze(-1).float()  # (B, h*w, 1)
-        gap = (v.flatten(2).transpose(1, 2) * valid).sum(1, keepdim=True) / valid.sum(1, keepdim=True)  # (B,1,d)
+        gap = (v.flatten(2).transpose(1, 2) * valid).sum(1, keepdim=True) / valid.sum(1, keepdim=True)  # (B, 1, d)
         tokens = torch.cat([gap, f_agg.flatten(2).transpose(1, 2)], dim=1)  # (B, 1 + h*w, d)
-        tok_pos = torch.cat([self.cls_pos.expand(len(images), -1, -1), pos], dim=1)
+        tok_pos = torch.cat([self.cls_pos.expand(len(images), -1, -1), pos], dim=1)  # (B, 1 + h*w, d)
         tok_mask = torch.cat([fmask.new_zeros(len(images), 1), fmask.flatten(1)], dim=1)  # [CLS] never masked
         f_en = self.encoder(tokens, tok_pos, tok_mask)  # (B, 1 + h*w, d)
 
-        # Eq. 5: the feature aligned with CLIP: the [CLS] output or the pooled encoder output
-        if cfg.use_vl_distill:
+        # Eq. 5: the feature aligned with CLIP's image embedding: the [CLS] output (+cls) or the pooled output (+pool)
+        if cfg.use_vl_distill:  # off = "-VLpool" (Table VII)
             if cfg.align_feature == "cls":
                 f_vl = f_en[:, 0]  # (B, d)
             else:
                 f_vl = (f_en[:, 1:] * valid).sum(1) / valid.sum(1)  # (B, d)
             out["align"] = self.align_proj(f_vl)  # (B, text_dim)
+        enc = {"f_en": f_en, "tok_pos": tok_pos, "tok_mask": tok_mask, "pos": pos, "fmask": fmask}
+        return out, enc
 
-        # Eq. 6: f_sg = RelDecoder(f_en, Q_rel) and the five branches, on every decoder layer
-        B = len(images)
-        q_rel = self.rel_query_embed.weight.unsqueeze(0).expand(B, -1, -1)  # (B, N_rel, d)
-        f_sg = self.rel_decoder(q_rel, f_en, tok_pos, tok_mask)  # (L, B, N_rel, d)
-        sub_logits, f_s = self.rel_sub(f_sg)  # (L, B, N_rel, N_o + 1), hidden f_s (L, B, N_rel, d)
+    def decode_relations(self, enc):
+        """Eq. 6: f_sg = RelDecoder(f_en, Q_rel) and its five branches, on every decoder layer (the last layer's
+        outputs are the scene graph; the others are trained as auxiliary outputs). Returns (outputs, the relation
+        features that Sec. III-C reads)."""
+        B = len(enc["f_en"])
+        q_rel = self.rel_query_embed.weight.unsqueeze(0).expand(B, -1, -1)  # Q_rel: (B, N_rel, d)
+        f_sg = self.rel_decoder(q_rel, enc["f_en"], enc["tok_pos"], enc["tok_mask"])  # (L, B, N_rel, d)
+        sub_logits, f_s = self.rel_sub(f_sg)  # (L, B, N_rel, N_o + 1), hidden f_s: (L, B, N_rel, d)
         obj_logits, f_o = self.rel_obj(f_sg)
         pred_logits, f_r = self.rel_pred(f_sg)  # (L, B, N_rel, N_r + 1); last column = "no relation"
-        out["rel"] = dict(sub_logits=sub_logits, obj_logits=obj_logits, pred_logits=pred_logits,
-                          sub_boxes=self.rel_sub_box(f_sg), obj_boxes=self.rel_obj_box(f_sg))  # (L, B, N_rel, 4)
+        out = dict(sub_logits=sub_logits, obj_logits=obj_logits, pred_logits=pred_logits,
+                   sub_boxes=self.rel_sub_box(f_sg), obj_boxes=self.rel_obj_box(f_sg))  # boxes: (L, B, N_rel, 4)
+        sg = {"q_rel": q_rel, "f_sg": f_sg[-1], "f_s": f_s[-1], "f_r": f_r[-1], "f_o": f_o[-1]}  # last layer
+        return out, sg
 
-        if cfg.hoi and with_hoi:
-            # Eq. 7: f_r2i = R2ITrans([W_t [f_s, f_r, f_o]]_k, p), from the last relation-decoder layer
-            if cfg.use_r2i:
-                f_tilde = self.w_t(torch.cat([f_s[-1], f_r[-1], f_o[-1]], dim=-1))  # (B, N_rel, d)
-                f_r2i = self.r2i(f_tilde, q_rel)  # (B, N_rel, d)
-                if cfg.use_feature_transform:  # f_en attends to f_r2i -> F_hoi
-                    f_hoi = f_en
-                    for layer in self.feature_transform:
-                        f_hoi = layer(f_hoi, tok_pos, f_r2i, q_rel)  # (B, 1 + h*w, d)
-                    memory, mem_pos, mem_mask = f_hoi[:, 1:], pos, fmask.flatten(1)  # F_hoi: H*W vectors
-                else:  # -FETR: the HOI decoder reads f_r2i alone
-                    memory, mem_pos, mem_mask = f_r2i, q_rel, None
-            else:  # -R2ITR: the HOI decoder reads the encoder features
-                memory, mem_pos, mem_mask = f_en, tok_pos, tok_mask
-            # query transformation: HOI queries attend to the relation queries
-            if cfg.hoi_queries_from_rel:  # RELQ: decoded f_sg[-1] (default) or the learnable Q_rel (literal)
-                q_hoi = f_sg[-1] if cfg.relq_queries == "decoded" else q_rel  # (B, N_rel, d)
-            else:
-                q_hoi = self.hoi_query_embed.weight.unsqueeze(0).expand(B, -1, -1)  # (B, N_hoi, d)
-                if cfg.use_query_transform:
-                    # keys/values: by default the decoded relation queries of this image (the relation cues to
-                    # transfer), with Q_rel as their position; "learnable" = Q_rel itself (the paper's words)
-                    if cfg.query_transform_memory == "decoded":
-                        kv, kv_pos = f_sg[-1], q_rel
-                    else:
-                        kv, kv_pos = q_rel, torch.zeros_like(q_rel)
-                    for layer in self.query_transform:
-                        q_hoi = layer(q_hoi, torch.zeros_like(q_hoi), kv, kv_pos)
-            # Eq. 8: h_hoi = HOIDecoder(F_hoi, Q_hoi) and its five branches
-            h_hoi = self.hoi_decoder(q_hoi, memory, mem_pos, mem_mask)  # (L, B, N_hoi, d)
-            obj_logits, _ = self.hoi_obj(h_hoi)
-            verb_logits, _ = self.hoi_verb(h_hoi)
-            out["hoi"] = dict(human_logits=self.hoi_human(h_hoi), obj_logits=obj_logits, verb_logits=verb_logits,
-                              human_boxes=self.hoi_human_box(h_hoi), obj_boxes=self.hoi_obj_box(h_hoi))
-        return out
+    def decode_hois(self, enc, sg):
+        """Sec. III-C: the HOI decoder reads the image features transformed by the relation features (Eq. 7),
+        with HOI queries transformed by the relation queries; Eq. 8's five branches on every layer."""
+        memory, mem_pos, mem_mask = self.hoi_memory(enc, sg)  # F_hoi: (B, h*w, d) by default
+        q_hoi = self.hoi_queries(sg)  # (B, N_hoi, d)
+        h_hoi = self.hoi_decoder(q_hoi, memory, mem_pos, mem_mask)  # Eq. 8: (L, B, N_hoi, d)
+        obj_logits, _ = self.hoi_obj(h_hoi)
+        verb_logits, _ = self.hoi_verb(h_hoi)
+        return dict(human_logits=self.hoi_human(h_hoi), obj_logits=obj_logits, verb_logits=verb_logits,
+                    human_boxes=self.hoi_human_box(h_hoi), obj_boxes=self.hoi_obj_box(h_hoi))
 
-    # -------------------------------------------------------------------- which task trains which parameter
-    def task_outputs(self, out, task, align=True):
-        """The outputs that the loss of a `task` batch ("sgg" | "hoi") reads in SetCriterion.forward: the
-        segmentation logits and the alignment vector when their terms are on (weight > 0; align=False: a batch in
-        which no image has a teacher vector, so the criterion has no `align` term), and the task's decoder outputs
-        (all layers: the auxiliary losses read them and the last layer depends on the others anyway)."""
-        cfg, used = self.cfg, []
-        if cfg.use_bbseg and cfg.loss_seg > 0:
-            used.append(out["seg_logits"])
-        if cfg.use_vl_distill and cfg.loss_align > 0 and align:
-            used.append(out["align"])
-        return used + list(out.get("rel" if task == "sgg" else "hoi", {}).values())
+    def hoi_memory(self, enc, sg):
+        """What the HOI decoder reads: (features, their positions, their padding mask)."""
+        cfg = self.cfg
+        if not cfg.use_r2i:  # -R2ITR (Table VIII): the encoder features themselves
+            return enc["f_en"], enc["tok_pos"], enc["tok_mask"]
+        # Eq. 7: f_r2i = R2ITrans([W_t [f_s, f_r, f_o]]_k, p): one token per relation query, Q_rel as its position
+        f_tilde = self.w_t(torch.cat([sg["f_s"], sg["f_r"], sg["f_o"]], dim=-1))  # (B, N_rel, d)
+        f_r2i = self.r2i(f_tilde, sg["q_rel"])  # (B, N_rel, d)
+        if not cfg.use_feature_transform:  # -FETR (Table VIII): the HOI decoder reads f_r2i alone
+            return f_r2i, sg["q_rel"], None
+        # feature transformation: the encoder features (queries) attend to f_r2i (keys / values) -> F_hoi
+        f_hoi = enc["f_en"]
+        for layer in self.feature_transform:
+            f_hoi = layer(f_hoi, enc["tok_pos"], f_r2i, sg["q_rel"])  # (B, 1 + h*w, d)
+        return f_hoi[:, 1:], enc["pos"], enc["fmask"].flatten(1)  # F_hoi: the h*w image positions
 
-    def loss_reach(self):
-        """{(task, with align term): names of the parameters the task's loss reaches}, found once by autograd.
-
-        One forward of a blank 64 x 64 image with the HOI branch on, in eval mode (no dropout, BatchNorm statistics
-        untouched, no random numbers drawn) and with every parameter temporarily requiring grad (phase 1 freezes the
-        HOI part); then torch.autograd.grad of the sum of task_outputs with allow_unused=True: a parameter whose
-        gradient is None has no path to that task's loss in this configuration. Reachability is a property of the
-        graph, not of the image, so this holds for every batch (an argmax, as the semantic map's class lookup of
-        Eq. 3, is a cut in the graph as it is in training). It replaces hand-kept prefix lists that went wrong under
-        -R2ITR, where the relation branches' hidden layers reach nothing on HOI steps."""
-        if self._reach is None:
-            params = dict(self.named_parameters())
-            flags, was_training = {n: p.requires_grad for n, p in params.items()}, self.training
-            device = next(iter(params.values())).device
-            try:
-                for p in params.values():
-                    p.requires_grad_(True)
-                self.eval()
-                with torch.enable_grad(), torch.autocast(device.type, enabled=False):
-                    out = self(torch.zeros(1, 3, 64, 64, device=device),
-                               torch.zeros(1, 64, 64, dtype=torch.bool, device=device), with_hoi=True)
-                    reach = {}
-                    for task in ("sgg", "hoi"):
-                        for align in (True, False):
-                            used = self.task_outputs(out, task, align)
-                            grads = torch.autograd.grad(sum(t.float().sum() for t in used), list(params.values()),
-                                                        allow_unused=True, retain_graph=True) if used else []
-                            reach[task, align] = {n for n, g in zip(params, grads) if g is not None}
-            finally:
-                for n, p in params.items():
-                    p.requires_grad_(flags[n])
-                self.train(was_training)
-            self._reach = reach
-        return self._reach
-
-    def idle_parameters(self, task, losses=None):
-        """Parameters that receive no gradient from a batch of `task` ("sgg" or "hoi"): those loss_reach() does not
-        list for it. losses: the criterion's output for the batch, if known; when it has no "align" term (no image of
-        the batch has a teacher vector) the alignment head is idle too. idle_parameters("sgg") is also the HOI-only
-        part (frozen in phase 1, trained at lr in phase 2).
-
-        train.py sets their .grad to None after the (DDP-synchronised) backward, so AdamW neither moves nor
-        decays them during the other task's steps."""
-        reached = self.loss_reach()[task, losses is None or "align" in losses]
-        return [p for n, p in self.named_parameters() if n not in reached]
-
-    def parameter_groups(self):
-        """Parameter lists for the optimiser: backbone; text_classifier = the class-weight tensors initialised from
-        text embeddings (TextClassifier.weight: GEN-VLKT gives the small rate only to the CLIP-initialised weights;
-        the random projection, background row, temperature and bias train at lr with their branch); hoi = the
-        HOI-only part (III-C, idle_parameters("sgg")); sgg = the rest (III-A, III-B). Frozen parameters are left out."""
-        groups = {"backbone": [], "text_classifier": [], "sgg": [], "hoi": []}
-        hoi_only = {id(p) for p in self.idle_parameters("sgg")}
-        text = {id(m.weight) for m in self.modules() if isinstance(m, TextClassifier)}
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            if name.startswith("backbone."):
-                groups["backbone"].append(p)
-            elif id(p) in text:
-                groups["text_classifier"].append(p)
-            elif id(p) in hoi_only:
-                groups["hoi"].append(p)
-            else:
-                groups["sgg"].append(p)
-        return groups
+    def hoi_queries(self, sg):
+        """The HOI queries Q_hoi, transformed by the relation queries (query transformation, Sec. III-C)."""
+        cfg = self.cfg
+        if cfg.hoi_queries_from_rel:  # RELQ (Table VIII): decoded f_sg[-1] (default) or the learnable Q_rel
+            return sg["f_sg"] if cfg.relq_queries == "decoded" else sg["q_rel"]  # (B, N_rel, d)
+        q_hoi = self.hoi_query_embed.weight.unsqueeze(0).expand(len(sg["q_rel"]), -1, -1)  # (B, N_hoi, d)
+        if not cfg.use_query_transform:  # -QUTR (Table VIII)
+            return q_hoi
+        # keys / values: by default the decoded relation queries of this image (the relation cues to transfer), with
+        # Q_rel as their position; "learnable" = Q_rel itself (the paper's words; then the same for every image)
+        if cfg.query_transform_memory == "decoded":
+            kv, kv_pos = sg["f_sg"], sg["q_rel"]
+        else:
+            kv, kv_pos = sg["q_rel"], torch.zeros_like(sg["q_rel"])
+        for layer in self.query_transform:
+            q_hoi = layer(q_hoi, torch.zeros_like(q_hoi), kv, kv_pos)
+        return q_hoi
 
 
 def build_model(cfg: Config) -> SG2HOI:
     return SG2HOI(cfg)
 
 
-# ------------------------------------------------------------------------------------------------ III-D  Matching and losses
+# ------------------------------------------------------------------------------------------- III-D  Matching and losses
 # Targets, one dict per image, in the project's internal form (see the data section):
 #   boxes (N, 4) xyxy pixels of the transformed image, labels (N,) 0-based, size (2,) = (h, w) of that image,
 #   SGG: rels (R, 3) = [subject index, object index, predicate (0-based)];
@@ -1142,13 +873,9 @@ class HungarianMatcher:
 
 
 def batch_counts(targets, task, num_queries):
-    """The loss normalisers of one (micro-)batch, as counts (DETR normalises by the number of targets).
-
-    train.py adds them over the micro-batches of an optimiser step and over the processes, so that every loss term is
-    normalised by the counts of the whole *global* batch: then 1 process, N processes and gradient accumulation give
-    the same gradient (see SetCriterion). A matched query is one per target, at most num_queries per image."""
-    n_images = len(targets)
-    teachers = sum(t.get("clip") is not None for t in targets)
+    """The loss normalisers of one (micro-)batch, as counts (DETR normalises by the number of targets). train.py adds
+    them over the micro-batches of a step and averages them over the processes: every loss term is then a sum over
+    the images divided by a count of the *global* batch, the same for 1 or N processes and any accumulation."""
     if task == "sgg":
         n = [len(t["rels"]) for t in targets]
         with_object, positive = 0, 0
@@ -1157,33 +884,23 @@ def batch_counts(targets, task, num_queries):
         n = [len(p) for p in pairs]
         with_object = sum(min(sum(o >= 0 for _, o in p), num_queries) for p in pairs)
         positive = sum(len(t["hois"]) for t in targets)  # verb labels (QPIC's focal-loss normaliser)
-    matched = sum(min(k, num_queries) for k in n)
-    return dict(images=float(n_images), teachers=float(teachers), matched=float(matched),
-                with_object=float(with_object), positive_verbs=float(positive),
-                # sum of the CE weights over all queries: 1 for a matched query, eos_coef for the others
-                unmatched=float(n_images * num_queries - matched))
-
-
-def all_reduce_mean(values: dict, device):
-    """{name: float} of this process -> the sum over all processes / world size: the per-process share of the
-    global batch's counts (loss normalisers), or the global batch's value of per-process loss terms (train.py)."""
-    keys = sorted(values)
-    v = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(v)
-        v = v / torch.distributed.get_world_size()
-    return dict(zip(keys, v.tolist()))
+    return dict(images=float(len(targets)), teachers=float(sum(t.get("clip") is not None for t in targets)),
+                matched=float(sum(min(k, num_queries) for k in n)), with_object=float(with_object),
+                positive_verbs=float(positive))
 
 
 class SetCriterion(nn.Module):
-    """Eq. 10: L = lambda_1 L_seg + lambda_2 L_algn + L_rel + L_hoi, with deep supervision.
+    """Eq. 10: L = lambda_1 L_seg + lambda_2 L_algn + L_rel + L_hoi, one method per term, with deep supervision.
 
     L_rel (and likewise L_hoi) is the matched cost of Eq. 9 written as losses: alpha_1 (L1 + GIoU loss)
     on both boxes + alpha_2 CE on both labels + alpha_3 on the predicate (CE) or the verbs (focal).
     Unmatched queries: the paper says it computes no loss for them; then nothing ever teaches a query to
     say "no relation", all 100 queries stay confident and the ranking at test time is noise. We therefore
     follow DETR by default: unmatched queries are trained towards the no-object / no-relation class with
-    weight eos_coef = 0.1 (and towards all-zero verbs). unmatched_loss=False gives the paper's literal rule."""
+    weight eos_coef = 0.1 (and towards all-zero verbs). unmatched_loss=False gives the paper's literal rule.
+
+    Every term is a sum over the batch divided by a count of the global batch (`norm`, from batch_counts), so that
+    the gradients of micro-batches and processes add up to the gradient of the global batch."""
 
     def __init__(self, cfg: Config, entity_to_seg, hoi_object_to_seg, num_seg_classes, stride):
         """stride: the backbone's real stride (model.backbone.stride), at which the BBSeg targets are drawn."""
@@ -1194,38 +911,57 @@ class SetCriterion(nn.Module):
         self.register_buffer("hoi_object_to_seg", hoi_object_to_seg.clone())
         self.num_seg_classes = num_seg_classes
 
-    def _ce(self, logits, matched_labels, idx, norm, background_weight_index=-1):
-        """CE over all queries, unmatched -> the last class with weight eos_coef (or matched queries only).
+    def forward(self, outputs, targets, task, norm=None):
+        """outputs: SG2HOI.forward(); targets: one dict per image; task: "sgg" or "hoi"; norm: the counts of the
+        global batch (train.py: batch_counts over its micro-batches, averaged over the processes), or None: this
+        batch's own counts (one process, no accumulation). Returns {term: weighted value}, "loss" = their sum."""
+        cfg, device = self.cfg, outputs["feat_mask"].device
+        if norm is None:
+            norm = batch_counts(targets, task, cfg.num_rel_queries if task == "sgg" else cfg.num_hoi_queries)
+        for t in targets:
+            _check_target_boxes(t)
+        losses = {}
+        if cfg.use_bbseg:
+            losses["seg"] = cfg.loss_seg * self.loss_seg(outputs, targets, task, norm)
+        if cfg.use_vl_distill and norm["teachers"] > 0:  # some image of the global batch has a teacher vector
+            losses["align"] = cfg.loss_align * self.loss_align(outputs, targets, norm)
+        if task == "sgg":
+            tgts = [{k: v.to(device) for k, v in relation_targets(t).items()} for t in targets]
+            layer_loss, head = self.loss_rel, outputs["rel"]
+        else:  # a missing object (index -1) gets the last HOI object class: V-COCO's "no object" (QPIC)
+            tgts = [{k: v.to(device) for k, v in hoi_targets(t, cfg.num_verbs, cfg.num_hoi_objects - 1).items()}
+                    for t in targets]
+            layer_loss, head = self.loss_hoi, outputs["hoi"]
+        num_layers = next(iter(head.values())).shape[0]
+        for layer in range(num_layers):  # deep supervision: every layer is matched again (DETR)
+            if layer < num_layers - 1 and not cfg.aux_loss:
+                continue
+            suffix = "" if layer == num_layers - 1 else f"_{layer}"
+            for k, v in layer_loss({k: v[layer] for k, v in head.items()}, tgts, norm).items():
+                losses[k + suffix] = v
+        losses["loss"] = sum(losses.values())
+        return losses
 
-        A sum divided by the batch's total weight: with one process and no accumulation this is exactly
-        F.cross_entropy's weighted mean; with several it is the weighted mean over the global batch."""
-        B, Q, C = logits.shape
-        target = torch.full((B, Q), C - 1, dtype=torch.long, device=logits.device)
-        target[idx] = matched_labels
-        if not self.cfg.unmatched_loss:
-            return F.cross_entropy(logits[idx].float(), matched_labels, reduction="sum") / max(norm["matched"], 1)
-        weight = torch.ones(C, device=logits.device)
-        weight[background_weight_index] = self.cfg.eos_coef
-        total_weight = norm["matched"] + self.cfg.eos_coef * norm["unmatched"]
-        # over (B * Q, C) rows: the same sum as the (B, C, Q) form, and the form that has a deterministic CUDA
-        # kernel (nll_loss2d has none: train.py --deterministic would refuse it)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), weight=weight, reduction="sum")
-        return loss / total_weight
+    def loss_seg(self, outputs, targets, task, norm):
+        """L_seg of Eq. 2 against the box-filled targets y, per image (summed over the batch / images)."""
+        y = self.seg_targets(outputs, targets, task)
+        return loss_bbseg(outputs["seg_logits"], y, outputs["feat_mask"]).sum() / max(norm["images"], 1.0)
 
-    def _box_losses(self, pred, tgt, num, keep=None):
-        if keep is not None:
-            pred, tgt = pred[keep], tgt[keep]
-        l1 = F.l1_loss(pred.float(), tgt, reduction="sum") / num
-        giou = generalized_box_iou_loss(box_convert(pred.float(), "cxcywh", "xyxy"),
-                                        box_convert(tgt, "cxcywh", "xyxy"), reduction="sum") / num
-        return self.cfg.box_l1 * l1 + self.cfg.box_giou * giou
+    def loss_align(self, outputs, targets, norm):
+        """L_algn of Eq. 5: l1 (or l2, "VLl2") between the aligned feature and the CLIP image embedding, averaged
+        over the components and the images that have a teacher vector. A micro-batch without one still returns a
+        (zero) term, so that every process and micro-batch has the same terms (DDP, train.py's logging)."""
+        has = [i for i, t in enumerate(targets) if t.get("clip") is not None]
+        if not has:
+            return outputs["align"].float().sum() * 0.0
+        teacher = torch.stack([targets[i]["clip"].float() for i in has]).to(outputs["align"].device)
+        student = outputs["align"][has].float()
+        distance = F.l1_loss if self.cfg.align_loss == "l1" else F.mse_loss  # l2 = MSE (see Config.align_loss)
+        return distance(student, teacher, reduction="sum") / (norm["teachers"] * student.shape[1])
 
-    def relation_losses(self, out, tgts, norm):
-        """L_rel for one decoder layer: dict of weighted terms."""
-        indices = self.matcher.match_relations(out, tgts)
-        idx = (torch.cat([torch.full_like(q, b) for b, (q, _) in enumerate(indices)]),
-               torch.cat([q for q, _ in indices]))
-        matched = {k: torch.cat([t[k][j] for t, (_, j) in zip(tgts, indices)]) for k in tgts[0]}
+    def loss_rel(self, out, tgts, norm):
+        """L_rel for one decoder layer: the matched cost of Eq. 9 as weighted losses."""
+        idx, matched = self._match(self.matcher.match_relations(out, tgts), tgts)
         num, cfg = max(norm["matched"], 1.0), self.cfg
         return {
             "rel_box": cfg.cost_box * (self._box_losses(out["sub_boxes"][idx], matched["sub_boxes"], num)
@@ -1235,34 +971,66 @@ class SetCriterion(nn.Module):
             "rel_pred": cfg.cost_rel * self._ce(out["pred_logits"], matched["preds"], idx, norm),
         }
 
-    def hoi_losses(self, out, tgts, norm):
-        """L_hoi for one decoder layer: dict of weighted terms."""
-        indices = self.matcher.match_hois(out, tgts)
-        idx = (torch.cat([torch.full_like(q, b) for b, (q, _) in enumerate(indices)]),
-               torch.cat([q for q, _ in indices]))
-        matched = {k: torch.cat([t[k][j] for t, (_, j) in zip(tgts, indices)]) for k in tgts[0]}
+    def loss_hoi(self, out, tgts, norm):
+        """L_hoi for one decoder layer: the same for <human, verbs, object>; an HOI without object has no object
+        box loss."""
+        idx, matched = self._match(self.matcher.match_hois(out, tgts), tgts)
         cfg = self.cfg
         num, num_obj = max(norm["matched"], 1.0), max(norm["with_object"], 1.0)
-        # verbs: the paper calls its classification losses "a standard cross-entropy loss", but a person's verbs are
-        # multi-label (hold and ride the same bicycle), which a softmax cannot express. As the HOI transformers it
-        # follows: a sigmoid focal loss (gamma 2, no alpha: QPIC's CornerNet-style form), normalised by the positives
-        if cfg.unmatched_loss:
-            verb_target = torch.zeros_like(out["verb_logits"], dtype=torch.float)
-            verb_target[idx] = matched["verbs"]
-            verb_logits = out["verb_logits"].float()
-        else:
-            verb_target, verb_logits = matched["verbs"], out["verb_logits"][idx].float()
-        verb = sigmoid_focal_loss(verb_logits, verb_target, alpha=-1, gamma=2.0, reduction="sum") \
-            / max(norm["positive_verbs"], 1.0)
+        human = torch.zeros_like(matched["obj_labels"])  # class 0 of the binary human head = "a human"
         return {
             "hoi_box": cfg.cost_box * (self._box_losses(out["human_boxes"][idx], matched["human_boxes"], num)
                                        + self._box_losses(out["obj_boxes"][idx], matched["obj_boxes"], num_obj,
                                                           keep=matched["has_obj"])),
-            "hoi_cls": cfg.cost_class * (self._ce(out["human_logits"], torch.zeros_like(matched["obj_labels"]), idx,
-                                                  norm)
+            "hoi_cls": cfg.cost_class * (self._ce(out["human_logits"], human, idx, norm)
                                          + self._ce(out["obj_logits"], matched["obj_labels"], idx, norm)),
-            "hoi_verb": cfg.cost_rel * verb,
+            "hoi_verb": cfg.cost_rel * self._verb_loss(out["verb_logits"], matched["verbs"], idx, norm),
         }
+
+    @staticmethod
+    def _match(indices, tgts):
+        """Matcher indices -> ((batch index, query index) of the matched queries, their targets concatenated)."""
+        idx = (torch.cat([torch.full_like(q, b) for b, (q, _) in enumerate(indices)]),
+               torch.cat([q for q, _ in indices]))
+        matched = {k: torch.cat([t[k][j] for t, (_, j) in zip(tgts, indices)]) for k in tgts[0]}
+        return idx, matched
+
+    def _ce(self, logits, matched_labels, idx, norm):
+        """CE over all queries, unmatched -> the last class ("no object" / "no relation") with weight eos_coef; or
+        over the matched queries only (unmatched_loss=False). A sum divided by the global batch's total weight: with
+        one process and no accumulation exactly F.cross_entropy's weighted mean."""
+        B, Q, C = logits.shape
+        if not self.cfg.unmatched_loss:
+            return F.cross_entropy(logits[idx].float(), matched_labels, reduction="sum") / max(norm["matched"], 1)
+        target = torch.full((B, Q), C - 1, dtype=torch.long, device=logits.device)
+        target[idx] = matched_labels
+        weight = torch.ones(C, device=logits.device)
+        weight[-1] = self.cfg.eos_coef
+        unmatched = norm["images"] * Q - norm["matched"]
+        # over (B * Q, C) rows: the form with a deterministic CUDA kernel (nll_loss2d has none: --deterministic)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), weight=weight, reduction="sum")
+        return loss / (norm["matched"] + self.cfg.eos_coef * unmatched)
+
+    def _box_losses(self, pred, tgt, num, keep=None):
+        """box_l1 * L1 + box_giou * (1 - GIoU), summed over the matched boxes / num."""
+        if keep is not None:
+            pred, tgt = pred[keep], tgt[keep]
+        l1 = F.l1_loss(pred.float(), tgt, reduction="sum") / num
+        giou = generalized_box_iou_loss(box_convert(pred.float(), "cxcywh", "xyxy"),
+                                        box_convert(tgt, "cxcywh", "xyxy"), reduction="sum") / num
+        return self.cfg.box_l1 * l1 + self.cfg.box_giou * giou
+
+    def _verb_loss(self, logits, matched_verbs, idx, norm):
+        """The paper's classification losses are "a standard cross-entropy loss", but a person's verbs are
+        multi-label (hold and ride one bicycle): as QPIC, a sigmoid focal loss (gamma 2, no alpha) over every query
+        (unmatched ones towards no verb), divided by the global batch's positive verb labels."""
+        if self.cfg.unmatched_loss:
+            target = torch.zeros_like(logits, dtype=torch.float)
+            target[idx] = matched_verbs
+            logits = logits.float()
+        else:
+            target, logits = matched_verbs, logits[idx].float()
+        return sigmoid_focal_loss(logits, target, alpha=-1, gamma=2.0, reduction="sum") / max(norm["positive_verbs"], 1)
 
     def seg_targets(self, outputs, targets, task):
         """The BBSeg targets y of Eq. 2 (B, N_seg + 1, h, w) on the feature grid, cell i centred at (i + 0.5) * stride
@@ -1273,54 +1041,6 @@ class SetCriterion(nn.Module):
         return bbseg_targets([t["boxes"].float().cpu() for t in targets],
                              [to_seg[t["labels"].long()].cpu() for t in targets],
                              fm.shape[1:], self.stride, self.num_seg_classes).to(fm.device)
-
-    def forward(self, outputs, targets, task, norm=None):
-        """outputs: SG2HOI.forward(); targets: one dict per image; task: "sgg" or "hoi"; norm: the loss
-        normalisers of the whole global batch (per-process share, see batch_counts; train.py computes them over
-        its micro-batches), or None: this batch's counts, averaged over the processes (DETR).
-
-        Every term is a sum over this batch divided by a count of the global batch, so the gradients of the
-        micro-batches and processes add up to the gradient of the global batch.
-        Returns {term: value} with every term already weighted, and "loss" = their sum (Eq. 10)."""
-        cfg, losses = self.cfg, {}
-        device = outputs["feat_mask"].device
-        if norm is None:
-            Q = cfg.num_rel_queries if task == "sgg" else cfg.num_hoi_queries
-            norm = all_reduce_mean(batch_counts(targets, task, Q), device)
-        for t in targets:
-            _check_target_boxes(t)
-        if cfg.use_bbseg:
-            y = self.seg_targets(outputs, targets, task)
-            losses["seg"] = cfg.loss_seg * loss_bbseg(outputs["seg_logits"], y, outputs["feat_mask"]).sum() \
-                / max(norm["images"], 1.0)
-        if cfg.use_vl_distill and norm["teachers"] > 0:  # some image of the global batch has a teacher vector
-            has = [i for i, t in enumerate(targets) if t.get("clip") is not None]
-            if has:
-                teacher = torch.stack([targets[i]["clip"].float() for i in has]).to(device)
-                student = outputs["align"][has].float()
-                dist = F.l1_loss if cfg.align_loss == "l1" else F.mse_loss  # Eq. 5; l2 = MSE (see Config.align_loss)
-                losses["align"] = cfg.loss_align * dist(student, teacher, reduction="sum") \
-                    / (norm["teachers"] * student.shape[1])
-            else:  # none in this micro-batch: a zero term, so that every process and micro-batch has the same terms
-                losses["align"] = outputs["align"].float().sum() * 0.0
-        if task == "sgg":
-            tgts = [{k: v.to(device) for k, v in relation_targets(t).items()} for t in targets]
-            layer_fn, head = self.relation_losses, outputs["rel"]
-        else:
-            # the label of a missing object (index -1) is the last HOI object class: V-COCO's "no object" (QPIC).
-            # HICO-DET has no HOI without an object (its loader rejects them), so there it is never used.
-            tgts = [{k: v.to(device) for k, v in
-                     hoi_targets(t, cfg.num_verbs, cfg.num_hoi_objects - 1).items()} for t in targets]
-            layer_fn, head = self.hoi_losses, outputs["hoi"]
-        num_layers = next(iter(head.values())).shape[0]
-        for layer in range(num_layers):  # deep supervision: every layer is matched again (DETR)
-            if layer < num_layers - 1 and not cfg.aux_loss:
-                continue
-            suffix = "" if layer == num_layers - 1 else f"_{layer}"
-            for k, v in layer_fn({k: v[layer] for k, v in head.items()}, tgts, norm).items():
-                losses[k + suffix] = v
-        losses["loss"] = sum(losses.values())
-        return losses
 
 
 def _check_target_boxes(t):
@@ -1338,7 +1058,7 @@ def build_criterion(model: SG2HOI) -> SetCriterion:
                         model.backbone.stride)
 
 
-# ------------------------------------------------------------------------------------------------ Inference: triplets from queries
+# ------------------------------------------------------------------------------------- Inference: triplets from queries
 # Scores follow RelTR / SGTR for relations (subject x object x predicate) and QPIC / HOTR for HOIs
 # (human x object x verb). Boxes are returned as xyxy pixels of the image size given (the original image).
 
@@ -1416,32 +1136,18 @@ def hoi_triplets(pred, correct_mat=None, top_k=100):
     return [(int(pred["sub_ids"][a]), int(pred["obj_ids"][a]), int(b), float(scores[a, b])) for a, b in zip(p, v)]
 
 
-# ------------------------------------------------------------------------------------------------ Initialisation from DETR
-# The paper initialises from DETR trained on COCO (Sec. IV-D, as QPIC). DETR's checkpoint
-# (detr-r50-e632da11.pth / detr-r101-2c7b67e5.pth, {"model": state_dict}) maps onto this model as:
-#   backbone.0.body.*        -> backbone.body.*          (ResNet)
-#   input_proj.*             -> input_proj.*             (2048 -> 256 1x1 conv, when d_model = 256)
-#   transformer.encoder.*    -> encoder.*                (and r2i.* for its first layers: same layer type)
-#   transformer.decoder.*    -> rel_decoder.*, hoi_decoder.*   (GEN-VLKT copies the decoder into both)
-#   bbox_embed.*             -> every box MLP
-#   query_embed.weight       -> rel_query_embed / hoi_query_embed (first N rows)
-# DETR's MultiheadAttention keeps its out_proj name; its FFN is linear1/linear2 where ours is ffn.linear1/ffn.linear2.
-#
-# DETR's class_embed (a Linear d -> 92 over COCO-91 ids + "no object") is NOT used. QPIC maps it onto its COCO-80 HOI
-# object classifier because there the classifier reads the decoder output directly, as in DETR. Here every class
-# branch has a hidden layer first (Branch: Linear + ReLU, whose output is f_s / f_r / f_o of Eq. 7), which starts
-# random: a classifier copied behind it would read features it was never trained on, so its COCO knowledge would not
-# transfer (and VG150's relation branches have other classes anyway). The branches start from their own init.
-#
-# Checkpoints: DETR's released files hold {"model": ...}; a checkpoint written by DETR's main.py during training also
-# holds "optimizer", "lr_scheduler", "epoch" and "args", an argparse.Namespace, which torch.load(weights_only=True)
-# refuses. We allow-list exactly argparse.Namespace (torch.serialization.safe_globals) and never unpickle anything
-# else: a file that needs other classes fails with a message saying what to do.
-
-DETR_CLASS_EMBED_NOTE = ("class_embed (COCO-91 classifier) not used: every class branch here has a randomly "
-                         "initialised hidden layer before its classifier, so DETR's classifier would read untrained "
-                         "features (see the comment above detr_key_map)")
-
+# --------------------------------------------------------------------------------------------- Initialisation from DETR
+# The paper initialises from DETR trained on COCO (Sec. IV-D, as QPIC). DETR's checkpoint (detr-r50-e632da11.pth,
+# {"model": state_dict}) maps onto this model as:
+#   backbone.0.body.* -> backbone.body.*;  input_proj.* -> input_proj.* (2048 -> 256 1x1 conv)
+#   transformer.encoder.* -> encoder.* and r2i.* (its first layers);  bbox_embed.* -> every box MLP
+#   transformer.decoder.* -> rel_decoder.*, hoi_decoder.* (GEN-VLKT copies the decoder into both)
+#   query_embed.weight -> rel_query_embed / hoi_query_embed (first N rows);  linear1/2 -> ffn.linear1/2
+# DETR's class_embed is NOT used: QPIC maps it onto its HOI object classifier, which reads the decoder output as in
+# DETR, but here every class branch has a random hidden layer first (Branch, whose output is f_s / f_r / f_o of
+# Eq. 7), so a copied classifier would read features it was never trained on.
+# A checkpoint of DETR's main.py also holds "args", an argparse.Namespace: exactly that class is allow-listed for
+# torch.load(weights_only=True) and nothing else is unpickled.
 
 def detr_key_map(model: SG2HOI, detr_keys):
     """{our key: DETR key} for every DETR tensor that has a place in `model`."""
@@ -1520,17 +1226,99 @@ def load_detr_weights(model: SG2HOI, state_dict_or_path, verbose=True):
         else:
             skipped.append(f"{ours} <- {theirs}: shape {tuple(src.shape)} vs {tuple(own[ours].shape)}")
     used = set(detr_key_map(model, sd).values())
-    skipped += [f"{k}: {DETR_CLASS_EMBED_NOTE}" if k.startswith("class_embed.") else f"{k}: no place in SG2HOI+"
+    skipped += [f"{k}: {CLASS_EMBED_NOTE}" if k.startswith("class_embed.") else f"{k}: no place in SG2HOI+"
                 for k in sd if k not in used]
     model.load_state_dict(own)
     if verbose:
-        print(f"DETR init: loaded {len(loaded)} tensors, skipped {len(skipped)}; {DETR_CLASS_EMBED_NOTE}")
-        for s in skipped:
-            print("  skipped", s)
+        print(f"DETR init: loaded {len(loaded)} tensors, skipped {len(skipped)}; {CLASS_EMBED_NOTE}")
+        print("  skipped " + "\n  skipped ".join(skipped))
     return loaded, skipped
 
 
-# ------------------------------------------------------------------------------------------------ Data: one internal form
+CLASS_EMBED_NOTE = ("class_embed (COCO-91 classifier) not used: every class branch here has a randomly initialised "
+                    "hidden layer before its classifier, so DETR's classifier would read untrained features")
+
+
+# -------------------------------------------------------------------------------- Class text and CLIP image files
+# The paper embeds "A photo of a [class]" with CLIP's frozen text encoder (Sec. III-A, IV-D) and aligns f_en with
+# CLIP's image embedding (Eq. 5). CLIP weights cannot be downloaded everywhere, so both come from files made once by
+# tools/prepare_clip.py (needs open_clip and its weights). Without the text file every name gets a fixed, seeded unit
+# vector: distinct and reproducible but without linguistic meaning, i.e. the HSSD-like stand-in of Table VI.
+
+
+def standin_embedding(name: str, dim: int) -> torch.Tensor:
+    """A unit vector seeded by the class name (stable across runs and machines)."""
+    g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    v = torch.randn(dim, generator=g)
+    return v / v.norm()
+
+
+def class_text_embeddings(names, dim, path="") -> torch.Tensor:
+    """(len(names), dim) text embeddings: from `path` ({name: tensor}) or the seeded stand-in."""
+    if not path:
+        return torch.stack([standin_embedding(n, dim) for n in names]) if names else torch.zeros(0, dim)
+    table = torch.load(path, map_location="cpu", weights_only=True)  # a file saved from GPU tensors stays on the CPU
+    missing = [n for n in names if n not in table]
+    if missing:
+        raise KeyError(f"{path}: no text embedding for class name(s) {missing[:5]}")
+    emb = torch.stack([table[n].float().flatten() for n in names])
+    if emb.shape[1] != dim:
+        raise ValueError(f"{path}: embeddings have width {emb.shape[1]}, Config.text_dim is {dim}")
+    return F.normalize(emb, dim=-1)
+
+
+def load_word_vectors(path, names, dim=None) -> torch.Tensor:
+    """GloVe-format text file (word v1 ... vD per line) -> (len(names), D); multi-word names are averaged.
+
+    The width D is the file's own (GloVe: 300); W_s of Eq. 3 adapts to it, so it is independent of Config.text_dim
+    (the CLIP width of Eq. 5 and of the text classifiers). `dim`, when given, is checked."""
+    if not path:
+        raise ValueError("Config.word_vectors: semantic_embedding='glove' (HSSG) needs a GloVe .txt file")
+    wanted = {w for n in names for w in n.replace("_", " ").split()}
+    vectors = {}
+    with open(path, encoding="utf8") as f:
+        for line_no, line in enumerate(f, 1):
+            parts = line.rstrip().split(" ")
+            if parts[0] in wanted:
+                dim = dim or len(parts) - 1  # the first word read fixes the width
+                if len(parts) - 1 != dim:
+                    raise ValueError(f"{path}:{line_no}: word {parts[0]!r} has {len(parts) - 1} values, "
+                                     f"the file's other vectors have {dim}")
+                vectors[parts[0]] = torch.tensor([float(x) for x in parts[1:]])
+    out = []
+    for n in names:
+        words = n.replace("_", " ").split()
+        missing = [w for w in words if w not in vectors]
+        if missing:
+            raise KeyError(f"{path}: no word vector for {missing} (class {n!r})")
+        out.append(F.normalize(torch.stack([vectors[w] for w in words]).mean(0), dim=0))
+    return torch.stack(out)
+
+
+def clip_image_key(path: str) -> str:
+    """The key of an image in the CLIP image cache: its file name without folders. It does not depend on where the
+    dataset lies (another machine, another data root) and is unique within each real dataset (VG ids "2343.jpg",
+    HICO-DET "HICO_train2015_00000001.jpg", COCO "COCO_train2014_000000000009.jpg"); tools/prepare_clip.py checks
+    that it is unique among the images it encodes."""
+    return os.path.basename(path)
+
+
+def teacher_coverage(records, cache, name, min_fraction=0.99):
+    """The fraction of a training split's images that have a teacher vector in the CLIP image cache; below
+    min_fraction a ValueError with the counts: Eq. 5 would silently vanish from most batches (a cache of another
+    dataset), and a run without its distillation term is not the experiment asked for."""
+    found = sum(clip_image_key(r["file"]) in cache for r in records)
+    fraction = found / max(len(records), 1)
+    if records and fraction < min_fraction:
+        example = clip_image_key(records[0]["file"])
+        raise ValueError(f"CLIP image cache: only {found} of {len(records)} images of {name} ({100 * fraction:.1f} %) "
+                         f"have a teacher vector (needs >= {100 * min_fraction:g} %); keys are image file names, e.g. "
+                         f"{example!r}; cache keys look like {next(iter(cache), None)!r}. Rebuild the cache with "
+                         f"tools/prepare_clip.py for these images")
+    return fraction
+
+
+# ---------------------------------------------------------------------------------------------- Data: one internal form
 # Every loader returns (records, meta). A record is one image in ORIGINAL pixels:
 #   {"file": path, "image_id": id, "width": W, "height": H, "boxes": float32 (N, 4) xyxy, "labels": int64 (N,) 0-based,
 #    "rels": int64 (R, 3) [subject index, object index, predicate 0-based]        (scene-graph datasets)
@@ -1553,250 +1341,78 @@ class DataError(ValueError):
 
 
 # What is checked when (check_images=True, the default):
-#   load time, every record: the image file exists (symbolic links followed) and its header gives the image size,
-#     read from the first bytes of the file (JPEG: the SOF marker; PNG: IHDR; other formats: PIL's header parser),
-#     never decoding pixels. VG: that size must equal the JSON's width / height (a mismatch is a DataError naming
-#     file, record and field: the boxes are in the JSON's frame, so a wrong size would silently clip them). HICO-DET
-#     / V-COCO have no size in the JSON: the header's size is the record's size. A file whose header is not an image
-#     (e.g. text named .jpg) is a DataError, or a counted skip with bad_images="skip".
-#   training time (DetectionDataset.__getitem__): the pixels are decoded; a failure (e.g. a truncated JPEG) is a
-#     DataError naming file and record, or with bad_images="skip" the item is dropped from its batch (counted).
-#   on request (verify_images, train.py --check_images_only): every image is decoded once and compared with its
-#     record's size; the bad ones are listed, so that a run can be started knowing they are fine.
+#   load time: the image file exists and PIL reads its header (the size, without decoding the pixels). VG: that size
+#     must be the JSON's width / height (the boxes are in the JSON's frame, a wrong size would silently clip them);
+#     HICO-DET / V-COCO have no size in the JSON: the header's is the record's. A file that is not an image (text
+#     named .jpg) is a DataError naming file, record and field, or a counted skip with bad_images="skip".
+#   training time (DetectionDataset): the pixels are decoded; a failure (a truncated JPEG) is a DataError naming file
+#     and record, or with bad_images="skip" the item is dropped from its batch (counted).
+#   on request (verify_images, train.py --check_images_only): every image is decoded once, its size compared.
+# The loaders are plain on purpose: json.load, then one loop over the images. At full size (VG150 and HICO-DET train
+# + test, 131,348 images) that took 37 s and 540 MB peak on a shared 2-core machine (tools/fullsize.py bench).
 
 
-def _read_json(path, object_hook=None):
-    """json.loads of the whole file with the garbage collector paused (the parse allocates millions of containers;
-    a collection pass every 700 allocations made the VG parse 30 % slower). object_hook: see the loaders."""
+def _read_json(path):
+    """json.load, with the two failures a user meets named: a missing file and a malformed or truncated one."""
     try:
         with open(path) as f:
-            text = f.read()
+            return json.load(f)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        return json.loads(text, object_hook=object_hook)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: malformed or truncated JSON ({e})") from None
-    finally:
-        if gc_was_enabled:
-            gc.enable()
 
 
-# Parsed-annotation cache. Parsing VG's 77 MB train.json takes 5-10 s on a loaded 2-core machine however it is done
-# in Python, and every run (every DDP rank) would pay it again. So the compact arrays a reader makes from a large
-# annotation file (>= CACHE_MIN_BYTES; small files parse in milliseconds) are saved as an .npz in the cache folder
-# ($SG2HOI_CACHE, else ~/.cache/sg2hoi), stamped with the file's size, modification time, inode and a SHA-1 of its
-# first and last MB; a later load with the same stamp reads the arrays instead (about 0.1 s) and then runs every
-# check of the loader on them, exactly as after a parse. A file with errors is never cached (the errors are raised
-# first); a folder that cannot be written just means no cache. build_data lets the master rank fill the cache
-# before the other ranks load.
-CACHE_MIN_BYTES = 4 << 20
-_CACHE_VERSION = 1
-
-
-def _cache_folder():
-    return os.environ.get("SG2HOI_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sg2hoi")
-
-
-def _file_stamp(path, kind):
-    st = os.stat(path)
-    with open(path, "rb") as f:
-        head = f.read(1 << 20)
-        f.seek(max(st.st_size - (1 << 20), len(head)))
-        tail = f.read()
-    digest = hashlib.sha1(head + tail).hexdigest()
-    return f"{kind}-v{_CACHE_VERSION}-{st.st_size}-{st.st_mtime_ns}-{st.st_ino}-{digest}"
-
-
-def _cache_file(path):
-    return os.path.join(_cache_folder(), hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:20] + ".npz")
-
-
-def _read_cache(path, stamp, members=True):
-    """The cached arrays of `path` if the cache holds them for the file's `stamp` (_file_stamp), else None
-    (members=False: just True instead of the arrays)."""
-    try:
-        with np.load(_cache_file(path), allow_pickle=False) as z:
-            if str(z["__stamp__"]) == stamp:
-                return {k: z[k] for k in z.files if k != "__stamp__"} if members else True
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-        pass  # no cache yet, or a stale / damaged one
-    return None
-
-
-def _cached_parse(path, kind, parse):
-    """parse(path) -> {name: numpy array}, through the .npz cache for large files (see above)."""
-    try:
-        size = os.path.getsize(path)
-    except OSError:
-        return parse(path)  # the parser names the missing file
-    if size < CACHE_MIN_BYTES:
-        return parse(path)
-    stamp = _file_stamp(path, kind)  # before parsing: a file that changes meanwhile is parsed again next time
-    cached = _read_cache(path, stamp)
-    if cached is not None:
-        return cached
-    arrays = parse(path)
-    cache = _cache_file(path)
-    tmp = f"{cache}.tmp{os.getpid()}"
-    try:
-        os.makedirs(os.path.dirname(cache), exist_ok=True)
-        with open(tmp, "wb") as f:
-            np.savez(f, __stamp__=np.array(stamp), **arrays)
-        os.replace(tmp, cache)
-    except OSError:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return arrays
-
-
-_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}  # start-of-frame markers
-
-
-def image_header_size(path):
-    """(width, height) of an image file from its header, without decoding: about 10 us for a JPEG or PNG (PIL's
-    Image.open took 67 us). JPEG: walk the marker segments from the start to the first SOFn segment, whose payload
-    is [precision (1 byte), height (2), width (2), ...] big-endian; PNG: the IHDR chunk at byte 16; other formats
-    through PIL. Raises FileNotFoundError for a missing file, ValueError when the header is not an image's."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        head = os.read(fd, 4096)
-        if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
-            return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
-        if head[:2] == b"\xff\xd8":
-            offset, pos = 0, 2  # offset: file position of head[0]
-            while True:
-                if pos + 9 > len(head):  # the next segment header lies beyond what was read: read from there
-                    offset += pos
-                    os.lseek(fd, offset, os.SEEK_SET)
-                    head, pos = os.read(fd, 4096), 0
-                    if len(head) < 9:
-                        raise ValueError("JPEG ends before its frame header")
-                if head[pos] != 0xFF:
-                    raise ValueError(f"corrupt JPEG marker at byte {offset + pos}")
-                marker = head[pos + 1]
-                if marker == 0xFF:  # fill byte
-                    pos += 1
-                elif marker in _JPEG_SOF:
-                    return int.from_bytes(head[pos + 7:pos + 9], "big"), int.from_bytes(head[pos + 5:pos + 7], "big")
-                elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length field
-                    pos += 2
-                elif marker == 0xD9 or marker == 0xDA:  # end of image / start of scan before any frame header
-                    raise ValueError("JPEG without a frame header")
-                else:
-                    pos += 2 + int.from_bytes(head[pos + 2:pos + 4], "big")
-    finally:
-        os.close(fd)
-    from PIL import Image, UnidentifiedImageError  # other formats (torchvision's dependency)
+def _image_size(file, where, bad_images, skips):
+    """(width, height) of an image file, read by PIL from the file's header (the pixels are not decoded).
+    `where` names the record in messages. A missing file is a DataError; so is a file that is not an image, unless
+    bad_images="skip": then None, counted in `skips`."""
+    from PIL import Image, UnidentifiedImageError  # torchvision's own dependency
 
     try:
-        with Image.open(path) as im:
-            return im.size
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"not a readable image ({e})") from None
+        with Image.open(file) as image:
+            return image.size
+    except FileNotFoundError:
+        raise DataError(f"{where}: image file {file} not found") from None
+    except (UnidentifiedImageError, OSError) as e:  # text named .jpg, a folder, no permission
+        if bad_images != "skip":
+            raise DataError(f"{where}: image file {file}: not a readable image ({e}) (--bad_images skip drops such "
+                            f"records; --check_images_only lists them all)") from None
+        skips["records with an unreadable image header skipped"] += 1
+        return None
 
 
-def _read_headers(files):
-    """[(width, height) or the exception] for each file (for the thread pool of _check_image_files)."""
-    out = []
-    for file in files:
-        try:
-            out.append(image_header_size(file))
-        except (FileNotFoundError, ValueError) as e:
-            out.append(e)
-        except OSError as e:  # a folder, no permission, an I/O error
-            out.append(ValueError(f"cannot be read ({e.strerror or e})"))
-    return out
+def _make_record(file, image_id, width, height, boxes, labels, pairs, key, what, skips):
+    """One record of the internal form from one image's annotations: boxes [x1, y1, x2, y2] in pixels, labels
+    0-based, pairs [subject, object or -1, class] indexing the boxes (already range-checked); key "rels" or "hois".
 
-
-def _check_image_files(files, where, bad_images, skips, expected=None):
-    """Header sizes of `files` (see "What is checked when"). where(i) names record i for messages. expected:
-    optional (n, 2) [width, height] from the annotation file, which must match. Returns (sizes (n, 2) int64,
-    ok (n,) bool); ok is False only for unreadable headers with bad_images="skip" (counted in skips)."""
-    sizes, ok = np.zeros((len(files), 2), np.int64), np.ones(len(files), bool)
-    # Reading headers waits on the file system: 8 threads over chunks of 1,000 files (the GIL is released during
-    # open / read). Measured on a local, page-cached disk: no gain and no loss (1.1 s for 57,723 files either way);
-    # on a network file system the waits overlap. Results come back in file order, so the first bad record is named.
-    chunks = [files[i:i + 1000] for i in range(0, len(files), 1000)]
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        results = itertools.chain.from_iterable(pool.map(_read_headers, chunks))
-        for i, (file, result) in enumerate(zip(files, results)):
-            if isinstance(result, tuple):
-                sizes[i] = result
-                continue
-            if isinstance(result, FileNotFoundError):
-                raise DataError(f"{where(i)}: image file {file} not found")
-            e = result
-            if bad_images != "skip":
-                raise DataError(f"{where(i)}: image file {file}: {e} (--bad_images skip drops such records; "
-                                f"--check_images_only lists them all)")
-            ok[i] = False
-            skips["records with an unreadable image header skipped"] += 1
-    if expected is not None:
-        bad = ok & (sizes != expected).any(1)
-        if bad.any():
-            i = int(np.where(bad)[0][0])
-            fields = [f"'{name}' = {int(expected[i, k])}" for k, name in enumerate(("width", "height"))
-                      if sizes[i, k] != expected[i, k]]
-            raise DataError(f"{where(i)}: field {' and '.join(fields)} but the image file {files[i]} is "
-                            f"{sizes[i, 0]} x {sizes[i, 1]} (width x height): the annotations do not belong to "
-                            f"this image")
-    return sizes, ok
-
-
-def _segment_ids(counts):
-    """counts (n,) -> (starts (n,), id (sum,)): where each segment starts, and the segment of every element."""
-    counts = np.asarray(counts, np.int64)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64) if len(counts) else counts
-    return starts, np.repeat(np.arange(len(counts)), counts)
-
-
-def _build_records(files, image_ids, sizes, box_counts, boxes, labels, pair_counts, pairs, key, what, skips,
-                   drop_empty):
-    """Vectorised over all images of a split (a Python loop did the same in 100 us per image):
-    clamp the xyxy boxes to their image, drop the degenerate ones (x2 <= x1 or y2 <= y1) and the pairs that use
-    them, re-number the remaining box indices, and cut the results into one record per image (views into a few
-    big arrays: about 400 bytes per record besides the numbers themselves).
-
-    sizes (n, 2) [width, height]; box_counts (n,), boxes (B, 4) xyxy, labels (B,) in image order; pair_counts
-    (n,), pairs (P, 3) [subject, object or -1, class] with per-image box indices (already range-checked).
-    drop_empty: images left without a pair are skipped (VG: SGB's filter_empty_rels)."""
-    n = len(files)
-    box_start, box_img = _segment_ids(box_counts)                    # (n,), (B,)
-    pair_start, pair_img = _segment_ids(pair_counts)                 # (n,), (P,)
-    boxes = np.array(boxes, np.float32).reshape(-1, 4)               # (B, 4) a copy, clamped in place
+    The boxes are clamped to the image; the degenerate ones (x2 <= x1 or y2 <= y1 after clamping) are dropped with
+    the pairs that use them, and the remaining pairs' box indices are re-numbered (RelTR drops such boxes without
+    re-numbering, which silently shifts the labels of the boxes after them). Drops are counted in `skips`."""
+    boxes = np.array(boxes, np.float32).reshape(-1, 4)                  # (N, 4)
     if not np.isfinite(boxes).all():
-        i = int(box_img[np.where(~np.isfinite(boxes).all(1))[0][0]])
-        raise DataError(f"{files[i]} (image {image_ids[i]}): field 'bbox' holds a non-finite value")
-    wh = np.asarray(sizes, np.float32)[box_img]                      # (B, 2)
-    boxes[:, 0::2] = boxes[:, 0::2].clip(0, wh[:, :1])
-    boxes[:, 1::2] = boxes[:, 1::2].clip(0, wh[:, 1:])
-    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # (B,)
+        raise DataError(f"{file} (image {image_id}): field 'bbox' holds a non-finite value")
+    boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
+    boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])     # (N,)
+    pairs = np.array(pairs, np.int64).reshape(-1, 3)                    # (P, 3)
+    kept_pairs = _drop_boxes(keep, pairs)                               # (P', 3)
     skips["degenerate boxes dropped"] += int((~keep).sum())
-    kept_before = np.concatenate([[0], np.cumsum(keep)])             # (B + 1,) kept boxes before each position
-    new_index = kept_before[1:] - 1 - kept_before[box_start][box_img]  # (B,) index among the image's kept boxes
-    pairs = np.asarray(pairs, np.int64).reshape(-1, 3)
-    g_sub = box_start[pair_img] + pairs[:, 0]                          # (P,) global box row of the subject
-    g_obj = box_start[pair_img] + np.maximum(pairs[:, 1], 0)
-    ok = keep[g_sub] & ((pairs[:, 1] < 0) | keep[g_obj])              # (P,)
-    skips[f"{what} on dropped boxes"] += int((~ok).sum())
-    out_pairs = np.stack([new_index[g_sub], np.where(pairs[:, 1] < 0, -1, new_index[g_obj]), pairs[:, 2]], 1)[ok]
-    kept_boxes = np.ascontiguousarray(boxes[keep])
-    kept_labels = np.asarray(labels, np.int64)[keep]
-    nb = np.bincount(box_img[keep], minlength=n)                     # (n,) boxes kept per image
-    npair = np.bincount(pair_img[ok], minlength=n)                   # (n,) pairs kept per image
-    b_end, p_end = np.cumsum(nb).tolist(), np.cumsum(npair).tolist()
-    records = []
-    for i, (file, image_id, (w, h), b1, kb, p1, kp) in enumerate(zip(files, image_ids, np.asarray(sizes).tolist(),
-                                                                     b_end, nb.tolist(), p_end, npair.tolist())):
-        if drop_empty and kp == 0:
-            skips["images without relations skipped"] += 1
-            continue
-        records.append({"file": file, "image_id": image_id, "width": w, "height": h, "boxes": kept_boxes[b1 - kb:b1],
-                        "labels": kept_labels[b1 - kb:b1], key: out_pairs[p1 - kp:p1]})
-    return records
+    skips[f"{what} on dropped boxes"] += len(pairs) - len(kept_pairs)
+    return {"file": file, "image_id": image_id, "width": width, "height": height, "boxes": boxes[keep],
+            "labels": np.array(labels, np.int64).reshape(-1)[keep], key: kept_pairs}
+
+
+def _drop_boxes(keep, pairs):
+    """The pairs (P, 3) [subject, object or -1, class] whose boxes are all kept (keep: (N,) bool), with their box
+    indices re-numbered among the kept boxes. Used at load time and after each training transform."""
+    new_index = np.cumsum(keep) - 1                                     # (N,) index among the kept boxes
+    has_object = pairs[:, 1] >= 0
+    usable = keep[pairs[:, 0]] & (~has_object | keep[pairs[:, 1].clip(0)])
+    pairs, has_object = pairs[usable], has_object[usable]               # a copy: the caller's pairs stay as they are
+    pairs[:, 0] = new_index[pairs[:, 0]]
+    pairs[has_object, 1] = new_index[pairs[has_object, 1]]
+    return pairs
 
 
 def report_skips(name, skips):
@@ -1806,475 +1422,210 @@ def report_skips(name, skips):
 
 
 # ---------------------------------------------------------------- VG150, RelTR's COCO-style JSON (primary path)
-# Speed and memory at full size (VG train.json: 57,723 images, 635,000 annotations): the parse hands every
-# annotation dict to a hook that appends its numbers to flat arrays and returns None, so the JSON objects never
-# accumulate (they were 500 MB of Python objects for a 77 MB file); rel.json is parsed once per process for all
-# three splits, into arrays (cached by path, modification time and size); all checks and conversions are vectorised.
+# train.json / val.json / test.json are COCO detection files (images with width and height; annotations with an
+# xywh bbox, a 1-based category_id and an image_id); rel.json holds every split's relations by image id.
 
 
-class _CocoReader:
-    """object_hook for a COCO detection JSON: annotations -> flat arrays, images -> lists of their fields."""
+def _vg_relations(rel_json, rel_path, split):
+    """One split of rel.json -> {image id: [[subject, object, predicate 1..50], ...]}, every entry checked."""
+    if not isinstance(rel_json, dict):
+        raise DataError(f"{rel_path}: expected an object with the splits and 'rel_categories'")
+    if split not in rel_json:
+        raise DataError(f"{rel_path}: no key {split!r} (has {sorted(rel_json)})")
+    relations = {}
+    for key, rows in rel_json[split].items():
+        if not key.lstrip("-").isdigit():
+            raise DataError(f"{rel_path}: {split}/{key!r}: key is not an image id")
+        for j, row in enumerate(rows):
+            if type(row) is not list or len(row) != 3 or not all(type(v) is int for v in row):
+                raise DataError(f"{rel_path}: {split}/{key}: entry {j} = {row!r}: expected 3 numbers "
+                                f"[subject, object, predicate]")
+        relations[int(key)] = rows
+    return relations
 
-    def __init__(self, path):
-        self.path = path
-        self.ann_image, self.ann_cat, self.ann_box = array.array("q"), array.array("q"), array.array("d")
-        self.im_id, self.im_file, self.im_w, self.im_h = [], [], [], []
 
-    def __call__(self, d):
-        box = d.get("bbox")
-        if box is not None:  # an annotation: the common case first, with as few operations as possible
-            image = d.get("image_id")
-            if type(box) is not list or len(box) != 4 or type(image) is not int:
-                self._bad_annotation(d)
-            try:
-                self.ann_box.extend(box)
-            except TypeError:
-                self._bad_annotation(d)
-            self.ann_image.append(image)
-            cat = d.get("category_id")
-            self.ann_cat.append(cat if type(cat) is int else -(10 ** 9))  # not an int: reported with its record
-            return None
-        if "file_name" in d:  # an image
-            for k in ("id", "width", "height"):
-                v = d.get(k)
-                if type(v) is not int and (k == "id" or type(v) is not float) or (k != "id" and not v > 0):
-                    raise DataError(f"{self.path}: image {d.get('id', '?')} ({d['file_name']}, entry "
-                                    f"{len(self.im_id)} of 'images'): field {k!r} " +
-                                    ("missing" if v is None else f"= {v!r} is not a positive number"))
-            self.im_id.append(d["id"])
-            self.im_file.append(d["file_name"])
-            self.im_w.append(d["width"])
-            self.im_h.append(d["height"])
-            return None
-        return d  # categories, info, the top level
-
-    def _bad_annotation(self, d):
-        where = (f"{self.path}: annotation id {d.get('id', '?')} (image {d.get('image_id', '?')}, entry "
-                 f"{len(self.ann_cat)} of 'annotations')")
-        box, image = d.get("bbox"), d.get("image_id")
+def _vg_images(coco, ann_path):
+    """The images of a COCO detection JSON with their annotations: [(image, [annotation, ...] in file order)],
+    every field the loader uses checked (the annotation dicts themselves are grouped: no copy of the parsed file)."""
+    seen = set()
+    for i, image in enumerate(coco["images"]):
+        where = f"{ann_path}: image {image.get('id', '?')} ({image.get('file_name')}, entry {i} of 'images')"
+        for name in ("file_name", "id", "width", "height"):
+            if name not in image:
+                raise DataError(f"{where}: field {name!r} missing")
+        if type(image["id"]) is not int or image["id"] in seen:
+            raise DataError(f"{where}: field 'id' = {image['id']!r} is not an integer or not unique in 'images'")
+        for name in ("width", "height"):
+            if type(image[name]) not in (int, float) or not image[name] > 0:
+                raise DataError(f"{where}: field {name!r} = {image[name]!r} is not a positive number")
+        seen.add(image["id"])
+    annotations = {}
+    for k, ann in enumerate(coco["annotations"]):
+        box, image_id = ann.get("bbox"), ann.get("image_id", "?")
+        where = f"{ann_path}: annotation id {ann.get('id', '?')} (image {image_id}, entry {k} of 'annotations')"
         if type(box) is not list or len(box) != 4 or not all(type(v) in (int, float) for v in box):
             raise DataError(f"{where}: field 'bbox' = {box!r}: expected 4 numbers [x, y, w, h]")
-        raise DataError(f"{where}: field 'image_id' = {image!r}: missing or not an integer")
+        if type(image_id) is not int:
+            raise DataError(f"{where}: field 'image_id' = {ann.get('image_id')!r}: missing or not an integer")
+        annotations.setdefault(image_id, []).append(ann)
+    return [(image, annotations.get(image["id"], [])) for image in coco["images"]]
 
 
-class _RelSplit:
-    """One split of rel.json as arrays: image ids (n,) sorted, their rows' starts and counts, rows (R, 3)."""
-
-    def __init__(self, d):
-        self.error = None
-        try:
-            ids = np.array([int(k) for k in d], np.int64)
-        except ValueError:
-            bad = next(k for k in d if not k.lstrip("-").isdigit())
-            ids, self.error = np.zeros(0, np.int64), f"{bad!r}: key is not an image id"
-        lists = list(d.values())
-        counts = np.fromiter(map(len, lists), np.int64, len(lists))
-        rows = list(itertools.chain.from_iterable(lists))
-        lengths = np.fromiter(map(len, rows), np.int64, len(rows))
-        if self.error is None and (lengths != 3).any():
-            r = int(np.where(lengths != 3)[0][0])
-            i = int(np.searchsorted(np.cumsum(counts), r, side="right"))
-            self.error = (f"{list(d)[i]}: entry {r - int(counts[:i].sum())} = {rows[r]!r}: expected 3 numbers "
-                          f"[subject, object, predicate]")
-        if self.error is not None:
-            ids, counts, flat = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 3), np.int64)
-        else:
-            flat = np.fromiter(itertools.chain.from_iterable(rows), np.int64, 3 * len(rows)).reshape(-1, 3)
-        order = np.argsort(ids, kind="stable")
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64) if len(counts) else counts
-        self.ids, self.starts, self.counts, self.rows = ids[order], starts[order], counts[order], flat
-
-
-def _parse_rel_json(rel_path):
-    rels_all = _read_json(rel_path, object_hook=_rel_hook)
-    if not isinstance(rels_all, dict) or isinstance(rels_all, _RelSplit):
-        raise DataError(f"{rel_path}: expected an object with the splits and 'rel_categories'")
-    out = {"rel_categories": np.array([str(n) for n in rels_all.get("rel_categories", [])], dtype=str)}
-    for split, r in rels_all.items():
-        if isinstance(r, _RelSplit):
-            out.update({f"{split}/ids": r.ids, f"{split}/starts": r.starts, f"{split}/counts": r.counts,
-                        f"{split}/rows": r.rows, f"{split}/error": np.array(r.error or "")})
-    return out
+def _vg_record(root, split, paths, image, anns, rels, category_index, num_predicates, skips):
+    """One VG image -> a record: 1-based categories -> 0-based labels, COCO xywh -> xyxy, predicates 1..50 ->
+    0..49, after checking every category, relation index and predicate. paths: (ann_path, rel_path)."""
+    ann_path, rel_path = paths
+    boxes, labels = [], []
+    for j, ann in enumerate(anns):
+        category = ann.get("category_id")
+        if type(category) is not int or category not in category_index:
+            value = category if type(category) is int else "missing or not an integer"
+            raise DataError(f"{ann_path}: image {image['id']}, annotation {j}: field 'category_id' = {value!r} is "
+                            f"not a category of the file")
+        x, y, w, h = ann["bbox"]
+        boxes.append([x, y, x + w, y + h])
+        labels.append(category_index[category])
+    for j, (subject, object_, predicate) in enumerate(rels):
+        entry = f"{rel_path}: {split}/{image['id']}: entry {j} has"
+        if not (0 <= subject < len(boxes) and 0 <= object_ < len(boxes)):
+            raise DataError(f"{entry} [subject, object] = ({subject}, {object_}) but the image has {len(boxes)} "
+                            f"boxes")
+        if num_predicates and not 1 <= predicate <= num_predicates:
+            raise DataError(f"{entry} predicate {predicate}, outside 1..{num_predicates}")
+    pairs = [[subject, object_, predicate - 1] for subject, object_, predicate in rels]
+    file = os.path.join(root, "images", image["file_name"])
+    return _make_record(file, image["id"], image["width"], image["height"], boxes, labels, pairs, "rels",
+                        "relations", skips)
 
 
-def _rel_hook(d):
-    """object_hook for rel.json: every split ({str(image_id): [[s, o, p], ...]}) becomes a _RelSplit at once."""
-    if "rel_categories" in d or any(isinstance(v, _RelSplit) for v in d.values()):
-        return d  # the top level
-    return _RelSplit(d)
-
-
-_REL_CACHE = {}  # rel.json path -> ((mtime_ns, size), parsed): all three splits from one parse per process
-
-
-def _read_rel_json(rel_path):
-    try:
-        st = os.stat(rel_path)
-    except FileNotFoundError:
-        raise DataError(f"{rel_path}: file not found") from None
-    stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
-    cached = _REL_CACHE.get(os.path.abspath(rel_path))
-    if cached is None or cached[0] != stamp:
-        arrays = _cached_parse(rel_path, "rel", _parse_rel_json)
-        rels_all = {"rel_categories": arrays["rel_categories"].tolist()}
-        for key in arrays:
-            if key.endswith("/ids"):
-                split = key[:-4]
-                rels_all[split] = types.SimpleNamespace(
-                    ids=arrays[f"{split}/ids"], starts=arrays[f"{split}/starts"], counts=arrays[f"{split}/counts"],
-                    rows=arrays[f"{split}/rows"], error=str(arrays[f"{split}/error"]))
-        cached = _REL_CACHE[os.path.abspath(rel_path)] = (stamp, rels_all)
-    return cached[1]
-
-
-def _parse_coco_json(ann_path):
-    reader = _CocoReader(ann_path)
-    coco = _read_json(ann_path, object_hook=reader)
-    if not isinstance(coco, dict):
-        raise DataError(f"{ann_path}: expected a COCO detection JSON object, got {type(coco).__name__}")
-    for key in ("images", "annotations", "categories"):
-        if key not in coco:
-            raise DataError(f"{ann_path}: missing top-level field {key!r}")
-    categories = sorted(coco["categories"], key=lambda c: c["id"])
-    return dict(ann_image=np.frombuffer(reader.ann_image, np.int64), ann_cat=np.frombuffer(reader.ann_cat, np.int64),
-                ann_box=np.frombuffer(reader.ann_box, np.float64).reshape(-1, 4),
-                im_id=np.array(reader.im_id, np.int64), im_file=np.array(reader.im_file, dtype=str),
-                im_w=np.array(reader.im_w), im_h=np.array(reader.im_h),
-                cat_ids=np.array([c["id"] for c in categories], np.int64),
-                cat_names=np.array([c["name"] for c in categories], dtype=str))
+def _check_size(record, where, bad_images, skips):
+    """The image header's (width, height) must be the annotation's: the boxes are in the annotation's frame. False
+    for an unreadable header skipped under bad_images="skip" (see _image_size)."""
+    size = _image_size(record["file"], where, bad_images, skips)
+    expected = (record["width"], record["height"])
+    if size is None or tuple(size) == expected:
+        return size is not None
+    fields = [f"'{name}' = {value}" for name, value, real in zip(("width", "height"), expected, size) if value != real]
+    raise DataError(f"{where}: field {' and '.join(fields)} but the image file {record['file']} is {size[0]} x "
+                    f"{size[1]} (width x height): the annotations do not belong to this image")
 
 
 def load_vg_json(root, split, check_images=True, bad_images="stop"):
     """VG150 in RelTR's layout: root/{train,val,test}.json (COCO detection JSON) + root/rel.json + root/images/.
 
     rel.json[split][str(image_id)] = [[subject, object, predicate 1..50], ...], indices into the image's annotations
-    in file order. Degenerate boxes are dropped with their relations (RelTR drops the boxes without re-indexing,
-    which silently shifts labels: we re-index); images without relations are skipped (SGB's filter_empty_rels).
-    check_images / bad_images: see "What is checked when" above."""
+    in file order. Degenerate boxes are dropped with their relations (re-indexed, see _make_record); images without
+    relations are skipped (SGB's filter_empty_rels). check_images / bad_images: see "What is checked when" above."""
     ann_path, rel_path = os.path.join(root, f"{split}.json"), os.path.join(root, "rel.json")
-    coco = _cached_parse(ann_path, "coco", _parse_coco_json)  # compact arrays, see _CocoReader
-    rels_all = _read_rel_json(rel_path)
-    if split not in rels_all:
-        raise DataError(f"{rel_path}: no key {split!r} (has {sorted(rels_all)})")
-    rel = rels_all[split]
-    if rel.error:
-        raise DataError(f"{rel_path}: {split}/{rel.error}")
-    cat_ids = coco["cat_ids"]
-    predicate_names = [n for n in rels_all.get("rel_categories", []) if n != "__background__"]
-    im_id = coco["im_id"]                                                     # (n,)
-    unique, seen = np.unique(im_id, return_counts=True)
-    if (seen > 1).any():
-        raise DataError(f"{ann_path}: image id {int(unique[seen > 1][0])} appears more than once in 'images'")
-    skips = Counter()
-
-    # annotations grouped by image, in file order within an image (a stable sort)
-    ann_image = coco["ann_image"]                                             # (A,)
-    order = np.argsort(ann_image, kind="stable")
-    sorted_image = ann_image[order]
-    first = np.searchsorted(sorted_image, im_id, "left")                      # (n,)
-    nbox = np.searchsorted(sorted_image, im_id, "right") - first              # (n,) annotations per image
-    # relations of every image (an image missing from rel.json has none)
-    pos = np.minimum(np.searchsorted(rel.ids, im_id), max(len(rel.ids) - 1, 0))
-    found = (rel.ids[pos] == im_id) if len(rel.ids) else np.zeros(len(im_id), bool)
-    nrel = np.where(found, rel.counts[pos] if len(rel.ids) else 0, 0)         # (n,)
-    with_rels = np.where(nrel > 0)[0]
-    skips["images without relations skipped"] += len(im_id) - len(with_rels)
-    im_sel, nbox, nrel = with_rels, nbox[with_rels], nrel[with_rels]
-    box_start, box_img = _segment_ids(nbox)
-    ann_rows = order[np.repeat(first[im_sel] - box_start, nbox) + np.arange(int(nbox.sum()))]  # (B,) file rows
-    rel_start, rel_img = _segment_ids(nrel)
-    rel_rows = np.repeat(rel.starts[pos[im_sel]] - rel_start, nrel) + np.arange(int(nrel.sum()))
-    rels = rel.rows[rel_rows].copy()                                          # (R, 3) [s, o, predicate 1..50]
-
-    def image_where(i):  # i: index into im_sel
-        return f"{ann_path}: image {int(im_id[im_sel[i]])}"
-
-    # checks, each naming the first offending record
-    cat = coco["ann_cat"][ann_rows]
-    cat_pos = np.minimum(np.searchsorted(cat_ids, cat), len(cat_ids) - 1)
-    bad = cat_ids[cat_pos] != cat
-    if bad.any():
-        b = int(np.where(bad)[0][0])
-        i, j = int(box_img[b]), b - int(box_start[box_img[b]])
-        value = int(cat[b]) if cat[b] != -(10 ** 9) else "missing or not an integer"
-        raise DataError(f"{image_where(i)}, annotation {j}: field 'category_id' = {value!r} is not a category of "
-                        f"the file")
-    num_boxes = nbox[rel_img]
-    bad = (rels[:, 0] < 0) | (rels[:, 0] >= num_boxes) | (rels[:, 1] < 0) | (rels[:, 1] >= num_boxes)
-    if bad.any():
-        r = int(np.where(bad)[0][0])
-        i = int(rel_img[r])
-        raise DataError(f"{rel_path}: {split}/{int(im_id[im_sel[i]])}: entry {r - int(rel_start[i])} has "
-                        f"[subject, object] = ({rels[r, 0]}, {rels[r, 1]}) but the image has {nbox[i]} boxes")
-    if predicate_names:
-        bad = (rels[:, 2] < 1) | (rels[:, 2] > len(predicate_names))
-        if bad.any():
-            r = int(np.where(bad)[0][0])
-            i = int(rel_img[r])
-            raise DataError(f"{rel_path}: {split}/{int(im_id[im_sel[i]])}: entry {r - int(rel_start[i])} has "
-                            f"predicate {rels[r, 2]}, outside 1..{len(predicate_names)}")
-    rels[:, 2] -= 1  # predicates 1..50 -> 0..49
-
-    xywh = coco["ann_box"][ann_rows]                                          # (B, 4) COCO xywh
-    boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)         # (B, 4) xyxy
-    sizes = np.stack([coco["im_w"][im_sel], coco["im_h"][im_sel]], 1)         # (n', 2) [width, height]
-    files = [os.path.join(root, "images", f) for f in coco["im_file"][im_sel].tolist()]
-    records = _build_records(files, im_id[im_sel].tolist(), sizes, nbox, boxes, cat_pos, nrel, rels, "rels",
-                             "relations", skips, drop_empty=True)
-    if check_images and records:
-        files = [r["file"] for r in records]
-        expected = np.array([[r["width"], r["height"]] for r in records])
-        _, ok = _check_image_files(files, lambda k: f"{ann_path}: image {records[k]['image_id']}", bad_images, skips,
-                                   expected)
-        records = [r for r, good in zip(records, ok.tolist()) if good]
+    coco = _read_json(ann_path)
+    if not isinstance(coco, dict) or not {"images", "annotations", "categories"} <= coco.keys():
+        raise DataError(f"{ann_path}: expected a COCO detection JSON object with 'images', 'annotations' and "
+                        f"'categories'")
+    rel_json = _read_json(rel_path)
+    relations = _vg_relations(rel_json, rel_path, split)
+    predicate_names = [n for n in rel_json.get("rel_categories", []) if n != "__background__"]
+    categories = sorted(coco["categories"], key=lambda c: c["id"])
+    category_index = {c["id"]: k for k, c in enumerate(categories)}  # VG150 id 1..150 -> label 0..149
+    records, skips = [], Counter()
+    for image, anns in _vg_images(coco, ann_path):
+        rels = relations.get(image["id"], [])
+        record = _vg_record(root, split, (ann_path, rel_path), image, anns, rels, category_index,
+                            len(predicate_names), skips) if rels else None
+        if record is None or len(record["rels"]) == 0:  # none, or none left after dropping degenerate boxes
+            skips["images without relations skipped"] += 1
+            continue
+        if check_images and not _check_size(record, f"{ann_path}: image {image['id']}", bad_images, skips):
+            continue
+        records.append(record)
     report_skips(f"VG {split}", skips)
-    meta = dict(task="sgg", entity_names=coco["cat_names"].tolist(), predicate_names=predicate_names)
+    meta = dict(task="sgg", entity_names=[c["name"] for c in categories], predicate_names=predicate_names)
     return records, meta
 
 
-# ---------------------------------------------------------------- VG150, the Neural-Motifs / SGB HDF5 (optional)
-
-VG_CORRUPTED = {1592, 1722, 4616, 4617}
-
-
-def load_vg_h5(root, split, num_val_im=5000, check_images=True, bad_images="stop"):
-    """VG150 from VG-SGG-with-attri.h5 + VG-SGG-dicts-with-attri.json + image_data.json (SGB's load_graphs).
-
-    split values in the file: 0 = train (train and val), 2 = test; val = the first num_val_im train images
-    (SGB: 5,000; train.py --num_val_im). Boxes are int (cx, cy, w, h) at longest side 1024, decoded as SGB does and
-    scaled to the original image with image_data.json's sizes, as SGB's load_graphs (the 1024-px boxes were made from
-    those sizes, so they are not replaced by the image header's). The same checks as the JSON reader: labels 1..150
-    and predicates 1..50 (0 is background, never an annotation), relation indices inside the image's box range;
-    check_images: every image file exists and has a readable image header."""
-    try:
-        import h5py  # optional extra
-    except ImportError:
-        raise ImportError("load_vg_h5 needs h5py (pip install h5py); or use the RelTR JSON with load_vg_json") \
-            from None
-    if num_val_im < 0:
-        raise ValueError(f"num_val_im must be >= 0, got {num_val_im}")
-    dicts = _read_json(os.path.join(root, "VG-SGG-dicts-with-attri.json"))
-    info = [x for x in _read_json(os.path.join(root, "image_data.json")) if x["image_id"] not in VG_CORRUPTED]
-    entity_names = [dicts["idx_to_label"][str(i)] for i in range(1, len(dicts["idx_to_label"]) + 1)]
-    predicate_names = [dicts["idx_to_predicate"][str(i)] for i in range(1, len(dicts["idx_to_predicate"]) + 1)]
-    h5_path = os.path.join(root, "VG-SGG-with-attri.h5")
-    with h5py.File(h5_path, "r") as h5:
-        data = {k: h5[k][:] for k in ("split", "img_to_first_box", "img_to_last_box", "img_to_first_rel",
-                                      "img_to_last_rel", "labels", "boxes_1024", "relationships", "predicates")}
-    if len(info) != len(data["split"]):
-        raise DataError(f"{h5_path}: {len(data['split'])} images but image_data.json lists {len(info)} "
-                        f"(after removing the 4 corrupted ones)")
-    mask = data["split"] == (2 if split == "test" else 0)
-    mask &= (data["img_to_first_box"] >= 0) & (data["img_to_first_rel"] >= 0)
-    index = np.where(mask)[0]
-    if split == "val":
-        index = index[:num_val_im]
-    elif split == "train":
-        if len(index) and len(index) <= num_val_im:
-            raise DataError(f"{h5_path}: the file has {len(index)} training images with relations and the first "
-                            f"num_val_im = {num_val_im} of them form the validation split, so none is left for "
-                            f"training: lower --num_val_im")
-        index = index[num_val_im:]
-    records, skips = [], Counter()
-    paths = [os.path.join(root, "images", f"{info[i]['image_id']}.jpg") for i in index.tolist()]
-    readable = np.ones(len(paths), bool)
-    if check_images:  # every file exists and has an image header; its size is not compared (see the docstring)
-        _, readable = _check_image_files(paths, lambda k: f"{h5_path}: image {info[index[k]]['image_id']} "
-                                                          f"(row {index[k]})", bad_images, skips)
-    for i, path, ok in zip(index.tolist(), paths, readable.tolist()):
-        if not ok:
-            continue
-        where = f"{h5_path}: image {info[i]['image_id']} (row {i})"
-        a, b = int(data["img_to_first_box"][i]), int(data["img_to_last_box"][i])
-        ra, rb = int(data["img_to_first_rel"][i]), int(data["img_to_last_rel"][i])
-        if not 0 <= a <= b < len(data["labels"]) or not 0 <= ra <= rb < len(data["predicates"]):
-            raise DataError(f"{where}: fields 'img_to_first_box'..'img_to_last_box' = {a}..{b} or "
-                            f"'img_to_first_rel'..'img_to_last_rel' = {ra}..{rb} outside the file's arrays")
-        labels = data["labels"][a:b + 1, 0].astype(np.int64)
-        if ((labels < 1) | (labels > len(entity_names))).any():
-            j = int(np.where((labels < 1) | (labels > len(entity_names)))[0][0])
-            raise DataError(f"{where}: field 'labels' row {a + j} = {labels[j]}, outside 1..{len(entity_names)} "
-                            f"(0 is background)")
-        predicates = data["predicates"][ra:rb + 1, 0].astype(np.int64)
-        if ((predicates < 1) | (predicates > len(predicate_names))).any():
-            j = int(np.where((predicates < 1) | (predicates > len(predicate_names)))[0][0])
-            raise DataError(f"{where}: field 'predicates' row {ra + j} = {predicates[j]}, outside "
-                            f"1..{len(predicate_names)} (0 is background)")
-        pairs = data["relationships"][ra:rb + 1].astype(np.int64)  # global box rows
-        bad = (pairs < a) | (pairs > b)
-        if bad.any():
-            j = int(np.where(bad.any(1))[0][0])
-            raise DataError(f"{where}: field 'relationships' row {ra + j} = {pairs[j].tolist()} but the image's "
-                            f"boxes are rows {a}..{b}")
-        w, h = info[i]["width"], info[i]["height"]
-        boxes = data["boxes_1024"][a:b + 1].astype(np.int32).copy()
-        boxes[:, :2] = boxes[:, :2] - boxes[:, 2:] / 2  # float written back into int32: truncated, as SGB
-        boxes[:, 2:] = boxes[:, :2] + boxes[:, 2:]
-        boxes = boxes.astype(np.float32) / 1024 * max(w, h)
-        boxes[:, 0::2] = boxes[:, 0::2].clip(0, w - 1)
-        boxes[:, 1::2] = boxes[:, 1::2].clip(0, h - 1)
-        rels = np.column_stack([pairs - a, predicates - 1])
-        records.append(dict(file=path, image_id=int(info[i]["image_id"]), width=w, height=h, boxes=boxes,
-                            labels=labels - 1, rels=rels.astype(np.int64)))
-    report_skips(f"VG h5 {split}", skips)
-    return records, dict(task="sgg", entity_names=entity_names, predicate_names=predicate_names)
-
-
 # ---------------------------------------------------------------- HICO-DET and V-COCO, the QPIC / CDN JSON
+# One JSON list per split, one entry per image: {"file_name", "img_id" (train only), "annotations": [{"bbox" xyxy
+# in pixels, "category_id" COCO-91}], "hoi_annotation": [{"subject_id", "object_id", "category_id" = the verb}]}.
+
+HOIA_FILES = {"hico": ("trainval_hico.json", "test_hico.json"), "vcoco": ("trainval_vcoco.json", "test_vcoco.json")}
+# image folders (train, test), number of verbs, the files' first verb id, whether an HOI may lack its object (V-COCO:
+# object_id -1 for an agent-only action or an absent object)
+HOIA_FORMS = {"hico": (("train2015", "test2015"), 117, 1, False), "vcoco": (("train2014", "val2014"), 29, 0, True)}
 
 
-class _HoiaReader:
-    """object_hook for the HOIA list: the dicts inside an image come first (annotations -> flat arrays, returning
-    their serial number k >= 0; HOIs -> flat arrays, returning -(k + 1)), then the image dict, which checks that
-    its two lists hold what they should and keeps its counts. A bad field is remembered and reported by the
-    enclosing image's hook, which knows the record's number and file name."""
-
-    def __init__(self, path):
-        self.path = path
-        self.box, self.cat = array.array("d"), array.array("q")                       # (4 A,), (A,)
-        self.hoi = array.array("q")                                             # (3 H,) [subject, object, category_id]
-        self.files, self.img_ids, self.nbox, self.nhoi = [], [], [], []
-        self.pending = None  # (kind, serial, message) of the first bad field inside the current image
-
-    def __call__(self, d):
-        box = d.get("bbox")
-        if box is not None:  # an object annotation
-            k = len(self.cat)
-            if type(box) is list and len(box) == 4:
-                try:
-                    self.box.extend(box)
-                except TypeError:
-                    box = None
-            else:
-                box = None
-            if box is None:
-                self.box.extend((0.0, 0.0, 0.0, 0.0))
-                if self.pending is None:
-                    self.pending = ("annotations", k, f"field 'bbox' = {d['bbox']!r}: expected 4 numbers "
-                                                      f"[x1, y1, x2, y2]")
-            cat = d.get("category_id")
-            self.cat.append(cat if type(cat) is int else -(10 ** 9))
-            return k
-        if "file_name" in d:  # an image: its lists hold the serial numbers returned above
-            n = len(self.files)
-            where = f"{self.path}: record {n} ({d['file_name']})"
-            for key in ("annotations", "hoi_annotation"):
-                if key not in d:
-                    raise DataError(f"{where}: missing field {key!r}")
-            anns, hois = d["annotations"], d["hoi_annotation"]
-            if not all(type(a) is int and a >= 0 for a in anns):
-                j = next(j for j, a in enumerate(anns) if not (type(a) is int and a >= 0))
-                raise DataError(f"{where}, annotation {j}: missing field 'bbox'")
-            if not all(type(h) is int and h < 0 for h in hois):
-                j = next(j for j, h in enumerate(hois) if not (type(h) is int and h < 0))
-                raise DataError(f"{where}, hoi_annotation {j}: not an HOI (a dict with 'subject_id', 'object_id', "
-                                f"'category_id')")
-            if self.pending is not None:
-                kind, serial, message = self.pending
-                first = anns[0] if kind == "annotations" else -hois[0] - 1
-                raise DataError(f"{where}, {'annotation' if kind == 'annotations' else 'hoi_annotation'} "
-                                f"{serial - first}: {message}")
-            img_id = d.get("img_id", n)  # trainval has it; the test files do not (the record's number then)
-            if type(img_id) is not int:
-                raise DataError(f"{where}: field 'img_id' = {img_id!r} is not an integer")
-            self.files.append(d["file_name"])
-            self.img_ids.append(img_id)
-            self.nbox.append(len(anns))
-            self.nhoi.append(len(hois))
-            return None
-        if "annotations" in d or "hoi_annotation" in d:
-            raise DataError(f"{self.path}: record {len(self.files)}: missing field 'file_name'")
-        # an HOI
-        k = len(self.hoi) // 3
-        values = []
+def _hoia_annotations(path, i, entry, coco91_to_80, dataset, train, skips):
+    """Entry i of a HOIA list, every field checked -> (boxes xyxy, labels COCO-80, hois [subject, object or -1,
+    verb 0-based]); None for a training image with a subject / object id out of range (QPIC skips those, the
+    released file has some; in a test file it is an error)."""
+    _, num_verbs, verb_base, allow_no_object = HOIA_FORMS[dataset]
+    if not isinstance(entry, dict) or "file_name" not in entry:
+        raise DataError(f"{path}: record {i}: missing field 'file_name' (expected a JSON list of image records)")
+    where = f"{path}: record {i} ({entry['file_name']})"
+    for key in ("annotations", "hoi_annotation"):
+        if key not in entry:
+            raise DataError(f"{where}: missing field {key!r}")
+    if type(entry.get("img_id", 0)) is not int:
+        raise DataError(f"{where}: field 'img_id' = {entry['img_id']!r} is not an integer")
+    boxes, labels = [], []
+    for j, ann in enumerate(entry["annotations"]):
+        box = ann.get("bbox") if isinstance(ann, dict) else None
+        if box is None:
+            raise DataError(f"{where}, annotation {j}: missing field 'bbox'")
+        if type(box) is not list or len(box) != 4 or not all(type(v) in (int, float) for v in box):
+            raise DataError(f"{where}, annotation {j}: field 'bbox' = {box!r}: expected 4 numbers [x1, y1, x2, y2]")
+        category = ann.get("category_id")
+        if type(category) is not int or category not in coco91_to_80:
+            value = category if type(category) is int else "missing or not an integer"
+            raise DataError(f"{where}, annotation {j}: field 'category_id' = {value!r} is not a COCO category id")
+        boxes.append(box)
+        labels.append(coco91_to_80[category])
+    hois = []
+    for j, hoi in enumerate(entry["hoi_annotation"]):
+        if not isinstance(hoi, dict):
+            raise DataError(f"{where}, hoi_annotation {j}: not an HOI (a dict with 'subject_id', 'object_id', "
+                            f"'category_id')")
         for key in ("subject_id", "object_id", "category_id"):
-            v = d.get(key)
-            if type(v) is not int:
-                if self.pending is None:
-                    self.pending = ("hoi_annotation", k, f"field {key!r} " + ("missing" if v is None else
-                                                                                f"= {v!r} is not an integer"))
-                v = 0
-            values.append(v)
-        self.hoi.extend(values)
-        return -(k + 1)
+            if type(hoi.get(key)) is not int:
+                problem = "missing" if hoi.get(key) is None else f"= {hoi[key]!r} is not an integer"
+                raise DataError(f"{where}, hoi_annotation {j}: field {key!r} {problem}")
+        hois.append([hoi["subject_id"], hoi["object_id"], hoi["category_id"] - verb_base])
+    lowest_object = -1 if allow_no_object else 0  # V-COCO: object -1 = the action has no role object
+    for j, (subject, object_, _) in enumerate(hois):
+        if not (0 <= subject < len(boxes) and lowest_object <= object_ < len(boxes)):
+            if train:
+                skips["images with out-of-range subject/object ids skipped"] += 1
+                return None
+            raise DataError(f"{where}, hoi_annotation {j}: field 'subject_id'/'object_id' = ({subject}, {object_}) "
+                            f"but the image has {len(boxes)} boxes")
+    for j, (_, _, verb) in enumerate(hois):
+        if not 0 <= verb < num_verbs:
+            raise DataError(f"{where}, hoi_annotation {j}: field 'category_id' = {verb + verb_base} is not a verb "
+                            f"id")
+    return boxes, labels, hois
 
 
-def _parse_hoia_json(path):
-    reader = _HoiaReader(path)
-    data = _read_json(path, object_hook=reader)
-    if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of images, got {type(data).__name__}")
-    if len(data) != len(reader.files):
-        raise DataError(f"{path}: expected a JSON list of image records (dicts with 'file_name')")
-    return dict(box=np.frombuffer(reader.box, np.float64).reshape(-1, 4), cat=np.frombuffer(reader.cat, np.int64),
-                hoi=np.frombuffer(reader.hoi, np.int64).reshape(-1, 3), files=np.array(reader.files, dtype=str),
-                img_ids=np.array(reader.img_ids, np.int64), nbox=np.array(reader.nbox, np.int64),
-                nhoi=np.array(reader.nhoi, np.int64))
-
-
-def _load_hoia(root, ann_file, image_dir, train, num_verbs, verb_base, allow_no_object, check_images,
-               bad_images="stop"):
-    """Shared reader of the PPDM/QPIC "HOIA" JSON (a list of {file_name, annotations, hoi_annotation}).
+def _load_hoia(root, dataset, split, check_images, bad_images):
+    """Shared reader of the PPDM/QPIC "HOIA" JSON. COCO-91 category ids -> COCO-80 labels, verbs -> 0-based.
     The sizes come from the image headers (the files have none); see "What is checked when"."""
-    vocab = load_vocab()
-    coco91_to_80 = np.full(max(c["id"] for c in vocab["coco80"]) + 1, -1, np.int64)
-    for i, c in enumerate(vocab["coco80"]):
-        coco91_to_80[c["id"]] = i
+    train = split == "train"
+    ann_file, image_dir = HOIA_FILES[dataset][not train], HOIA_FORMS[dataset][0][not train]
+    coco91_to_80 = {c["id"]: k for k, c in enumerate(load_vocab()["coco80"])}
     path = os.path.join(root, "annotations", ann_file)
-    hoia = _cached_parse(path, "hoia", _parse_hoia_json)  # compact arrays, see _HoiaReader
-    names, img_ids = hoia["files"].tolist(), hoia["img_ids"].tolist()
-    n = len(names)
-    skips = Counter()
-    nbox, nhoi = hoia["nbox"], hoia["nhoi"]                                          # (n,)
-    box_start, box_img = _segment_ids(nbox)
-    hoi_start, hoi_img = _segment_ids(nhoi)
-    cat = hoia["cat"]                                                                # (A,) COCO-91 ids
-    labels = np.where((cat >= 0) & (cat < len(coco91_to_80)), coco91_to_80[np.clip(cat, 0, len(coco91_to_80) - 1)], -1)
-    if (labels < 0).any():
-        b = int(np.where(labels < 0)[0][0])
-        i = int(box_img[b])
-        value = int(cat[b]) if cat[b] != -(10 ** 9) else "missing or not an integer"
-        raise DataError(f"{path}: record {i} ({names[i]}), annotation {b - box_start[i]}: field "
-                        f"'category_id' = {value!r} is not a COCO category id")
-    triples = hoia["hoi"].copy()                                                     # (H, 3)
-    triples[:, 2] -= verb_base
-    num_boxes = nbox[hoi_img]
-    bad = (triples[:, 0] < 0) | (triples[:, 0] >= num_boxes) | (triples[:, 1] >= num_boxes) | \
-          (triples[:, 1] < (-1 if allow_no_object else 0))
-    keep_image = np.ones(n, bool)
-    if bad.any():
-        if train:  # QPIC skips these training images (the released file has some)
-            keep_image[hoi_img[bad]] = False
-            skips["images with out-of-range subject/object ids skipped"] += int((~keep_image).sum())
-        else:
-            h = int(np.where(bad)[0][0])
-            i = int(hoi_img[h])
-            raise DataError(f"{path}: record {i} ({names[i]}), hoi_annotation {h - hoi_start[i]}: field "
-                            f"'subject_id'/'object_id' = ({triples[h, 0]}, {triples[h, 1]}) but the image has "
-                            f"{nbox[i]} boxes")
-    bad = keep_image[hoi_img] & ((triples[:, 2] < 0) | (triples[:, 2] >= num_verbs))
-    if bad.any():
-        h = int(np.where(bad)[0][0])
-        i = int(hoi_img[h])
-        raise DataError(f"{path}: record {i} ({names[i]}), hoi_annotation {h - hoi_start[i]}: field "
-                        f"'category_id' = {triples[h, 2] + verb_base} is not a verb id")
-    files = [os.path.join(root, "images", image_dir, f) for f in names]
-    if check_images:
-        kept = np.where(keep_image)[0]
-        sizes = np.zeros((n, 2), np.int64)
-        sizes[kept], ok = _check_image_files([files[i] for i in kept.tolist()],
-                                             lambda k: f"{path}: record {kept[k]} ({names[kept[k]]})",
-                                             bad_images, skips)
-        keep_image[kept[~ok]] = False
-    else:
-        sizes = np.full((n, 2), 10 ** 9, np.int64)  # no image, no clamping
-    sel = np.where(keep_image)[0]
-    box_rows = np.repeat(box_start[sel] - _segment_ids(nbox[sel])[0], nbox[sel]) + np.arange(int(nbox[sel].sum()))
-    hoi_rows = np.repeat(hoi_start[sel] - _segment_ids(nhoi[sel])[0], nhoi[sel]) + np.arange(int(nhoi[sel].sum()))
-    boxes = hoia["box"][box_rows]                                                  # (B, 4) xyxy pixels
-    records = _build_records([files[i] for i in sel.tolist()], [img_ids[i] for i in sel.tolist()],
-                             sizes[sel], nbox[sel], boxes, labels[box_rows], nhoi[sel], triples[hoi_rows], "hois",
-                             "HOIs", skips, drop_empty=False)
+    entries = _read_json(path)
+    if not isinstance(entries, list):
+        raise DataError(f"{path}: expected a JSON list of images, got {type(entries).__name__}")
+    records, skips = [], Counter()
+    for i, entry in enumerate(entries):
+        annotations = _hoia_annotations(path, i, entry, coco91_to_80, dataset, train, skips)
+        if annotations is None:
+            continue
+        file = os.path.join(root, "images", image_dir, entry["file_name"])
+        size = (10 ** 9, 10 ** 9)  # no image check: no size known, so no clamping
+        if check_images:
+            size = _image_size(file, f"{path}: record {i} ({entry['file_name']})", bad_images, skips)
+            if size is None:
+                continue
+        image_id = entry.get("img_id", i)  # trainval has it; the test files do not (the record's number then)
+        records.append(_make_record(file, image_id, *size, *annotations, "hois", "HOIs", skips))
     report_skips(ann_file, skips)
     return records
 
@@ -2290,8 +1641,11 @@ def rare_triplets_from_training(records, threshold=10):
     return sorted(t for t, c in counts.items() if c < threshold), counts
 
 
-def _load_correct_mat(path, shape, default):
-    """corre_*.npy ([verb, COCO-80 object] 0/1 matrix), or `default` (from vocab.json) when the file is absent."""
+def _load_correct_mat(root, dataset, vocab):
+    """root/annotations/corre_{dataset}.npy ([verb, COCO-80 object] 0/1 matrix), or vocab.json's when it is absent."""
+    path = os.path.join(root, "annotations", f"corre_{dataset}.npy")
+    default = _hico_correct_mat(vocab) if dataset == "hico" else np.array(vocab["corre_vcoco"], np.float32)
+    shape = default.shape
     if not os.path.exists(path):
         return default
     try:
@@ -2305,23 +1659,16 @@ def _load_correct_mat(path, shape, default):
     return m
 
 
-HOIA_FILES = {"hico": ("trainval_hico.json", "test_hico.json"), "vcoco": ("trainval_vcoco.json", "test_vcoco.json")}
-
-
 def load_hico(root, split, check_images=True, bad_images="stop"):
     """HICO-DET in the QPIC layout: root/annotations/{trainval,test}_hico.json, corre_hico.npy; root/images/."""
-    train = split == "train"
-    records = _load_hoia(root, HOIA_FILES["hico"][not train],
-                         "train2015" if train else "test2015", train, 117, 1, False, check_images, bad_images)
-    vocab = load_vocab()
-    correct_mat = _load_correct_mat(os.path.join(root, "annotations", "corre_hico.npy"), (117, 80),
-                                    _hico_correct_mat(vocab))
+    records, vocab = _load_hoia(root, "hico", split, check_images, bad_images), load_vocab()
     meta = dict(task="hoi", dataset="hico", object_names=[c["name"] for c in vocab["coco80"]],
-                verb_names=vocab["hico_verbs"], correct_mat=correct_mat, person_label=0)
+                verb_names=vocab["hico_verbs"], correct_mat=_load_correct_mat(root, "hico", vocab), person_label=0)
     return records, meta
 
 
 def _hico_correct_mat(vocab):
+    """The 600 HICO-DET HOIs as a [verb, COCO-80 object] 0/1 matrix (vocab.json's hico_hois)."""
     m = np.zeros((117, 80), np.float32)
     for v, o in vocab["hico_hois"]:
         m[v, o] = 1
@@ -2333,13 +1680,8 @@ def load_vcoco(root, split, check_images=True, bad_images="stop"):
 
     Verbs are the 29 action_role classes (0-based); object_id -1 = no role object (agent-only actions, or the
     object is absent). The model gets an 81st object class for "no object" (QPIC)."""
-    train = split == "train"
-    records = _load_hoia(root, HOIA_FILES["vcoco"][not train],
-                         "train2014" if train else "val2014", train, 29, 0, True, check_images, bad_images)
-    vocab = load_vocab()
-    correct_mat = _load_correct_mat(os.path.join(root, "annotations", "corre_vcoco.npy"), (29, 80),
-                                    np.array(vocab["corre_vcoco"], np.float32))
-    correct_mat = np.concatenate([correct_mat, np.ones((29, 1))], 1)  # the "no object" column (QPIC)
+    records, vocab = _load_hoia(root, "vcoco", split, check_images, bad_images), load_vocab()
+    correct_mat = np.concatenate([_load_correct_mat(root, "vcoco", vocab), np.ones((29, 1))], 1)  # + "no object"
     meta = dict(task="hoi", dataset="vcoco", object_names=[c["name"] for c in vocab["coco80"]] + ["no object"],
                 verb_names=[v["name"] for v in vocab["vcoco_verbs"]], correct_mat=correct_mat, person_label=0,
                 verbs=vocab["vcoco_verbs"], actions=vocab["vcoco_actions"])
@@ -2370,7 +1712,6 @@ def vcoco_ground_truth(record, verbs, actions):
 # a chair + person in front of the table). Class names are real VG150 / COCO / HICO-DET / V-COCO names, so the toy
 # files are tiny instances of the real formats and the default run goes through the real loaders.
 
-TOY_ENTITIES = ["person", "kite", "horse", "chair", "bike", "umbrella", "dog", "cup", "table"]  # VG150 names
 TOY_COCO = {"bike": "bicycle", "table": "dining table"}  # VG150 name -> COCO name where they differ
 TOY_COLORS = {"person": (200, 40, 40), "kite": (240, 200, 0), "horse": (120, 70, 20), "chair": (40, 80, 200),
               "bike": (30, 30, 30), "umbrella": (150, 40, 200), "dog": (230, 130, 40), "cup": (40, 170, 60),
@@ -2412,8 +1753,6 @@ TOY_EXTRAS = [(1.0, 1.0, "cup", "on", "table"), (0.3, 0.3, "dog", "under", "chai
 # the real data, where VG annotates far more relations than HICO-DET annotates interactions, the SGG data carries
 # knowledge the HOI data alone lacks, so joint training *can* help the rare HOIs (Table V asks whether it does).
 TOY_SGG_TRAIN_WEIGHTS = {"walk_bike": 1.0, "sit_at_table": 1.0}  # scenario -> weight in the VG training set
-TOY_PREDICATES = ["near", "holding", "above", "on", "riding", "sitting on", "in front of", "under", "behind",
-                  "looking at"]
 
 
 def _draw(canvas, name, x, y, variant=0):
@@ -2472,7 +1811,8 @@ def _place_scenario(canvas, rng, name, x0, ground):
         ox = px + pw / 2 - ow / 2 + (rng.integers(4, 14) if name == "fly_kite" else 0)
         draw = [("person", px, ground - ph, 0), (obj, ox, oy, 0)]
     elif name in ("hold_kite", "hold_cup", "walk_bike"):
-        draw = [("person", px, ground - ph, 0), (obj, px + pw - 3, ground - ph + 14 if obj != "bike" else ground - oh, 0)]
+        held_y = ground - ph + 14 if obj != "bike" else ground - oh
+        draw = [("person", px, ground - ph, 0), (obj, px + pw - 3, held_y, 0)]
     elif name == "drink_cup":
         draw = [("person", px, ground - ph, 0), (obj, px + pw // 2 - 1, ground - ph + 3, 0)]
     elif name in ("ride_horse", "ride_bike"):
@@ -2543,14 +1883,12 @@ def toy_scene(rng, split, size=128, scene_graph=False):
         ground = int(rng.integers(size - 30, size - 2))
         x = slots[1] + int(rng.integers(0, 8))
         base_box = _draw(canvas, obj, x, ground - TOY_SIZES[obj][1])
-        sw, sh = TOY_SIZES[sub]
+        sh = TOY_SIZES[sub][1]
         if pred == "on":
             sub_box = _draw(canvas, sub, x + 6, base_box[1] - sh + (12 if obj == "chair" else 0))
-        elif pred == "under":
-            sub_box = _draw(canvas, sub, x + 4, ground - sh)
-            base_box = _draw(canvas, obj, x, ground - TOY_SIZES[obj][1])  # the object stays on top
-        else:  # behind: drawn first, then the occluding object again
-            sub_box = _draw(canvas, sub, x + 8, ground - sh - 3)
+        else:  # under or behind (3 px higher): the subject, then the object again, which stays in front of it
+            dx, dy = (4, 0) if pred == "under" else (8, 3)
+            sub_box = _draw(canvas, sub, x + dx, ground - sh - dy)
             base_box = _draw(canvas, obj, x, ground - TOY_SIZES[obj][1])
         b = len(entities)
         entities += [(obj, base_box), (sub, sub_box)]
@@ -2558,43 +1896,26 @@ def toy_scene(rng, split, size=128, scene_graph=False):
     return canvas, entities, rels, hois, actions
 
 
-def write_toy_datasets(root, num_train=3000, num_test=500, size=128, seed=0, num_train_hoi=None):
-    """Generate the toy scenes and write them as VG150 (RelTR JSON), HICO-DET and V-COCO (QPIC JSON) datasets.
+def _save_png(canvas, path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torchvision.io.write_png(torch.from_numpy(canvas).permute(2, 0, 1).contiguous(), path, compression_level=1)
 
-    num_train VG training images, num_train_hoi (default: num_train) training images for each HOI dataset, num_test
-    test images each. Three disjoint image sets (the datasets never share an image, as in the paper). Returns what
-    was generated,
-    {(dataset, split): {file: (boxes, labels, rels or hois)}} in the internal form, for round-trip tests."""
-    import torchvision.io
 
-    vocab = load_vocab()
+def _write_toy_vg(vg, splits, size, rng, vocab, generated):
+    """The VG150 part of write_toy_datasets: RelTR's {split}.json and rel.json, images 1.png, 2.png, ..."""
     vg_index = {n: i + 1 for i, n in enumerate(vocab["vg150_objects"])}  # 1-based VG150 ids
     pred_index = {n: i + 1 for i, n in enumerate(vocab["vg150_predicates"])}
-    coco_id = {c["name"]: c["id"] for c in vocab["coco80"]}
-    hico_verb = {n: i + 1 for i, n in enumerate(vocab["hico_verbs"])}
-    vcoco_verb = {v["name"]: i for i, v in enumerate(vocab["vcoco_verbs"])}
-    rng = np.random.default_rng(seed)
-    splits = [("train", num_train), ("test", num_test)]
-    generated = {}
-    coco80 = {c["name"]: i for i, c in enumerate(vocab["coco80"])}
-
-    def save(canvas, path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        torchvision.io.write_png(torch.from_numpy(canvas).permute(2, 0, 1).contiguous(), path, compression_level=1)
-
-    # VG150-style split: relations
-    vg = os.path.join(root, "vg")
     rel_json = {"rel_categories": ["__background__"] + vocab["vg150_predicates"]}
     categories = [{"supercategory": n, "id": i + 1, "name": n} for i, n in enumerate(vocab["vg150_objects"])]
     image_id, ann_id = 0, 0
-    for split, n in splits + [("val", num_test // 5)]:
+    for split, n in splits:
         coco = {"images": [], "annotations": [], "categories": categories}
         rel_json[split] = {}
         for _ in range(n):
             image_id += 1
             canvas, ents, rels, _, _ = toy_scene(rng, "test" if split != "train" else "train", size, scene_graph=True)
             path = os.path.join(vg, "images", f"{image_id}.png")
-            save(canvas, path)
+            _save_png(canvas, path)
             coco["images"].append({"file_name": f"{image_id}.png", "height": size, "width": size, "id": image_id})
             for name, (x1, y1, x2, y2) in ents:
                 ann_id += 1
@@ -2610,37 +1931,56 @@ def write_toy_datasets(root, num_train=3000, num_test=500, size=128, seed=0, num
     with open(os.path.join(vg, "rel.json"), "w") as f:
         json.dump(rel_json, f)
 
-    # HICO-DET-style and V-COCO-style splits: HOIs
-    for dataset, (dir_train, dir_test), prefix in (("hico", ("train2015", "test2015"), "HICO_{}2015_{:08d}.png"),
-                                                   ("vcoco", ("train2014", "val2014"), "COCO_{}2014_{:012d}.png")):
-        ds_root = os.path.join(root, dataset)
-        os.makedirs(os.path.join(ds_root, "annotations"), exist_ok=True)
-        verb_id = (lambda v: hico_verb[v] - 1) if dataset == "hico" else vcoco_verb.get  # 0-based, internal form
-        for split, n in splits:
-            n = num_train_hoi if (split == "train" and num_train_hoi is not None) else n
-            images = []
-            for k in range(n):
-                canvas, ents, _, hois, actions = toy_scene(rng, split, size)
-                tag = "train" if split == "train" else ("test" if dataset == "hico" else "val")
-                file_name = prefix.format(tag, k + 1)
-                path = os.path.join(ds_root, "images", dir_train if split == "train" else dir_test, file_name)
-                save(canvas, path)
-                anns = [{"bbox": box, "category_id": coco_id[TOY_COCO.get(name, name)]} for name, box in ents]
-                if dataset == "hico":
-                    hoi_ann = [{"subject_id": s, "object_id": o, "category_id": hico_verb[v]} for s, o, v in hois]
-                else:
-                    hoi_ann = [{"subject_id": s, "object_id": o, "category_id": vcoco_verb[v]} for s, o, v in actions]
-                images.append({"file_name": file_name, "annotations": anns, "hoi_annotation": hoi_ann})
-                pairs = hois if dataset == "hico" else actions
-                generated.setdefault((dataset, split), {})[path] = (
-                    np.array([b for _, b in ents], np.float32),
-                    np.array([coco80[TOY_COCO.get(n, n)] for n, _ in ents]),
-                    np.array([[s, o, verb_id(v)] for s, o, v in pairs]).reshape(-1, 3))
-            ann = HOIA_FILES[dataset][split != "train"]
-            with open(os.path.join(ds_root, "annotations", ann), "w") as f:
-                json.dump(images, f)
-        corre = _hico_correct_mat(vocab) if dataset == "hico" else np.array(vocab["corre_vcoco"], np.float32)
-        np.save(os.path.join(ds_root, "annotations", f"corre_{dataset}.npy"), corre)
+
+def _write_toy_hoia(ds_root, dataset, splits, size, rng, vocab, generated):
+    """The HICO-DET or V-COCO part of write_toy_datasets: QPIC's JSON lists and corre_{dataset}.npy. HICO-DET
+    gets each scene's HICO verbs (file ids 1..117), V-COCO its actions (file ids 0..28)."""
+    coco_id = {c["name"]: c["id"] for c in vocab["coco80"]}
+    coco80 = {c["name"]: i for i, c in enumerate(vocab["coco80"])}
+    if dataset == "hico":  # written independently of the readers' HOIA_FORMS, so the round trip tests them
+        folders, prefix, verb_base = ("train2015", "test2015"), "HICO_{}2015_{:08d}.png", 1
+        verb_id = {n: i + 1 for i, n in enumerate(vocab["hico_verbs"])}
+    else:
+        folders, prefix, verb_base = ("train2014", "val2014"), "COCO_{}2014_{:012d}.png", 0
+        verb_id = {v["name"]: i for i, v in enumerate(vocab["vcoco_verbs"])}
+    os.makedirs(os.path.join(ds_root, "annotations"), exist_ok=True)
+    for split, n in splits:
+        images = []
+        for k in range(n):
+            canvas, ents, _, hois, actions = toy_scene(rng, split, size)
+            pairs = hois if dataset == "hico" else actions
+            tag = "train" if split == "train" else ("test" if dataset == "hico" else "val")
+            file_name = prefix.format(tag, k + 1)
+            path = os.path.join(ds_root, "images", folders[split != "train"], file_name)
+            _save_png(canvas, path)
+            anns = [{"bbox": box, "category_id": coco_id[TOY_COCO.get(name, name)]} for name, box in ents]
+            hoi_ann = [{"subject_id": s, "object_id": o, "category_id": verb_id[v]} for s, o, v in pairs]
+            images.append({"file_name": file_name, "annotations": anns, "hoi_annotation": hoi_ann})
+            generated.setdefault((dataset, split), {})[path] = (
+                np.array([b for _, b in ents], np.float32),
+                np.array([coco80[TOY_COCO.get(n, n)] for n, _ in ents]),
+                np.array([[s, o, verb_id[v] - verb_base] for s, o, v in pairs]).reshape(-1, 3))
+        with open(os.path.join(ds_root, "annotations", HOIA_FILES[dataset][split != "train"]), "w") as f:
+            json.dump(images, f)
+    corre = _hico_correct_mat(vocab) if dataset == "hico" else np.array(vocab["corre_vcoco"], np.float32)
+    np.save(os.path.join(ds_root, "annotations", f"corre_{dataset}.npy"), corre)
+
+
+def write_toy_datasets(root, num_train=3000, num_test=500, size=128, seed=0, num_train_hoi=None):
+    """Generate the toy scenes and write them as VG150 (RelTR JSON), HICO-DET and V-COCO (QPIC JSON) datasets.
+
+    num_train VG training images, num_train_hoi (default: num_train) training images for each HOI dataset, num_test
+    test images each. Three disjoint image sets (the datasets never share an image, as in the paper). Returns what
+    was generated, {(dataset, split): {file: (boxes, labels, rels or hois)}} in the internal form, for round-trip
+    tests."""
+    vocab = load_vocab()
+    rng = np.random.default_rng(seed)  # one stream, in this order: the scenes depend on it
+    generated = {}
+    vg_splits = [("train", num_train), ("test", num_test), ("val", num_test // 5)]
+    _write_toy_vg(os.path.join(root, "vg"), vg_splits, size, rng, vocab, generated)
+    hoi_splits = [("train", num_train if num_train_hoi is None else num_train_hoi), ("test", num_test)]
+    for dataset in ("hico", "vcoco"):
+        _write_toy_hoia(os.path.join(root, dataset), dataset, hoi_splits, size, rng, vocab, generated)
     with open(os.path.join(root, "DONE"), "w") as f:
         f.write(json.dumps(dict(num_train=num_train, num_test=num_test, size=size, seed=seed,
                                 num_train_hoi=num_train_hoi)))
@@ -2658,204 +1998,6 @@ def ensure_toy_datasets(root, **kwargs):
     print(f"generating the toy scenes into {os.path.abspath(root)} ({settings})", flush=True)
     write_toy_datasets(root, **settings)
     return root
-
-
-# ---------------------------------------------------------------- Full-size synthetic annotations (benchmarks, tests)
-# The loaders, the data pipeline and the paper preset must be measured at the real datasets' size, but the images
-# cannot be downloaded here. write_fullsize_annotations writes annotation files in the real formats with the real
-# split sizes and realistic per-image counts and vocabularies; every image entry is a symbolic link to one of a small
-# pool of real-size JPEGs (480-1024 px), so the files exercise exactly what the real ones do (JSON parsing, header
-# reads, JPEG decoding at full size) while only a few MB of pixels are written.
-
-# Split sizes: VG150 as SGB / RelTR split it, HICO-DET's annotated images, V-COCO's trainval / test (datasets.md).
-FULLSIZE_SPLITS = {"vg": {"train": 57723, "val": 5000, "test": 26446},
-                   "hico": {"train": 37633, "test": 9546},
-                   "vcoco": {"train": 5400, "test": 4946}}
-
-
-def _jpeg_pool(folder, n, rng, quality=90):
-    """n real-size JPEGs (sides 480..1024 px): a toy scene scaled up, plus noise so that the JPEG has a photo's
-    entropy (about 100-300 kB). Returns [(path, width, height)]."""
-    import torchvision.io
-
-    os.makedirs(folder, exist_ok=True)
-    pool = []
-    for k in range(n):
-        w, h = (int(v) for v in rng.integers(480, 1025, size=2))
-        canvas = torch.from_numpy(toy_scene(rng, "train", 128)[0]).permute(2, 0, 1).float()[None]  # (1, 3, 128, 128)
-        image = F.interpolate(canvas, size=(h, w), mode="bilinear", align_corners=False)[0]      # (3, h, w)
-        image = image + torch.from_numpy(rng.normal(0, 12, size=(1, h, w)).astype(np.float32))
-        data = torchvision.io.encode_jpeg(image.clamp(0, 255).to(torch.uint8), quality=quality)
-        path = os.path.join(folder, f"{k:03d}.jpg")
-        with open(path, "wb") as f:
-            f.write(data.numpy().tobytes())
-        pool.append((path, w, h))
-    return pool
-
-
-def _link_images(pool, pool_index, folder, file_names):
-    """folder/file_names[i] -> a relative symbolic link to pool[pool_index[i]] (the tree can be moved as a whole)."""
-    os.makedirs(folder, exist_ok=True)
-    targets = [os.path.relpath(p, folder) for p, _, _ in pool]
-    for name, k in zip(file_names, pool_index.tolist()):
-        path = os.path.join(folder, name)
-        if os.path.lexists(path):
-            os.remove(path)
-        os.symlink(targets[k], path)
-
-
-def _write_json(path, obj):
-    """json.dumps (the C encoder) then one write: json.dump streams through the pure-Python encoder, 5x slower."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        f.write(json.dumps(obj))
-
-
-def write_fullsize_annotations(root, scale=1.0, pool_size=32, seed=0, boxes_per_image=11.0, rels_per_image=6.0):
-    """Write VG150 (RelTR's JSON), HICO-DET and V-COCO (QPIC's JSON) with the real split sizes times `scale`
-    (FULLSIZE_SPLITS; scale < 1 for tests) under root/{vg,hico,vcoco}, images as symbolic links into root/pool.
-
-    VG: about `boxes_per_image` boxes (Poisson, 2..60) and `rels_per_image` relations (Poisson, >= 1) per image,
-    classes and predicates drawn from VG150's frequencies (VG-SGG-dicts' object counts, the GCL training predicate
-    counts), COCO xywh boxes in original pixels; width / height = the linked JPEG's real size. HICO-DET: 1-2 persons,
-    1-3 objects, 2-4 HOIs among the 600 (verb, object) pairs (train has img_id and hoi_category_id, test not, as the
-    released files). V-COCO: 1-2 persons, 1-3 objects, 1-3 actions per person, object_id -1 for agent-only verbs or
-    when no annotated object fits the verb (corre_vcoco). Reuses root if root/FULLSIZE.json has the same settings.
-    Returns {(dataset, split): number of images}."""
-    settings = dict(scale=scale, pool_size=pool_size, seed=seed, boxes_per_image=boxes_per_image,
-                    rels_per_image=rels_per_image)
-    done = os.path.join(root, "FULLSIZE.json")
-    if os.path.exists(done):
-        with open(done) as f:
-            previous = json.load(f)
-        if previous["settings"] == settings:
-            return {tuple(k.split("/")): n for k, n in previous["counts"].items()}
-    rng = np.random.default_rng(seed)
-    vocab = load_vocab()
-    here = os.path.dirname(os.path.abspath(__file__))
-    shared = os.path.join(here, "..", "shared", "data", "vg150")  # frequencies, if the reference data is beside us
-    pool = _jpeg_pool(os.path.join(root, "pool"), pool_size, rng)
-    pool_wh = np.array([(w, h) for _, w, h in pool], np.float64)  # (P, 2)
-    counts = {}
-    sizes = {ds: {s: max(1, round(n * scale)) for s, n in splits.items()} for ds, splits in FULLSIZE_SPLITS.items()}
-
-    # ---- VG150: train.json / val.json / test.json (COCO detection JSON) + rel.json
-    obj_p, pred_p = np.ones(150), np.ones(50)  # uniform unless the real frequencies are available
-    try:
-        with open(os.path.join(shared, "VG-SGG-dicts-with-attri.json")) as f:
-            obj_count = json.load(f)["object_count"]
-        obj_p = np.array([obj_count.get(n, 1) for n in vocab["vg150_objects"]], np.float64)
-        with open(os.path.join(shared, "predicate_stats.json")) as f:
-            pred_p = np.array([p["train_count_gcl"] for p in json.load(f)["predicates"]], np.float64)
-    except (OSError, KeyError, ValueError):
-        pass
-    obj_p, pred_p = obj_p / obj_p.sum(), pred_p / pred_p.sum()
-    vg = os.path.join(root, "vg")
-    categories = [{"supercategory": n, "id": i + 1, "name": n} for i, n in enumerate(vocab["vg150_objects"])]
-    rel_json = {"rel_categories": ["__background__"] + vocab["vg150_predicates"]}
-    next_image_id, next_ann_id = 1, 1
-    for split in ("train", "val", "test"):
-        n = sizes["vg"][split]
-        ids = np.arange(next_image_id, next_image_id + n)
-        next_image_id += n
-        which = rng.integers(0, pool_size, n)                                   # (n,) pool image of each entry
-        wh = pool_wh[which]                                                     # (n, 2)
-        nb = np.clip(rng.poisson(boxes_per_image, n), 2, 60)                    # (n,) boxes per image
-        nr = np.clip(rng.poisson(rels_per_image, n), 1, None)                   # (n,) relations per image
-        img_of_box = np.repeat(np.arange(n), nb)                                # (B,)
-        W, H = wh[img_of_box, 0], wh[img_of_box, 1]
-        bw, bh = W * rng.uniform(0.04, 0.6, len(W)), H * rng.uniform(0.04, 0.6, len(W))
-        x, y = rng.uniform(0, 1, len(W)) * (W - bw), rng.uniform(0, 1, len(W)) * (H - bh)
-        xywh = np.round(np.stack([x, y, bw, bh], 1), 2)                         # (B, 4) original pixels
-        cats = rng.choice(150, size=len(W), p=obj_p) + 1                        # 1..150
-        img_of_rel = np.repeat(np.arange(n), nr)                                # (R,)
-        nb_r = nb[img_of_rel]
-        s = (rng.uniform(0, 1, len(nb_r)) * nb_r).astype(np.int64)             # subject index in the image
-        o = (rng.uniform(0, 1, len(nb_r)) * (nb_r - 1)).astype(np.int64)
-        o += o >= s                                                             # object != subject
-        preds = rng.choice(50, size=len(nb_r), p=pred_p) + 1                    # 1..50
-        images = [{"file_name": f"{i}.jpg", "height": int(h), "width": int(w), "id": int(i)}
-                  for i, (w, h) in zip(ids.tolist(), wh.tolist())]
-        box_ids = ids[img_of_box].tolist()
-        annotations = [{"bbox": b, "category_id": c, "image_id": i, "id": next_ann_id + k,
-                        "area": round(b[2] * b[3], 2), "iscrowd": 0, "segmentation": None}
-                       for k, (b, c, i) in enumerate(zip(xywh.tolist(), cats.tolist(), box_ids))]
-        next_ann_id += len(annotations)
-        triples = np.stack([s, o, preds], 1).tolist()
-        ends = np.cumsum(nr).tolist()
-        rel_json[split] = {str(i): triples[e - k:e] for i, k, e in zip(ids.tolist(), nr.tolist(), ends)}
-        _write_json(os.path.join(vg, f"{split}.json"), {"images": images, "annotations": annotations,
-                                                        "categories": categories})
-        del images, annotations, triples
-        _link_images(pool, which, os.path.join(vg, "images"), [f"{i}.jpg" for i in ids.tolist()])
-        counts[("vg", split)] = n
-    _write_json(os.path.join(vg, "rel.json"), rel_json)
-    del rel_json
-
-    # ---- HICO-DET and V-COCO: QPIC's per-image list
-    coco91 = [c["id"] for c in vocab["coco80"]]
-    hico_verbs_of_object = {}
-    for h, (v, o) in enumerate(vocab["hico_hois"]):  # (verb 0-based, COCO-80 object) -> HOI id h + 1
-        hico_verbs_of_object.setdefault(o, []).append((v, h))
-    hico_objects = sorted(hico_verbs_of_object)
-    corre_vcoco = np.array(vocab["corre_vcoco"], np.float32)  # (29, 80) [verb, COCO-80 object]
-    agent_only = [v["role"] is None for v in vocab["vcoco_verbs"]]
-
-    def box(w, h):
-        bw, bh = int(rng.integers(w // 10, w // 2)), int(rng.integers(h // 8, int(h * 0.9)))
-        x1, y1 = int(rng.integers(0, w - bw)), int(rng.integers(0, h - bh))
-        return [x1, y1, x1 + bw, y1 + bh]
-
-    for dataset in ("hico", "vcoco"):
-        ds_root = os.path.join(root, dataset)
-        for split in ("train", "test"):
-            n = sizes[dataset][split]
-            which = rng.integers(0, pool_size, n)
-            if dataset == "hico":
-                tag, folder = ("train2015", "train2015") if split == "train" else ("test2015", "test2015")
-                names = [f"HICO_{tag}_{k + 1:08d}.jpg" for k in range(n)]
-                ann_file = "trainval_hico.json" if split == "train" else "test_hico.json"
-            else:
-                tag, folder = ("train2014", "train2014") if split == "train" else ("val2014", "val2014")
-                names = [f"COCO_{tag}_{k + 1:012d}.jpg" for k in range(n)]
-                ann_file = "trainval_vcoco.json" if split == "train" else "test_vcoco.json"
-            entries = []
-            for k, (name, p) in enumerate(zip(names, which.tolist())):
-                w, h = pool[p][1], pool[p][2]
-                n_person, n_obj = 1 + int(rng.random() < 0.3), 1 + int(rng.integers(0, 3))
-                if dataset == "hico":
-                    obj_cls = [int(hico_objects[j]) for j in rng.integers(0, len(hico_objects), n_obj)]
-                else:
-                    obj_cls = [int(c) for c in rng.integers(1, 80, n_obj)]
-                anns = [{"bbox": box(w, h), "category_id": 1} for _ in range(n_person)] + \
-                       [{"bbox": box(w, h), "category_id": coco91[c]} for c in obj_cls]
-                hois = []
-                if dataset == "hico":
-                    for _ in range(int(rng.integers(2, 5))):
-                        j = int(rng.integers(0, n_obj))
-                        verbs = hico_verbs_of_object[obj_cls[j]]
-                        v, hoi = verbs[int(rng.integers(0, len(verbs)))]
-                        hois.append({"subject_id": int(rng.integers(0, n_person)), "object_id": n_person + j,
-                                     "category_id": v + 1, "hoi_category_id": hoi + 1})
-                        if split == "test":
-                            del hois[-1]["hoi_category_id"]
-                else:
-                    for person in range(n_person):
-                        for v in rng.choice(29, size=int(rng.integers(1, 4)), replace=False).tolist():
-                            fits = [n_person + j for j, c in enumerate(obj_cls) if corre_vcoco[v, c] > 0]
-                            obj = -1 if agent_only[v] or not fits else fits[int(rng.integers(0, len(fits)))]
-                            hois.append({"subject_id": person, "object_id": obj, "category_id": v})
-                entry = {"file_name": name, "annotations": anns, "hoi_annotation": hois}
-                if dataset == "hico" and split == "train":
-                    entry["img_id"] = k + 1
-                entries.append(entry)
-            _write_json(os.path.join(ds_root, "annotations", ann_file), entries)
-            _link_images(pool, which, os.path.join(ds_root, "images", folder), names)
-            counts[(dataset, split)] = n
-        corre = _hico_correct_mat(vocab) if dataset == "hico" else corre_vcoco
-        np.save(os.path.join(ds_root, "annotations", f"corre_{dataset}.npy"), corre)
-    _write_json(done, {"settings": settings, "counts": {"/".join(k): n for k, n in counts.items()}})
-    return counts
 
 
 # ---------------------------------------------------------------- Transforms and batching
@@ -2896,16 +2038,14 @@ class DetectionDataset(torch.utils.data.Dataset):
     """Records -> (image (3, H, W) normalised, target). target = record's fields as tensors + size, orig_size,
     image_id and, when a teacher is given, "clip": the CLIP image embedding of Eq. 5.
 
-    teacher: None, a dict {file: (text_dim,) tensor} (made by build_clip_image_cache), or a (C, text_dim) table
+    teacher: None, a dict {file: (text_dim,) tensor} (made by tools/prepare_clip.py images), or a (C, text_dim) table
     of class text embeddings: then the target is the normalised mean embedding of the image's object classes, the
     stand-in teacher for the toy scenes (whose "CLIP" would describe exactly those objects).
 
     bad_images: what an image that cannot be decoded (truncated JPEG, text named .jpg, deleted file) does:
-    "stop" = DataError naming file and record (the default); "skip" = the item becomes None with a BadImageWarning
-    naming the file and the number dropped so far by this process (each DataLoader worker counts its own; the
-    total is in self.skipped of each), and `collate` leaves it out, so that batch is one image smaller (the
-    losses are normalised per batch as usual; nothing replaces the image, so the sampler's order and a resume stay
-    exact). None takes meta["bad_images"] (set by build_data from train.py --bad_images), else "stop"."""
+    "stop" = DataError naming file and record; "skip" = the item becomes None with a BadImageWarning (counted in
+    self.skipped, per DataLoader worker) and `collate` leaves it out: that batch is one image smaller, and as
+    nothing replaces the image the sampler's order and a resume stay exact. None = meta["bad_images"] or "stop"."""
 
     def __init__(self, records, meta, transforms, teacher=None, bad_images=None):
         self.records, self.meta, self.transforms, self.teacher = records, meta, transforms, teacher
@@ -2937,14 +2077,7 @@ class DetectionDataset(torch.utils.data.Dataset):
         image, boxes = self.transforms(tv_tensors.Image(image), boxes)
         # a geometric transform may shrink boxes to nothing: drop them and keep the relation indices right
         keep = ((boxes[:, 2] - boxes[:, 0]) >= 1) & ((boxes[:, 3] - boxes[:, 1]) >= 1)       # (N,)
-        pairs = torch.as_tensor(r[self.key]).reshape(-1, 3)                                   # (P, 3)
-        if not keep.all():
-            new_index = keep.cumsum(0) - 1                                                   # (N,)
-            obj = pairs[:, 1].clamp(min=0)
-            pairs = pairs[keep[pairs[:, 0]] & ((pairs[:, 1] < 0) | keep[obj])]
-            obj = pairs[:, 1].clamp(min=0)
-            pairs = torch.stack([new_index[pairs[:, 0]], torch.where(pairs[:, 1] < 0, -1, new_index[obj]),
-                                 pairs[:, 2]], 1)
+        pairs = torch.as_tensor(_drop_boxes(keep.numpy(), np.asarray(r[self.key]).reshape(-1, 3)))  # (P', 3)
         labels = torch.as_tensor(r["labels"])[keep]
         target = {"boxes": boxes[keep].as_subclass(torch.Tensor).float(), "labels": labels, self.key: pairs,
                   "size": torch.tensor(image.shape[-2:]), "orig_size": torch.tensor([h, w]), "image_id": r["image_id"]}
@@ -2964,20 +2097,11 @@ def collate(batch):
                         f"train.py --check_images_only lists every bad image")
     images, targets = zip(*kept)
     H, W = max(im.shape[1] for im in images), max(im.shape[2] for im in images)
-    shape = (len(images), 3, H, W)
-    if torch.utils.data.get_worker_info() is not None:
-        # in a DataLoader worker the batch is written straight into shared memory, as torch's default_collate does:
-        # sending it to the main process would otherwise copy it there (25-50 MB per batch at the paper's sizes)
-        storage = images[0]._typed_storage()._new_shared(math.prod(shape), device=images[0].device)
-        out = images[0].new(storage).resize_(shape)
-    else:
-        out = images[0].new_empty(shape)
-    mask = torch.ones(len(images), H, W, dtype=torch.bool)
-    for i, im in enumerate(images):  # every element written once: the image, then zeros below and to the right
+    out = images[0].new_zeros(len(images), 3, H, W)                     # (B, 3, H, W)
+    mask = torch.ones(len(images), H, W, dtype=torch.bool)              # (B, H, W), True = padding
+    for i, im in enumerate(images):
         h, w = im.shape[1:]
         out[i, :, :h, :w] = im
-        out[i, :, h:] = 0
-        out[i, :, :h, w:] = 0
         mask[i, :h, :w] = False
     return out, mask, list(targets)
 
@@ -3002,16 +2126,15 @@ def verify_images(records, progress=None):
     return bad
 
 
-def load_dataset(kind, root, split, check_images=True, bad_images="stop", num_val_im=5000):
-    """kind: vg | vg_h5 | hico | vcoco -> (records, meta). num_val_im: SGB's validation images (vg_h5 only; the
-    RelTR JSON has its own val.json)."""
-    loaders = {"vg": load_vg_json, "vg_h5": load_vg_h5, "hico": load_hico, "vcoco": load_vcoco}
+def load_dataset(kind, root, split, check_images=True, bad_images="stop"):
+    """kind: vg | hico | vcoco -> (records, meta). VG150 in the SGB .h5 files: convert them once with
+    tools/vg_h5_to_json.py."""
+    loaders = {"vg": load_vg_json, "hico": load_hico, "vcoco": load_vcoco}
     if kind not in loaders:
         raise ValueError(f"unknown dataset kind {kind!r}; choose one of {sorted(loaders)}")
     if bad_images not in ("stop", "skip"):
         raise ValueError(f"bad_images must be 'stop' or 'skip', got {bad_images!r}")
-    extra = dict(num_val_im=num_val_im) if kind == "vg_h5" else {}
-    return loaders[kind](root, split, check_images=check_images, bad_images=bad_images, **extra)
+    return loaders[kind](root, split, check_images=check_images, bad_images=bad_images)
 
 
 def config_from_meta(cfg: Config, sgg_meta=None, hoi_meta=None) -> Config:
@@ -3027,49 +2150,25 @@ def config_from_meta(cfg: Config, sgg_meta=None, hoi_meta=None) -> Config:
 
 
 # Where each dataset comes from, as train.py's and eval.py's command lines give it (and checkpoints record it).
-# bad_images: "stop" | "skip" (see DetectionDataset); num_val_im: SGB's validation split of the .h5; check_images_only:
-# decode every image of the train and test splits once, list the bad ones and exit (verify_images).
-DATA_ARGS = dict(toy_root="data/toy", toy_train=3000, toy_train_hoi=1000, toy_test=500, vg="", vg_format="json",
-                 hoi="", hoi_dataset="hico", bad_images="stop", num_val_im=5000, check_images_only=False, train_subset=0)
+# bad_images: "stop" | "skip" (see DetectionDataset); check_images_only: decode every image of the train and test
+# splits once, list the bad ones and exit (verify_images).
+DATA_ARGS = dict(toy_root="data/toy", toy_train=3000, toy_train_hoi=1000, toy_test=500, vg="", hoi="",
+                 hoi_dataset="hico", bad_images="stop", check_images_only=False, train_subset=0)
 
 
-def _annotation_files(kind, root, split):
-    """The large annotation files a loader parses through the cache, with their cache tag and parser. VG's rel.json
-    holds the relations of all three splits: every VG split lists it (one parse serves them all, _read_rel_json)."""
-    if kind == "vg":
-        return [(os.path.join(root, f"{split}.json"), "coco", _parse_coco_json),
-                (os.path.join(root, "rel.json"), "rel", _parse_rel_json)]
-    if kind in HOIA_FILES:
-        return [(os.path.join(root, "annotations", HOIA_FILES[kind][split != "train"]), "hoia", _parse_hoia_json)]
-    return []  # vg_h5: read with h5py, not cached
-
-
-def _parse_into_cache(path, tag, parse):
-    try:
-        _cached_parse(path, tag, parse)
-    except Exception:  # noqa: BLE001  the loader meets the same error in the parent and names it
-        pass
-
-
-def start_cache_warming(splits):
-    """Parse the large annotation files of `splits` [(kind, root, split)] that the cache does not hold yet into it
-    (_cached_parse), each in a forked child process of its own, all at the same time. Returns {file path: child}
-    (join a file's child before loading a split that reads it); empty when there is nothing to parse (files small
-    or cached already) or no fork (the loaders then parse as usual). Why children: a first run's parse is
-    single-threaded Python, so the parses of several files share the cores, and the loading process only ever
-    reads the cache: its memory is that of a load from a filled cache (the README's "Real data at full size" has
-    the figures). The children's errors are ignored: the loader parses the file again and reports them, naming it."""
-    import multiprocessing
-
-    if "fork" not in multiprocessing.get_all_start_methods():
-        return {}
-    fork, children = multiprocessing.get_context("fork"), {}
-    for path, tag, parse in {f[0]: f for job in splits for f in _annotation_files(*job)}.values():
-        if (os.path.isfile(path) and os.path.getsize(path) >= CACHE_MIN_BYTES
-                and not _read_cache(path, _file_stamp(path, tag), members=False)):
-            children[path] = fork.Process(target=_parse_into_cache, args=(path, tag, parse), daemon=True)
-            children[path].start()
-    return children
+def _check_images_only(data, is_master):
+    """train.py --check_images_only: decode every image of every loaded split once (verify_images), list the bad
+    ones and end the program: exit code 0 when all are good, 1 otherwise."""
+    total_bad = 0
+    for task, splits in data.items():
+        for split, (records, _) in splits.items():
+            bad = verify_images(records)
+            total_bad += len(bad)
+            if is_master:
+                print(f"[check images] {task} {split}: {len(records)} images decoded, {len(bad)} bad")
+                for file, image_id, reason in bad:
+                    print(f"  {file} (record {image_id}): {reason}")
+    raise SystemExit(1 if total_bad else 0)
 
 
 def build_data(cfg: Config, data_args: dict, is_master=True, barrier=lambda: None):
@@ -3077,150 +2176,33 @@ def build_data(cfg: Config, data_args: dict, is_master=True, barrier=lambda: Non
 
     data_args: the keys of DATA_ARGS (missing ones take those defaults). Without --vg and --hoi the toy scenes are
     generated once into toy_root (by the master process; the others wait at `barrier`) and read back through the
-    real loaders. meta["bad_images"] carries the bad_images mode to DetectionDataset. With check_images_only the
-    splits are read without the header checks, every image is decoded once (verify_images), the bad ones are
-    listed, and SystemExit ends the program (exit code 0 when all are good, 1 otherwise)."""
+    real loaders. Every process then loads its splits itself. meta["bad_images"] carries the bad_images mode to
+    DetectionDataset. With check_images_only the splits are read without the header checks, every image is
+    decoded once, the bad ones are listed and SystemExit ends the program (_check_images_only)."""
     a = {**DATA_ARGS, **{k: v for k, v in data_args.items() if k in DATA_ARGS}}
-    if not a["vg"] and not a["hoi"]:
+    vg_root, hoi_root = a["vg"], a["hoi"]
+    if not vg_root and not hoi_root:
         if is_master:
             ensure_toy_datasets(a["toy_root"], num_train=a["toy_train"], num_test=a["toy_test"], size=cfg.image_size,
                                 num_train_hoi=a["toy_train_hoi"])
         barrier()
-        vg_root, vg_kind = os.path.join(a["toy_root"], "vg"), "vg"
-        hoi_root, hoi_kind = os.path.join(a["toy_root"], a["hoi_dataset"]), a["hoi_dataset"]  # toy HICO or V-COCO
-    else:
-        vg_root, vg_kind = a["vg"], "vg" if a["vg_format"] == "json" else "vg_h5"
-        hoi_root, hoi_kind = a["hoi"], a["hoi_dataset"]
-    check_only = bool(a["check_images_only"])
-    load = lambda kind, root, split: load_dataset(kind, root, split, check_images=not check_only,  # noqa: E731
-                                                  bad_images=a["bad_images"], num_val_im=a["num_val_im"])
-
-    splits = ([("sgg", vg_kind, vg_root, s) for s in ("train", "test")] if cfg.sgg and vg_root else []) + \
-             ([("hoi", hoi_kind, hoi_root, s) for s in ("train", "test")] if cfg.hoi and hoi_root else [])
-
-    def annotation_bytes(job):
-        return sum(os.path.getsize(f[0]) for f in _annotation_files(*job[1:]) if os.path.isfile(f[0]))
-
-    def load_all(warm):
-        # the annotation files the cache lacks are parsed into it by forked children, one per file, at the same
-        # time (start_cache_warming); this process reads each split from the cache as soon as that split's files
-        # are in. Largest first: a split's load has a transient peak (the cached arrays beside the records built
-        # from them) that is smallest when no other split is held yet (VG150 train last: +80 MB of peak)
-        children = start_cache_warming([job[1:] for job in splits]) if warm else {}
-        loaded = {}
-        for job in sorted(splits, key=annotation_bytes, reverse=True):
-            for path, _, _ in _annotation_files(*job[1:]):
-                if path in children:
-                    children.pop(path).join()
-            loaded[job] = load(*job[1:])
-        data = {}
-        for task, kind, root, split in splits:
-            data.setdefault(task, {})[split] = loaded[task, kind, root, split]
-        if "sgg" in data and not a["vg"]:  # the toy scenes use VG150's names, not its long tail:
-            data["sgg"]["test"][1]["toy"] = True  # eval derives the groups
-        return data
-
-    # the master parses first and fills the annotation cache (_cached_parse); the other ranks then read the cache
-    # instead of each parsing every file at the same time
-    data = load_all(warm=not check_only) if is_master or check_only else None
-    if not check_only:
-        barrier()
-    if data is None:
-        data = load_all(warm=False)
+        vg_root, hoi_root = os.path.join(a["toy_root"], "vg"), os.path.join(a["toy_root"], a["hoi_dataset"])
+    data = {}
+    for task, kind, root, wanted in (("sgg", "vg", vg_root, cfg.sgg), ("hoi", a["hoi_dataset"], hoi_root, cfg.hoi)):
+        if not (wanted and root):
+            continue
+        data[task] = {}
+        for split in ("train", "test"):
+            records, meta = load_dataset(kind, root, split, check_images=not a["check_images_only"],
+                                         bad_images=a["bad_images"])
+            meta["bad_images"] = a["bad_images"]
+            if split == "train" and a["train_subset"]:  # the first N training images only (rehearsals)
+                records = records[:a["train_subset"]]
+            data[task][split] = (records, meta)
     if not data:
         raise SystemExit("no training data: give --vg and/or --hoi, or neither for the toy scenes")
-    for splits in data.values():
-        for _, meta in splits.values():
-            meta["bad_images"] = a["bad_images"]
-        if a["train_subset"]:  # the first N training images only (rehearsals; the test splits stay whole)
-            records, meta = splits["train"]
-            splits["train"] = (records[:a["train_subset"]], meta)
-    if check_only:
-        total_bad = 0
-        for task, splits in data.items():
-            for split, (records, _) in splits.items():
-                bad = verify_images(records)
-                total_bad += len(bad)
-                if is_master:
-                    print(f"[check images] {task} {split}: {len(records)} images decoded, {len(bad)} bad")
-                    for file, image_id, reason in bad:
-                        print(f"  {file} (record {image_id}): {reason}")
-        raise SystemExit(1 if total_bad else 0)
+    if "sgg" in data and not a["vg"]:  # the toy scenes use VG150's names, not its long tail:
+        data["sgg"]["test"][1]["toy"] = True  # eval derives the groups
+    if a["check_images_only"]:
+        _check_images_only(data, is_master)
     return data
-
-
-# ---------------------------------------------------------------- Data benchmark at full size
-# python -c "import sg2hoi; sg2hoi.benchmark_data('/tmp/sg2hoi_fullsize')": the figures of the README's "Real data at
-# full size" section. Loader figures come from fresh processes (peak memory is a per-process high-water mark).
-
-_LOAD_PROBE = """
-import json, os, resource, sys, time
-sys.path.insert(0, {here!r})
-import sg2hoi
-
-def rss():
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
-
-base, t0, out = rss(), time.perf_counter(), {{}}
-data = sg2hoi.build_data(sg2hoi.make_config("paper"), dict(vg=os.path.join({root!r}, "vg"),
-                                                           hoi=os.path.join({root!r}, "hico"), hoi_dataset="hico"))
-out["total_s"] = round(time.perf_counter() - t0, 2)
-out["images"] = {{task + " " + split: len(records) for task, splits in data.items()
-                 for split, (records, _) in splits.items()}}
-out["peak_growth_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base)
-out["held_mb"] = round(rss() - base)
-print("PROBE" + json.dumps(out))
-"""
-
-
-def benchmark_data(root, scale=1.0, images=100, batch_size=4, workers=(1, 2)):
-    """Write the full-size synthetic annotations into root (reused when already there), then measure
-    (1) loading + checking VG150 train + test and HICO-DET train + test (build_data, as train.py and eval.py do) in a
-    fresh process with an empty annotation cache and again with the cache filled: seconds and peak resident-memory
-    growth of the loading process (the children that parse into the cache, start_cache_warming, are not counted);
-    (2) images per second of one loader worker (one thread) with the paper's training transforms
-    (make_transforms(True, 800, 1333): decode, flip, multi-scale resize, colour jitter, normalisation) on the VG val
-    split's real-size JPEGs, in process and through a DataLoader with `workers` workers (batch_size, collate
-    included). Prints and returns the figures. On a shared machine the numbers vary from run to run."""
-    import subprocess
-    import sys
-    import tempfile
-    import time
-
-    figures = {"counts": {"/".join(k): n for k, n in write_fullsize_annotations(root, scale=scale).items()}}
-    with tempfile.TemporaryDirectory() as cache:
-        env = dict(os.environ, SG2HOI_CACHE=cache, OMP_NUM_THREADS="1")
-        code = _LOAD_PROBE.format(here=os.path.dirname(os.path.abspath(__file__)), root=root)
-        for label in ("cold cache", "warm cache"):
-            run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-            probe = [line for line in run.stdout.splitlines() if line.startswith("PROBE")]
-            if run.returncode or not probe:
-                raise RuntimeError(f"loader probe failed: {run.stderr[-2000:]}")
-            figures[f"load ({label})"] = json.loads(probe[0][5:])
-            print(f"[benchmark data] VG150 train+test and HICO-DET train+test, {label}: {figures[f'load ({label})']}")
-    records, meta = load_dataset("vg", os.path.join(root, "vg"), "val", check_images=False)
-    dataset = DetectionDataset(records[:images], meta, make_transforms(True, 800, 1333))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in a DataLoader worker
-    try:
-        torch.manual_seed(0)
-        dataset[0]
-        t = time.perf_counter()
-        for i in range(len(dataset)):
-            dataset[i]
-        figures["images/s, one worker, in process"] = round(len(dataset) / (time.perf_counter() - t), 1)
-        for n in workers:
-            loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=n, collate_fn=collate,
-                                                 prefetch_factor=4)
-            it = iter(loader)
-            next(it)  # workers started and warm
-            t, count = time.perf_counter(), 0
-            for _, _, targets in it:
-                count += len(targets)
-            figures[f"images/s, DataLoader, {n} worker(s)"] = round(count / (time.perf_counter() - t), 1)
-    finally:
-        torch.set_num_threads(threads)
-    print(f"[benchmark data] paper training transforms on {len(dataset)} real-size JPEGs: "
-          f"{ {k: v for k, v in figures.items() if k.startswith('images/s')} }")
-    return figures
