@@ -1040,7 +1040,7 @@ def read_checkpoint(path, device):
     if not isinstance(ckpt, dict) or not {"config", "model"} <= set(ckpt):
         raise InputError(f"{path}: not a train.py checkpoint (it needs the keys 'config' and 'model')")
     try:
-        cfg = sg2hoi.Config(**ckpt["config"])
+        cfg = sg2hoi.config_from_saved(ckpt["config"])
     except (TypeError, ValueError) as e:
         raise InputError(f"{path}: invalid config ({e})") from None
     needed = (["entity_names", "predicate_names"] if cfg.sgg else []) + \
@@ -1189,7 +1189,8 @@ def merge_entities(result, iou_threshold=MERGE_IOU):
         for i, t in enumerate(result[key]):
             if t[b] is None:
                 e = entities[where[(key, i, a)]]
-                e["actions"] += [t[rel]["name"]] if t[rel]["name"] not in e["actions"] else []
+                if t[rel]["name"] not in e["actions"]:
+                    e["actions"].append(t[rel]["name"])
                 continue
             source, target = entities[where[(key, i, a)]]["id"], entities[where[(key, i, b)]]["id"]
             label = t[rel]["name"]

@@ -211,6 +211,15 @@ PRESETS = {
 }
 
 
+def config_from_saved(saved: dict) -> Config:
+    """A checkpoint's config dict -> Config. Checkpoints written before weight averaging was removed hold ema_decay:
+    0 (off) is dropped; a run that averaged its weights is refused (its averaged weights have no place here)."""
+    saved = dict(saved)
+    if saved.pop("ema_decay", 0.0):
+        raise ValueError("Config.ema_decay: this checkpoint averaged its weights (EMA), which this code no longer has")
+    return Config(**saved)
+
+
 def make_config(preset="paper", **overrides) -> Config:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
@@ -800,8 +809,8 @@ def _box_costs(pred_cxcywh, tgt_cxcywh):
 def _assign(cost, sizes, what):
     """cost (B, Q, sum(sizes)) -> per image (query indices, target indices) of the minimum-cost matching.
 
-    Non-finite costs (a diverged model) raise FloatingPointError, which train.py's --nonfinite handling catches,
-    instead of scipy's ValueError "matrix contains invalid numeric entries"."""
+    Non-finite costs (a diverged model) raise a FloatingPointError that says so, instead of scipy's ValueError
+    "matrix contains invalid numeric entries" (train.py checks the outputs before it matches them)."""
     if not torch.isfinite(cost).all():
         raise FloatingPointError(f"non-finite matching cost: model outputs contain NaN/Inf ({what} matching, "
                                  f"{int((~torch.isfinite(cost)).sum())} of {cost.numel()} costs)")
@@ -2038,9 +2047,9 @@ class DetectionDataset(torch.utils.data.Dataset):
     """Records -> (image (3, H, W) normalised, target). target = record's fields as tensors + size, orig_size,
     image_id and, when a teacher is given, "clip": the CLIP image embedding of Eq. 5.
 
-    teacher: None, a dict {file: (text_dim,) tensor} (made by tools/prepare_clip.py images), or a (C, text_dim) table
-    of class text embeddings: then the target is the normalised mean embedding of the image's object classes, the
-    stand-in teacher for the toy scenes (whose "CLIP" would describe exactly those objects).
+    teacher: None, a dict {clip_image_key(file): (text_dim,) tensor} (tools/prepare_clip.py images), or a
+    (C, text_dim) table of class text embeddings: then the target is the normalised mean embedding of the image's
+    object classes, the stand-in teacher for the toy scenes (whose "CLIP" would describe exactly those objects).
 
     bad_images: what an image that cannot be decoded (truncated JPEG, text named .jpg, deleted file) does:
     "stop" = DataError naming file and record; "skip" = the item becomes None with a BadImageWarning (counted in

@@ -2869,3 +2869,31 @@ def test_gpu_check_dry_run_writes_every_section_of_its_report(tmp_path):
     for section in ("## 1. Main command", "## 2. --deterministic", "## 3. Training step", "## 4. torch.compile",
                     "## 5. Inference", "## Raw figures"):
         assert section in text
+
+
+def test_checkpoints_written_before_weight_averaging_was_removed_still_load(tiny_ckpt, tmp_path):
+    """Their config holds ema_decay (always 0 unless the run averaged): 0 is dropped; a run that averaged is refused."""
+    import train
+
+    ckpt = torch.load(tiny_ckpt, weights_only=True)
+    for decay in (0.0, 0.9):
+        old = dict(ckpt, config=dict(ckpt["config"], ema_decay=decay))
+        path = str(tmp_path / f"old_{decay}.pt")
+        torch.save(old, path)
+        if decay == 0.0:
+            model, cfg, _ = ev.read_checkpoint(path, torch.device("cpu"))
+            assert cfg == sg2hoi.Config(**ckpt["config"]) and train.load_checkpoint(path)["config"]["ema_decay"] == 0
+        else:
+            with pytest.raises(ev.InputError, match="ema_decay"):
+                ev.read_checkpoint(path, torch.device("cpu"))
+
+
+def test_prepare_clip_images_needs_only_the_datasets_given(tiny_toy, tmp_path, monkeypatch):
+    """tools/prepare_clip.py images --vg alone encodes the VG training images (no HOI root needed)."""
+    import prepare_clip  # tools/
+
+    monkeypatch.setattr(prepare_clip, "clip_image_teacher", lambda *a, **k: lambda im: torch.ones(4))
+    out = str(tmp_path / "clip.pt")
+    prepare_clip.main(["images", "--vg", os.path.join(tiny_toy, "vg"), "--out", out])
+    records, _ = sg2hoi.load_dataset("vg", os.path.join(tiny_toy, "vg"), "train")
+    assert sorted(torch.load(out, weights_only=True)) == sorted(sg2hoi.clip_image_key(r["file"]) for r in records)

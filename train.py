@@ -71,7 +71,8 @@ def make_parser(suppress_defaults=False):
     add("--vg", default="", help="VG150 root, RelTR JSON layout (SGB .h5: convert with tools/vg_h5_to_json.py)")
     add("--hoi", default="", help="HICO-DET or V-COCO root (QPIC layout)")
     add("--hoi_dataset", default="hico", choices=["hico", "vcoco"])
-    add("--text_teacher", default="auto", choices=["auto", "objects", "none"], help="Eq. 5 teacher if no --clip_cache")
+    add("--text_teacher", default="auto", choices=["auto", "objects", "none"],
+        help="Eq. 5 teacher without --clip_cache: objects, none; auto = objects on toy data, refused on real data")
     add("--clip_cache", default="", help=".pt {image file name: CLIP image embedding} for Eq. 5 (real data)")
     add("--train_subset", type=int, default=0, help="train on the first N images of each training split (0 = all)")
     add("--seed", type=int, default=0)
@@ -93,7 +94,8 @@ def make_parser(suppress_defaults=False):
     add("--best_metric", default="auto", help="metric for best.pt, e.g. sgg.R@50 (auto: R@50, phase 2 the HOI mAP)")
     add("--dist_timeout", type=float, default=60.0, help="minutes a collective may wait before the run fails")
     add("--bad_images", default="stop", choices=["stop", "skip"], help="an undecodable image: stop, or drop it")
-    add("--check_images_only", action="store_true", default=False, help="decode every image, list the bad ones, exit")
+    add("--check_images_only", action="store_true", default=False,
+        help="decode every image, list the bad ones, exit (1 if any is bad)")
     for f in dataclasses.fields(sg2hoi.Config):  # every Config field is a flag
         if f.type in ("int", "float", "str", "bool", int, float, str, bool):
             kind = {"int": int, "float": float, "str": str, "bool": _bool}.get(f.type, f.type)
@@ -206,7 +208,7 @@ def load_checkpoint(path):
     if missing:
         raise SystemExit(f"--resume {path}: not a train.py checkpoint (missing {missing}); a bare state dict can "
                          f"initialise a model but cannot resume a run")
-    unknown = set(ckpt["config"]) - {f.name for f in dataclasses.fields(sg2hoi.Config)}
+    unknown = set(ckpt["config"]) - {f.name for f in dataclasses.fields(sg2hoi.Config)} - {"ema_decay"}
     if unknown:
         raise SystemExit(f"--resume {path}: its config has field(s) {sorted(unknown)} that this sg2hoi.Config does "
                          f"not know (written by another version of the code)")
@@ -289,7 +291,7 @@ def setup(args):
         for k, v in saved.items():
             if k not in RUNTIME_FLAGS or (k not in args.explicit and k not in this_invocation):
                 setattr(args, k, v)
-        cfg = sg2hoi.Config(**resume["config"])
+        cfg = sg2hoi.config_from_saved(resume["config"])
         if args.out is None:  # continue in the checkpoint's own folder, never in another run's
             args.out = os.path.dirname(os.path.abspath(args.resume))
     else:
@@ -420,7 +422,7 @@ def load_data(run):
 
 def eq5_teachers(args, cfg, data):
     """Eq. 5's teacher per task: CLIP image embeddings (--clip_cache), the objects' text embeddings, or None."""
-    if not cfg.use_vl_distill:
+    if not cfg.use_vl_distill or args.text_teacher == "none" and not args.clip_cache:
         return dict.fromkeys(data)
     if args.clip_cache:
         cache = torch.load(args.clip_cache, map_location="cpu", weights_only=True)  # GPU-saved tensors stay on CPU
@@ -432,12 +434,10 @@ def eq5_teachers(args, cfg, data):
         return dict.fromkeys(data, cache)
     if args.text_teacher == "auto" and (args.vg or args.hoi):
         raise SystemExit("train.py: the VL distillation of Eq. 5 aligns with CLIP's image embeddings, and real data "
-                         "(--vg / --hoi) was given without --clip_cache. Build the cache once (needs open_clip and its "
-                         "weights): python tools/prepare_clip.py images --vg ... --hoi ... --out clip_cache.pt, then "
-                         "pass --clip_cache clip_cache.pt. Or choose another experiment explicitly: --text_teacher "
-                         "objects (the mean text embedding of each image's objects) or --use_vl_distill false.")
-    if args.text_teacher == "none":
-        return dict.fromkeys(data)
+                         "(--vg / --hoi) was given without --clip_cache. Build the cache once (needs open_clip): "
+                         "python tools/prepare_clip.py images --vg ... --hoi_root ... --out clip_cache.pt, then pass "
+                         "--clip_cache clip_cache.pt. Or choose another experiment explicitly: --text_teacher objects "
+                         "(the mean text embedding of each image's objects) or --use_vl_distill false.")
     return {task: sg2hoi.class_text_embeddings(cfg.entity_names if task == "sgg" else cfg.hoi_object_names,
                                                cfg.text_dim, cfg.text_embeddings) for task in data}
 
@@ -454,24 +454,26 @@ def reached_parameters(model, task, align=True):
         flags, was_training = {n: p.requires_grad for n, p in params.items()}, model.training
         device = next(iter(params.values())).device
         reach = {}
-        for p in params.values():  # for the moment: phase 1 freezes the HOI part
-            p.requires_grad_(True)
-        model.eval()  # no dropout, BatchNorm statistics untouched
-        with torch.enable_grad(), torch.autocast(device.type, enabled=False):
-            out = model(torch.zeros(1, 3, 64, 64, device=device),
-                        torch.zeros(1, 64, 64, dtype=torch.bool, device=device), with_hoi=True)
-            for key, with_align in (("sgg", True), ("sgg", False), ("hoi", True), ("hoi", False)):
-                used = list(out.get("rel" if key == "sgg" else "hoi", {}).values())  # {}: no HOI branch
-                if cfg.use_bbseg and cfg.loss_seg > 0:
-                    used.append(out["seg_logits"])
-                if cfg.use_vl_distill and cfg.loss_align > 0 and with_align:
-                    used.append(out["align"])
-                grads = torch.autograd.grad(sum(t.float().sum() for t in used), list(params.values()),
-                                            allow_unused=True, retain_graph=True) if used else []
-                reach[key, with_align] = {n for n, g in zip(params, grads) if g is not None}
-        for n, p in params.items():
-            p.requires_grad_(flags[n])
-        model.train(was_training)
+        try:
+            for p in params.values():  # for the moment: phase 1 freezes the HOI part
+                p.requires_grad_(True)
+            model.eval()  # no dropout, BatchNorm statistics untouched
+            with torch.enable_grad(), torch.autocast(device.type, enabled=False):
+                out = model(torch.zeros(1, 3, 64, 64, device=device),
+                            torch.zeros(1, 64, 64, dtype=torch.bool, device=device), with_hoi=True)
+                for key, with_align in (("sgg", True), ("sgg", False), ("hoi", True), ("hoi", False)):
+                    used = list(out.get("rel" if key == "sgg" else "hoi", {}).values())  # {}: no HOI branch
+                    if cfg.use_bbseg and cfg.loss_seg > 0:
+                        used.append(out["seg_logits"])
+                    if cfg.use_vl_distill and cfg.loss_align > 0 and with_align:
+                        used.append(out["align"])
+                    grads = torch.autograd.grad(sum(t.float().sum() for t in used), list(params.values()),
+                                                allow_unused=True, retain_graph=True) if used else []
+                    reach[key, with_align] = {n for n, g in zip(params, grads) if g is not None}
+        finally:  # the flags and the mode as they were, also when the probe fails
+            for n, p in params.items():
+                p.requires_grad_(flags[n])
+            model.train(was_training)
         _REACH[model] = reach
     return _REACH[model][task, align]
 

@@ -1,7 +1,7 @@
 """The CLIP files of a real run, made once (needs the optional `open_clip` package and its weights; nothing else does).
 
     python tools/prepare_clip.py text --sgg vg --hoi hico --out clip_text_hico.pt
-    python tools/prepare_clip.py images --vg data/vg --hoi data/hico --out clip_images_hico.pt
+    python tools/prepare_clip.py images --vg data/vg --hoi_root data/hico --out clip_images_hico.pt
 
 text:   CLIP text embeddings of "A photo of a [class]" for every class name of the datasets (Sec. III-A, IV-D), the
         file train.py --text_embeddings reads (semantic map of Eq. 3, text-initialised classifiers).
@@ -106,7 +106,8 @@ def main(argv=None):
     p.add_argument("what", choices=["text", "images"])
     p.add_argument("--out", required=True, help="the .pt file to write")
     p.add_argument("--sgg", default="vg", help="text: the scene-graph vocabulary (vg, or none)")
-    p.add_argument("--hoi", default="hico", help="text: hico | vcoco | none; images: the HICO-DET / V-COCO root")
+    p.add_argument("--hoi", default="hico", help="text: the HOI vocabulary, hico | vcoco | none")
+    p.add_argument("--hoi_root", default="", help="images: the HICO-DET / V-COCO root (QPIC layout)")
     p.add_argument("--vg", default="", help="images: the VG150 root (RelTR JSON layout)")
     p.add_argument("--hoi_dataset", default="hico", choices=["hico", "vcoco"], help="images: the kind of --hoi")
     p.add_argument("--model", default="ViT-B-32")
@@ -117,9 +118,9 @@ def main(argv=None):
         build_clip_embeddings(names, args.out, args.model, args.pretrained)
     else:
         splits = ([sg2hoi.load_dataset("vg", args.vg, "train")[0]] if args.vg else []) + \
-                 ([sg2hoi.load_dataset(args.hoi_dataset, args.hoi, "train")[0]] if args.hoi else [])
+                 ([sg2hoi.load_dataset(args.hoi_dataset, args.hoi_root, "train")[0]] if args.hoi_root else [])
         if not splits:
-            p.error("images: give --vg and / or --hoi")
+            p.error("images: give --vg and / or --hoi_root")
         build_clip_image_cache(splits, args.out, args.model, args.pretrained)
     print(f"wrote {args.out}")
 

@@ -22,11 +22,6 @@ sys.path.insert(0, HERE)
 import sg2hoi  # noqa: E402
 import train  # noqa: E402
 
-# trains the FULL model and every ablation row of Tables V-VIII on the toy scenes, several
-# seeds each, on the toy preset's schedule, and prints the paper's table with mean +- std over the seeds beside the
-# paper's numbers. Each run is an ordinary train.py run in its own folder (runs/study/<row>/seed<k>), so a finished
-# run is skipped and an interrupted one resumed when the study is started again.
-
 # The FULL row's flags. "pool_text" is the paper's FULL (SG2HOI+pool, CLIP-initialised classifiers: give the CLIP
 # text embeddings with --run_args "--text_embeddings ..."). The toy study's default is the toy preset as it is ([CLS]
 # aligned, random classifiers): without CLIP the "text" classifiers start from seeded stand-in vectors, and
@@ -54,7 +49,6 @@ STUDY_COLUMNS = ("R@50", "R@100", "mR@50", "mR@100", "Full", "Rare", "Non-rare")
 # untrained (5 + 3 epochs gave HOI mAP 2.8; 3 + 6, with a narrower backbone, R@50 19 and mAP 8), and a table of
 # untrained rows measures nothing.
 STUDY_BUDGET = ["--sgg_epochs", "5", "--joint_epochs", "9"]
-
 
 
 def parse_args(argv=None):
