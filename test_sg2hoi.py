@@ -2886,6 +2886,8 @@ def test_checkpoints_written_before_weight_averaging_was_removed_still_load(tiny
         else:
             with pytest.raises(ev.InputError, match="ema_decay"):
                 ev.read_checkpoint(path, torch.device("cpu"))
+            with pytest.raises(SystemExit, match="ema_decay"):
+                train.load_checkpoint(path)
 
 
 def test_prepare_clip_images_needs_only_the_datasets_given(tiny_toy, tmp_path, monkeypatch):

@@ -208,10 +208,10 @@ def load_checkpoint(path):
     if missing:
         raise SystemExit(f"--resume {path}: not a train.py checkpoint (missing {missing}); a bare state dict can "
                          f"initialise a model but cannot resume a run")
-    unknown = set(ckpt["config"]) - {f.name for f in dataclasses.fields(sg2hoi.Config)} - {"ema_decay"}
-    if unknown:
-        raise SystemExit(f"--resume {path}: its config has field(s) {sorted(unknown)} that this sg2hoi.Config does "
-                         f"not know (written by another version of the code)")
+    try:  # unknown fields (another version of the code), bad values, a run that averaged its weights (EMA)
+        sg2hoi.config_from_saved(ckpt["config"])
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"--resume {path}: its config does not fit this version of the code ({e})") from None
     return ckpt
 
 
