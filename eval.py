@@ -9,9 +9,8 @@ Then inference, the paper's tables, saved predictions, pictures, your own images
 
     python eval.py --ckpt runs/toy/ckpt.pt                       # Tables I-IV on the checkpoint's test splits
     torchrun --nproc_per_node=N eval.py --ckpt ...               # the same, each process evaluating its share
-    python eval.py --predictions preds.pt                        # evaluate saved predictions (no model needed)
-    python eval.py --ckpt runs/toy/ckpt.pt --visualize pics      # Figures 2-4 style pictures of test images
     python eval.py --ckpt runs/toy/ckpt.pt --image a.jpg pics/   # your own images: pictures, scene graph, JSON
+(tools/figures.py draws Figures 2-4 for test images; tools/bootstrap.py compares --save-predictions files.)
 """
 from __future__ import annotations
 
@@ -29,14 +28,12 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import torchvision
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageFont
 from torchvision import tv_tensors
 from torchvision.ops import box_iou
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
-from torchvision.utils import draw_segmentation_masks
 
 import sg2hoi
 
@@ -69,23 +66,13 @@ def qpic_iou_matrix(a, b):
 
 
 def _check_inputs(metric, gts, preds, gt_fields, pred_forms):
-    """Clear errors for wrong inputs: equal lengths, dicts, the fields each side needs (pred_forms: the
-    alternative field sets a prediction may have, e.g. the raw model output or the compact candidates)."""
+    """Clear errors for wrong inputs: equal lengths, the fields of each side (pred_forms: raw or compact)."""
     if len(gts) != len(preds):
         raise ValueError(f"{metric}: {len(gts)} ground-truth images but {len(preds)} predictions "
                          "(one prediction per test image, in the same order)")
-    for i, g in enumerate(gts):
-        missing = [f for f in gt_fields if f not in g] if isinstance(g, dict) else "everything: not a dict"
-        if missing:
-            raise ValueError(f"{metric}: ground truth of image {i} lacks {missing}")
-    _check_preds(metric, preds, pred_forms)
-
-
-def _check_preds(metric, preds, pred_forms):
-    """Every prediction is a dict with one of the field sets in pred_forms (else ValueError naming the image)."""
-    for i, p in enumerate(preds):
-        if not isinstance(p, dict):
-            raise ValueError(f"{metric}: prediction of image {i} is a {type(p).__name__}, expected a dict")
+    for i, (g, p) in enumerate(zip(gts, preds)):
+        if not g.keys() >= set(gt_fields):
+            raise ValueError(f"{metric}: ground truth of image {i} lacks {[f for f in gt_fields if f not in g]}")
         if not any(p.keys() >= set(form) for form in pred_forms):
             best = min(pred_forms, key=lambda form: sum(f not in p for f in form))
             raise ValueError(f"{metric}: prediction of image {i} lacks {[f for f in best if f not in p]} "
@@ -98,60 +85,44 @@ def _mean(values):
 
 
 # ------------------------------------------------------------------------------------------------ VG150 SGDet
-# Two steps per image: the candidates (also the "compact" form that distributed evaluation gathers and
-# --save-predictions writes), then their hits on the GT relations.
-
 SGDET_PRED_FIELDS = ("boxes", "labels", "scores", "rel_pairs", "rel_scores")
-SGDET_COMPACT_FIELDS = ("gc", "ng")  # the compact form of sgdet_candidates
-
-
-def _sgdet_image_candidates(p, i, C, max_ng):
-    """One image's raw SGDet prediction -> {"gc": ..., "ng": ...} (see sgdet_candidates)."""
-    pairs = np.asarray(p["rel_pairs"]).reshape(-1, 2)
-    rel = np.asarray(p["rel_scores"], np.float32)
-    if rel.shape != (len(pairs), C + 1):
-        raise ValueError(f"sgdet_metrics: prediction of image {i}: rel_scores has shape {rel.shape}, expected "
-                         f"({len(pairs)}, {C + 1}) = (pairs, 1 + num_predicates)")
-    boxes = np.asarray(p["boxes"], np.float32).reshape(-1, 4)
-    labels = np.asarray(p["labels"])
-    obj_scores = np.asarray(p["scores"], np.float32)
-    pair_scores = obj_scores[pairs[:, 0]] * obj_scores[pairs[:, 1]]  # (Q,) float32, s_sub * s_obj
-    gc_pred = 1 + rel[:, 1:].argmax(1)  # (Q,) column 0 (no relation) excluded, the first max wins
-    overall = (pair_scores[:, None] * rel[:, 1:]).ravel()  # (Q * C,) pair-major, (s_sub * s_obj) * p
-    top = np.argsort(-overall)[:max_ng]  # numpy's default (unstable) sort: SGB's exact tie order
-
-    def triplets(pair_rows, predicates, scores):
-        s, o = pair_rows[:, 0], pair_rows[:, 1]
-        return dict(sub_boxes=boxes[s], obj_boxes=boxes[o], sub_labels=labels[s], obj_labels=labels[o],
-                    predicates=predicates, scores=scores)
-
-    gc_scores = pair_scores * rel[np.arange(len(pairs)), gc_pred]
-    return dict(gc=triplets(pairs, gc_pred, gc_scores), ng=triplets(pairs[top // C], top % C + 1, overall[top]))
+SGDET_COMPACT_FIELDS = ("gc", "ng")  # sgdet_candidates' form, which distributed evaluation and files keep
 
 
 def sgdet_candidates(preds, num_predicates, max_ng=100):
     """Raw SGDet predictions -> per image {"gc": one triplet per pair, in the given order, "ng": the top max_ng
     no-graph-constraint candidates} (sgdet_metrics' first two rules), each a dict of sub_boxes (K, 4) float32,
     obj_boxes, sub_labels, obj_labels, predicates (1..C), scores. A compact prediction is passed through."""
-    _check_preds("sgdet_metrics", preds, (SGDET_PRED_FIELDS, SGDET_COMPACT_FIELDS))
-    return [p if "gc" in p else _sgdet_image_candidates(p, i, num_predicates, max_ng) for i, p in enumerate(preds)]
+    C, out = num_predicates, []
+    for p in preds:
+        if "gc" in p:
+            out.append(p)
+            continue
+        pairs = np.asarray(p["rel_pairs"]).reshape(-1, 2)
+        rel = np.asarray(p["rel_scores"], np.float32)
+        if rel.shape != (len(pairs), C + 1):
+            raise ValueError(f"sgdet_metrics: rel_scores of shape {rel.shape}, expected (pairs, 1 + num_predicates)")
+        boxes, labels = np.asarray(p["boxes"], np.float32).reshape(-1, 4), np.asarray(p["labels"])
+        obj_scores = np.asarray(p["scores"], np.float32)
+        pair_scores = obj_scores[pairs[:, 0]] * obj_scores[pairs[:, 1]]  # (Q,) float32, s_sub * s_obj
+        gc_pred = 1 + rel[:, 1:].argmax(1)  # (Q,) column 0 (no relation) excluded, the first max wins
+        overall = (pair_scores[:, None] * rel[:, 1:]).ravel()  # (Q * C,) pair-major, (s_sub * s_obj) * p
+        top = np.argsort(-overall)[:max_ng]  # numpy's default (unstable) sort: SGB's exact tie order
+        gc_scores = pair_scores * rel[np.arange(len(pairs)), gc_pred]
+        out.append(dict(gc=_triplets(boxes, labels, pairs, gc_pred, gc_scores),
+                        ng=_triplets(boxes, labels, pairs[top // C], top % C + 1, overall[top])))
+    return out
 
 
-def _sgdet_first_hits(g, cand):
-    """(R,) for each GT relation of one image: the rank of the first candidate that hits it (infinity when none
-    does), so "hit by the first K" is first_hit < K."""
-    rels = np.asarray(g["rels"]).reshape(-1, 3)
-    gt_boxes, gt_labels = np.asarray(g["boxes"], np.float32).reshape(-1, 4), np.asarray(g["labels"])
-    gt_trip = np.stack([gt_labels[rels[:, 0]], rels[:, 2], gt_labels[rels[:, 1]]], 1)  # (R, 3) sub, pred, obj
-    cand_trip = np.stack([cand["sub_labels"], cand["predicates"], cand["obj_labels"]], 1).reshape(-1, 3)  # (P, 3)
-    hit = (cand_trip[:, None, :] == gt_trip[None, :, :]).all(2)  # (P, R) same three labels
-    hit &= iou_matrix(cand["sub_boxes"], gt_boxes[rels[:, 0]]) >= IOU_THRESHOLD
-    hit &= iou_matrix(cand["obj_boxes"], gt_boxes[rels[:, 1]]) >= IOU_THRESHOLD
-    return np.where(hit.any(0), hit.argmax(0), np.inf)
+def _triplets(boxes, labels, pairs, predicates, scores):
+    """Candidate triplets as the matching reads them: pairs (K, 2) index boxes (N, 4) and labels (N,)."""
+    s, o = pairs[:, 0], pairs[:, 1]
+    return dict(sub_boxes=boxes[s], obj_boxes=boxes[o], sub_labels=labels[s], obj_labels=labels[o],
+                predicates=predicates, scores=scores)
 
 
 def sgdet_metrics(gts, preds, num_predicates, ks=(20, 50, 100), zeroshot_triplets=None, longtail=None):
-    """VG150 SGDet recall metrics, as Scene-Graph-Benchmark (SGB) and SGTR compute them.
+    """VG150 SGDet recall metrics as fractions, as Scene-Graph-Benchmark (SGB) and SGTR compute them.
 
     gts[i]   = {"boxes": (N, 4) xyxy pixels, "labels": (N,), "rels": (R, 3) [subject, object, predicate 1..C]}
     preds[i] = {"boxes": (M, 4), "labels": (M,), "scores": (M,), "rel_pairs": (Q, 2) into boxes, best first,
@@ -171,27 +142,27 @@ def sgdet_metrics(gts, preds, num_predicates, ks=(20, 50, 100), zeroshot_triplet
         mean over all num_predicates (absent predicates count 0);
       * zR@K: over GT relations whose (subject label, object label, predicate) is zero-shot, the mean over the
         images that have at least one;
-      * head/body/tail: the per-predicate recalls behind mR@K averaged inside each group (SGTR).
-    Returns fractions (not percentages)."""
+      * head/body/tail: the per-predicate recalls behind mR@K averaged inside each group (SGTR)."""
     _check_inputs("sgdet_metrics", gts, preds, ("boxes", "labels", "rels"), (SGDET_PRED_FIELDS, SGDET_COMPACT_FIELDS))
-    for i, g in enumerate(gts):
-        predicates = np.asarray(g["rels"]).reshape(-1, 3)[:, 2]
-        if not ((predicates >= 1) & (predicates <= num_predicates)).all():
-            raise ValueError(f"sgdet_metrics: ground truth of image {i}: predicate ids must be 1..{num_predicates} "
-                             f"(column 3 of rels), got {sorted(set(predicates.tolist()))}")
     cands = sgdet_candidates(preds, num_predicates)
     zeroshot = set() if zeroshot_triplets is None else \
         {tuple(row) for row in np.asarray(zeroshot_triplets, np.int64).reshape(-1, 3).tolist()}
     recall, zrecall, per_predicate = {}, {}, {}  # (mode, K) -> per-image values; (mode, K, predicate) -> likewise
-    for g, cand in zip(gts, cands):
+    for g, image_cands in zip(gts, cands):
         rels = np.asarray(g["rels"]).reshape(-1, 3)
-        if len(rels) == 0 or len(cand["gc"]["predicates"]) == 0:
+        if len(rels) == 0 or len(image_cands["gc"]["predicates"]) == 0:
             continue  # SGB skips the image
-        labels = np.asarray(g["labels"])
+        gt_boxes, labels = np.asarray(g["boxes"], np.float32).reshape(-1, 4), np.asarray(g["labels"])
+        gt_trip = np.stack([labels[rels[:, 0]], rels[:, 2], labels[rels[:, 1]]], 1)  # (R, 3) sub, pred, obj
         is_zeroshot = np.array([(labels[s], labels[o], p) in zeroshot for s, o, p in rels.tolist()], bool)
         present, which, count = np.unique(rels[:, 2], return_inverse=True, return_counts=True)  # its predicates
         for mode, key in (("", "gc"), ("ng", "ng")):
-            first_hit = _sgdet_first_hits(g, cand[key])
+            cand = image_cands[key]
+            cand_trip = np.stack([cand["sub_labels"], cand["predicates"], cand["obj_labels"]], 1).reshape(-1, 3)
+            hit = (cand_trip[:, None, :] == gt_trip[None, :, :]).all(2)  # (P, R) same three labels
+            hit &= iou_matrix(cand["sub_boxes"], gt_boxes[rels[:, 0]]) >= IOU_THRESHOLD
+            hit &= iou_matrix(cand["obj_boxes"], gt_boxes[rels[:, 1]]) >= IOU_THRESHOLD
+            first_hit = np.where(hit.any(0), hit.argmax(0), np.inf)  # (R,) rank of the first candidate hitting it
             for k in ks:
                 hit = first_hit < k
                 recall.setdefault((mode, k), []).append(hit.mean())
@@ -215,9 +186,8 @@ def sgdet_metrics(gts, preds, num_predicates, ks=(20, 50, 100), zeroshot_triplet
 
 # ------------------------------------------------------------------------------------------------ HICO-DET
 def eleven_point_ap(rec, prec):
-    """11-point interpolated AP of QPIC's voc_ap and the official VOCevaldet_bboxpair.m. The thresholds are
-    np.arange(0., 1.1, 0.1): 0.30000000000000004, 0.6000000000000001 and 0.7000000000000001 sit just above
-    their decimal value, so a recall of exactly 0.3, 0.6 or 0.7 does not reach them (kept on purpose)."""
+    """11-point interpolated AP of QPIC's voc_ap and the official VOCevaldet_bboxpair.m, on np.arange(0., 1.1, 0.1),
+    whose 0.3, 0.6 and 0.7 sit just above their decimal value: a recall of exactly 0.3, 0.6 or 0.7 misses them."""
     ap = 0.0
     for t in np.arange(0.0, 1.1, 0.1):
         p = 0.0 if np.sum(rec >= t) == 0 else np.max(prec[rec >= t])
@@ -230,9 +200,8 @@ HICO_COMPACT_FIELDS = ("sub_boxes", "obj_boxes", "sub_labels", "obj_labels", "ve
 
 
 def _stable_top(scores, k):
-    """Indices of the first k of a *stable* descending sort of scores (Python's list.sort(reverse=True), as
-    QPIC). Only candidates scoring at least the k-th best score can be among them, so only those are sorted:
-    a stable sort of ~100 instead of ~12,000 numbers per image, with the same result, ties included."""
+    """Indices of the first k of a *stable* descending sort (QPIC's list.sort(reverse=True)); only the scores at
+    least the k-th best are sorted (~100 of ~12,000 per image): the same result, ties included."""
     if len(scores) <= k:
         return np.argsort(-scores, kind="stable")
     kth = np.partition(-scores, k - 1)[k - 1]  # minus the k-th best score
@@ -242,30 +211,25 @@ def _stable_top(scores, k):
     return contenders[np.argsort(-scores[contenders], kind="stable")][:k]
 
 
-def _hico_image_candidates(p, i, correct_mat, max_hois):
-    """One image's raw HICO prediction -> its compact candidates (see hico_candidates)."""
-    verb_scores = np.asarray(p["verb_scores"], np.float32)
-    labels, sub_ids, obj_ids = np.asarray(p["labels"]), np.asarray(p["sub_ids"]), np.asarray(p["obj_ids"])
-    if verb_scores.shape != (len(obj_ids), len(correct_mat)):
-        raise ValueError(f"hico_map: prediction of image {i}: verb_scores has shape {verb_scores.shape}, expected "
-                         f"({len(obj_ids)}, {len(correct_mat)}) = (pairs, verbs of correct_mat)")
-    scores = verb_scores * correct_mat[:, labels[obj_ids]].T  # (P, V) float32; masked candidates score 0, kept
-    top = _stable_top(scores.ravel(), max_hois)  # pair-major p * V + v
-    pair, verb = top // scores.shape[1], top % scores.shape[1]
-    boxes = np.asarray(p["boxes"], np.float32).reshape(-1, 4)
-    s, o = sub_ids[pair], obj_ids[pair]
-    return dict(sub_boxes=boxes[s], obj_boxes=boxes[o], sub_labels=labels[s], obj_labels=labels[o], verbs=verb,
-                scores=scores.ravel()[top])
-
-
 def hico_candidates(preds, correct_mat, max_hois=100):
     """Raw HICO predictions (QPIC's PostProcessHOI) -> per image its top max_hois masked (pair, verb) candidates
     in QPIC's visit order (hico_map's second rule): dicts of sub_boxes (D, 4) float32, obj_boxes, sub_labels,
     obj_labels, verbs, scores (D,) float32. A compact prediction is passed through."""
-    _check_preds("hico_map", preds, (HICO_PRED_FIELDS, HICO_COMPACT_FIELDS))
-    correct_mat = np.asarray(correct_mat, np.float32)
-    return [_hico_image_candidates(p, i, correct_mat, max_hois) if "verb_scores" in p else p
-            for i, p in enumerate(preds)]
+    correct_mat, out = np.asarray(correct_mat, np.float32), []
+    for p in preds:
+        if "verb_scores" not in p:
+            out.append(p)
+            continue
+        verb_scores = np.asarray(p["verb_scores"], np.float32)
+        labels, sub_ids, obj_ids = np.asarray(p["labels"]), np.asarray(p["sub_ids"]), np.asarray(p["obj_ids"])
+        scores = verb_scores * correct_mat[:, labels[obj_ids]].T  # (P, V) float32; masked candidates score 0, kept
+        top = _stable_top(scores.ravel(), max_hois)  # pair-major p * V + v
+        pair, verb = top // scores.shape[1], top % scores.shape[1]
+        boxes = np.asarray(p["boxes"], np.float32).reshape(-1, 4)
+        s, o = sub_ids[pair], obj_ids[pair]
+        out.append(dict(sub_boxes=boxes[s], obj_boxes=boxes[o], sub_labels=labels[s], obj_labels=labels[o],
+                        verbs=verb, scores=scores.ravel()[top]))
+    return out
 
 
 def _hico_true_positives(g, cand):
@@ -289,30 +253,6 @@ def _hico_true_positives(g, cand):
             matched[best[d]] = True
             tp[d] = True
     return tp
-
-
-def _hico_classes(gts):
-    """The test GT's HOI classes (triplets in order of first appearance), their npos (every GT row counts) and,
-    for Known-Object, the {(image, object label)} of the GT's HOIs."""
-    npos, shows = {}, set()
-    for i, g in enumerate(gts):
-        labels = np.asarray(g["labels"])
-        for s, o, v in np.asarray(g["hois"]).reshape(-1, 3).tolist():
-            t = (int(labels[s]), int(labels[o]), int(v))
-            npos[t] = npos.get(t, 0) + 1
-            shows.add((i, t[1]))
-    return list(npos), npos, shows
-
-
-def _class_ap(scores, tps, npos):
-    """(11-point AP, max recall) of one class's detections, re-ranked by np.argsort(-score); AP 0 without any."""
-    if len(scores) == 0:
-        return 0.0, 0.0
-    order = np.argsort(-scores)
-    tp = np.cumsum(tps[order])
-    fp = np.cumsum(~tps[order])
-    rec, prec = tp / npos, tp / (tp + fp)
-    return eleven_point_ap(rec, prec), float(rec.max())
 
 
 def _triplet_set(rows):
@@ -352,7 +292,14 @@ def hico_map(gts, preds, correct_mat, rare_triplets, known_object=False, non_rar
     Returns fractions: mAP_full, mAP_rare, mAP_non_rare, mean_max_recall, and per_class: each class's triplet,
     npos, AP and rarity."""
     _check_inputs("hico_map", gts, preds, ("boxes", "labels", "hois"), (HICO_PRED_FIELDS, HICO_COMPACT_FIELDS))
-    classes, npos, shows = _hico_classes(gts)
+    npos, shows = {}, set()  # the test GT's classes (in order of first appearance) -> npos; {(image, object label)}
+    for i, g in enumerate(gts):
+        labels = np.asarray(g["labels"])
+        for s, o, v in np.asarray(g["hois"]).reshape(-1, 3).tolist():
+            t = (int(labels[s]), int(labels[o]), int(v))
+            npos[t] = npos.get(t, 0) + 1  # every GT row counts
+            shows.add((i, t[1]))
+    classes = list(npos)
     used = [i for i, g in enumerate(gts) if len(np.asarray(g["boxes"]).reshape(-1, 4))]  # QPIC drops the others
     detections = {t: ([], [], []) for t in classes}  # class -> (image, score, true positive), image and visit order
     for i, cand in zip(used, hico_candidates([preds[i] for i in used], correct_mat, max_hois)):
@@ -369,7 +316,11 @@ def hico_map(gts, preds, correct_mat, rare_triplets, known_object=False, non_rar
         if known_object:
             keep = np.array([(i, t[1]) in shows for i in images.tolist()], bool)
             scores, tps = scores[keep], tps[keep]
-        ap[c], max_recall[c] = _class_ap(scores.astype(np.float32), tps.astype(bool), npos[t])
+        if len(scores):  # AP 0 without any detection
+            order = np.argsort(-scores.astype(np.float32))
+            tp, fp = np.cumsum(tps[order]), np.cumsum(~tps[order])
+            rec, prec = tp / npos[t], tp / (tp + fp)
+            ap[c], max_recall[c] = eleven_point_ap(rec, prec), rec.max()
     rare = _triplet_set(rare_triplets)
     non_rare = _triplet_set(non_rare_triplets) if non_rare_triplets is not None else set(classes) - rare
     per_class = [{"triplet": list(t), "npos": npos[t], "ap": float(ap[c]), "rare": t in rare}
@@ -380,20 +331,10 @@ def hico_map(gts, preds, correct_mat, rare_triplets, known_object=False, non_rar
 
 
 # ------------------------------------------------------------------------------------------------ V-COCO
-def voc_ap(rec, prec):
-    """All-point VOC AP of vsrl_eval.py: end points (0, 0) and (1, 0), precision made monotone from the right,
-    sum of recall steps x precision."""
-    mrec = np.concatenate(([0.0], rec, [1.0]))
-    mpre = np.concatenate(([0.0], prec, [0.0]))
-    for i in range(mpre.size - 1, 0, -1):
-        mpre[i - 1] = max(mpre[i - 1], mpre[i])
-    i = np.where(mrec[1:] != mrec[:-1])[0]
-    return float(np.sum((mrec[i + 1] - mrec[i]) * mpre[i + 1]))
-
-
 def _vcoco_ap(record, npos):
     """record: [(true positive, score)] of one action(-role) over all images. Global ranking a_sc.argsort()[::-1]
-    on float32 scores; AP 0 without detections, NaN when npos = 0."""
+    on float32 scores, then vsrl_eval.py's all-point VOC AP: end points (0, 0) and (1, 0), precision made
+    monotone from the right, sum of recall steps x precision. AP 0 without detections, NaN when npos = 0."""
     if npos == 0:
         return float("nan")
     if len(record) == 0:
@@ -402,17 +343,19 @@ def _vcoco_ap(record, npos):
     order = np.array([score for _, score in record], np.float32).argsort()[::-1]
     tp = np.cumsum(hits[order])
     fp = np.cumsum(1 - hits[order])
-    rec = tp / float(npos)
-    prec = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
-    return voc_ap(rec, prec)
+    rec = np.concatenate(([0.0], tp / float(npos), [1.0]))
+    prec = np.concatenate(([0.0], tp / np.maximum(tp + fp, np.finfo(np.float64).eps), [0.0]))
+    for i in range(len(prec) - 1, 0, -1):
+        prec[i - 1] = max(prec[i - 1], prec[i])
+    i = np.where(rec[1:] != rec[:-1])[0]
+    return float(np.sum((rec[i + 1] - rec[i]) * prec[i + 1]))
 
 
 def vcoco_detections(pred, verbs, actions, correct_mat=None, missing_object_label=80):
-    """QPIC's V-COCO post-processing and generate_vcoco_official: one detection per query, in float32.
-    Verb scores are masked as QPIC's and CDN's PostProcessHOI do (metrics.md 2.2): score[q, v] *= correct_mat[v,
-    object label], correct_mat being corre_vcoco (V, 80) plus a column of ones for "no object" (appended if absent).
-    A role scores its verb's masked score, its box is the object box (NaN for "no object"); the agent scores
-    the role's score, the max of two roles' scores, or an agent-only verb's own score."""
+    """QPIC's V-COCO post-processing and generate_vcoco_official: one detection per query, in float32. Verb scores
+    are masked as in QPIC's and CDN's PostProcessHOI (metrics.md 2.2) by correct_mat[v, object label]: corre_vcoco
+    (V, 80) plus a column of ones for "no object" (appended if absent). A role scores its verb's masked score with
+    the object box (NaN for "no object"); the agent the role's score, two roles' max or an agent-only verb's own."""
     Q, A = len(pred["sub_ids"]), len(actions)
     names = [a["name"] for a in actions]
     obj_labels = np.asarray(pred["labels"])[pred["obj_ids"]]  # (Q,)
@@ -531,13 +474,10 @@ def longtail_groups(train_records, num_predicates, head=0.09, tail=0.04):
     counts = np.zeros(num_predicates)
     for r in train_records:
         np.add.at(counts, r["rels"][:, 2], 1)
-    frac = counts / max(counts.sum(), 1)
-    groups = {"head": [], "body": [], "tail": []}
-    for p in range(num_predicates):
-        if counts[p] == 0:
-            continue
-        groups["head" if frac[p] >= head else "tail" if frac[p] < tail else "body"].append(p + 1)
-    return groups
+    frac = counts / max(counts.sum(), 1)  # a predicate absent from training is in no group
+    return {"head": [p + 1 for p in range(num_predicates) if frac[p] >= head],
+            "body": [p + 1 for p in range(num_predicates) if tail <= frac[p] < head],
+            "tail": [p + 1 for p in range(num_predicates) if 0 < frac[p] < tail]}
 
 
 def zeroshot_from_training(train_records, test_records):
@@ -548,12 +488,6 @@ def zeroshot_from_training(train_records, test_records):
     return sorted(triplets(test_records) - triplets(train_records))
 
 
-def _test_dataset(records, cfg):
-    """The records with the test transform (shorter side = cfg.image_size), as a DetectionDataset."""
-    tf = sg2hoi.make_transforms(False, cfg.image_size, cfg.max_size)
-    return sg2hoi.DetectionDataset(records, {"task": "sgg" if "rels" in records[0] else "hoi"}, tf)
-
-
 def _forward(model, images, mask, device, amp=False):
     """The model in inference: no gradients; float32, or bf16 autocast on CUDA when amp (--amp bf16)."""
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
@@ -561,12 +495,13 @@ def _forward(model, images, mask, device, amp=False):
 
 
 def predict(model, cfg, records, device, batch_size=8, rel_post=None, hoi_post=None, want=("rel", "hoi"), amp=False):
-    """Run the model on records -> (relation predictions, HOI predictions) per image, in original pixels.
-    rel_post / hoi_post: applied to each batch's predictions (collect keeps the compact form); want: which."""
+    """Run the model on records -> (relation predictions, HOI predictions) per image, in original pixels;
+    rel_post / hoi_post are applied to each batch's predictions (collect keeps the compact form)."""
     if not records:  # a process whose shard of the test split is empty (fewer images than processes)
         return [], []
-    loader = torch.utils.data.DataLoader(_test_dataset(records, cfg), batch_size=batch_size, shuffle=False,
-                                         num_workers=0, collate_fn=sg2hoi.collate)
+    transform = sg2hoi.make_transforms(False, cfg.image_size, cfg.max_size)  # the test resize
+    dataset = sg2hoi.DetectionDataset(records, {"task": "sgg" if "rels" in records[0] else "hoi"}, transform)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=sg2hoi.collate)
     rel_preds, hoi_preds = [], []
     model.eval()
     for images, mask, targets in loader:
@@ -581,27 +516,6 @@ def predict(model, cfg, records, device, batch_size=8, rel_post=None, hoi_post=N
     return rel_preds, hoi_preds
 
 
-def time_per_image(model, cfg, records, device, warmup=3, n=20, amp=False):
-    """Table I's time per image: batch 1, after warm-up, model forward plus post-processing."""
-    ds = _test_dataset(records[: warmup + n], cfg)
-    model.eval()
-    times = []
-    for i in range(len(ds)):
-        images, mask, targets = sg2hoi.collate([ds[i]])
-        images, mask = images.to(device), mask.to(device)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        out = _forward(model, images, mask, device, amp)
-        sg2hoi.relation_predictions(out["rel"], [targets[0]["orig_size"].tolist()])
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    return float(np.mean(times)) if times else float("nan"), name
-
-
 def _rank_world():
     """(rank, world size) of the default process group, (0, 1) without one."""
     if dist.is_available() and dist.is_initialized():
@@ -609,45 +523,25 @@ def _rank_world():
     return 0, 1
 
 
-def _gather_to_master(local):
-    """Every rank's object -> the list of all ranks' objects on rank 0 (None on the others); one collective."""
-    rank, world = _rank_world()
-    if world == 1:
-        return [local]
-    gathered = [None] * world if rank == 0 else None
-    dist.gather_object(local, gathered, dst=0)
-    return gathered
-
-
-def _interleave(shards, n):
-    """Rank r's shard holds images r, r + W, r + 2W, ... (W = len(shards)) -> one list in image order."""
-    out = [None] * n
-    for r, shard in enumerate(shards):
-        if len(shard) != len(range(r, n, len(shards))):
-            raise RuntimeError(f"rank {r} returned {len(shard)} predictions for {len(range(r, n, len(shards)))} images")
-        out[r::len(shards)] = shard
-    return out
-
-
 def collect(model, cfg, data, device, limit=0, compact=True, amp=False):
     """data: {"sgg": {"train": (records, meta), "test": (...)}, "hoi": {...}} -> everything the metrics need.
-
-    Distributed: rank r runs the model on images r, r + W, r + 2W, ... of each test split (no padding, no image
-    twice or lost), keeps the compact form (sgdet_candidates, hico_candidates, vcoco_detections: the same
-    metrics; compact=False keeps the full predictions, for tests), and one gather_object brings the shards to
-    rank 0, which puts them in image order, builds the ground truth and times Table I. Returns the dict on rank
-    0, None on the others."""
+    Rank r of W runs the model on test images r, r + W, r + 2W, ... (no padding, no image twice or lost) and
+    keeps their compact form (the same metrics; compact=False: the full predictions); one gather_object brings
+    the shards to rank 0, which puts them in image order and adds the ground truth. Returns the dict on rank 0,
+    None on the others. (tools/gpu_check.py measures the time per image at batch 1.)"""
     rank, world = _rank_world()
-    tests, local = {}, {}
+    tests = {task: data[task]["test"][0] for task in data}  # the test records of each task
+    if limit:
+        tests = {task: test[:limit] for task, test in tests.items()}
+    local = {}
     if "sgg" in data:
-        test, meta = data["sgg"]["test"]
-        tests["sgg"] = test = test[:limit] if limit else test
-        C = len(meta["predicate_names"])
+        C = len(data["sgg"]["test"][1]["predicate_names"])
         post = (lambda batch: sgdet_candidates(batch, C)) if compact else None
-        local["sgg"] = predict(model, cfg, test[rank::world], device, rel_post=post, want=("rel",), amp=amp)[0]
+        start = time.perf_counter()  # Table I's time per image: this pass on rank 0 (batch 8, loading included)
+        local["sgg"] = predict(model, cfg, tests["sgg"][rank::world], device, rel_post=post, want=("rel",), amp=amp)[0]
+        seconds = (time.perf_counter() - start) / max(len(local["sgg"]), 1)
     if "hoi" in data:
-        test, meta = data["hoi"]["test"]
-        tests["hoi"] = test = test[:limit] if limit else test
+        meta = data["hoi"]["test"][1]
         if not compact:
             post = None
         elif meta["dataset"] == "hico":
@@ -655,15 +549,20 @@ def collect(model, cfg, data, device, limit=0, compact=True, amp=False):
         else:
             post = lambda batch: [vcoco_detections(p, meta["verbs"], meta["actions"], meta["correct_mat"])  # noqa
                                   for p in batch]
-        local["hoi"] = predict(model, cfg, test[rank::world], device, hoi_post=post, want=("hoi",), amp=amp)[1]
-    gathered = _gather_to_master(local)
+        local["hoi"] = predict(model, cfg, tests["hoi"][rank::world], device, hoi_post=post, want=("hoi",), amp=amp)[1]
+    shards = [local]
+    if world > 1:
+        shards = [None] * world if rank == 0 else None
+        dist.gather_object(local, shards, dst=0)
     if rank != 0:
         return None
-    preds = {task: _interleave([g[task] for g in gathered], len(tests[task])) for task in local}
+    preds = {task: [None] * len(test) for task, test in tests.items()}
+    for r, shard in enumerate(shards):  # rank r's shard: images r, r + W, r + 2W, ... of each test split
+        for task in preds:
+            preds[task][r::world] = shard[task]
     out = {}
     if "sgg" in data:
-        (train, _), (_, meta) = data["sgg"]["train"], data["sgg"]["test"]
-        test = tests["sgg"]
+        train, meta, test = data["sgg"]["train"][0], data["sgg"]["test"][1], tests["sgg"]
         vocab = sg2hoi.load_vocab()
         is_vg150 = meta["predicate_names"] == vocab["vg150_predicates"] and not meta.get("toy")
         out["sgg"] = dict(gts=[sgg_ground_truth(r) for r in test], preds=preds["sgg"],
@@ -671,27 +570,26 @@ def collect(model, cfg, data, device, limit=0, compact=True, amp=False):
                           zeroshot=zeroshot_from_training(train, test),
                           longtail=vocab["vg150_longtail"] if is_vg150 else
                           longtail_groups(train, len(meta["predicate_names"])))
-        out["sgg"]["time"], out["sgg"]["device"] = time_per_image(model, cfg, test, device, amp=amp)  # rank 0 alone
+        cpu = f"CPU ({torch.get_num_threads()} threads)"
+        out["sgg"]["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
+        out["sgg"]["time"] = seconds
     if "hoi" in data:
-        (train, _), (_, meta) = data["hoi"]["train"], data["hoi"]["test"]
-        test = tests["hoi"]
+        train, meta, test = data["hoi"]["train"][0], data["hoi"]["test"][1], tests["hoi"]
         out["hoi"] = dict(dataset=meta["dataset"], preds=preds["hoi"], correct_mat=meta["correct_mat"])
         if meta["dataset"] == "hico":
             out["hoi"]["gts"] = [dict(boxes=r["boxes"], labels=r["labels"], hois=r["hois"]) for r in test]
             rare, counts = sg2hoi.rare_triplets_from_training(train)
-            out["hoi"]["rare"] = rare
-            out["hoi"]["non_rare"] = non_rare_triplets(counts)
-            out["hoi"]["verb_names"], out["hoi"]["object_names"] = meta["verb_names"], meta["object_names"]
+            out["hoi"].update(rare=rare, non_rare=non_rare_triplets(counts), verb_names=meta["verb_names"],
+                              object_names=meta["object_names"])
         else:
             out["hoi"]["gts"] = [sg2hoi.vcoco_ground_truth(r, meta["verbs"], meta["actions"]) for r in test]
-            out["hoi"]["verbs"], out["hoi"]["actions"] = meta["verbs"], meta["actions"]
+            out["hoi"].update(verbs=meta["verbs"], actions=meta["actions"])
     return out
 
 
 # ------------------------------------------------------------------------------------------------ metrics and tables
 def metrics_from_collected(c):
-    """The numbers of Tables I-IV from collect()'s output (or from a --predictions file); predictions may be
-    in the full or the compact form."""
+    """The numbers of Tables I-IV from collect()'s output or a --save-predictions file (full or compact)."""
     m = {}
     if "sgg" in c:
         s = c["sgg"]
@@ -703,9 +601,8 @@ def metrics_from_collected(c):
         h = c["hoi"]
         if h["dataset"] == "hico":
             kw = dict(rare_triplets=h["rare"], non_rare_triplets=h.get("non_rare"))
-            preds = hico_candidates(h["preds"], h["correct_mat"])  # once for both settings
-            m["hico"] = {"default": hico_map(h["gts"], preds, h["correct_mat"], **kw),
-                         "known_object": hico_map(h["gts"], preds, h["correct_mat"], known_object=True, **kw)}
+            m["hico"] = {"default": hico_map(h["gts"], h["preds"], h["correct_mat"], **kw),
+                         "known_object": hico_map(h["gts"], h["preds"], h["correct_mat"], known_object=True, **kw)}
             if "verb_names" in h:  # each class's AP under its name, e.g. "ride horse"
                 for setting in m["hico"].values():
                     for c in setting["per_class"]:
@@ -741,8 +638,7 @@ def headline(metrics):
 
 
 def evaluate(model, cfg, data, device, limit=0, amp=False):
-    """Tables I-IV of a model, called on every rank: the metrics dict on rank 0, None on the others (which
-    return right after collect's gather)."""
+    """Tables I-IV of a model, called on every rank: the metrics dict on rank 0, None on the others."""
     collected = collect(model, cfg, data, device, limit, amp=amp)
     return None if collected is None else metrics_from_collected(collected)
 
@@ -791,41 +687,6 @@ def save_predictions(collected, path):
                         if isinstance(x, np.ndarray) else x), path)
 
 
-def load_predictions(path):
-    """A --save-predictions file -> collect()'s dict; PredictionsError naming the file and the problem for an
-    unreadable file, a training checkpoint, missing fields, or fewer predictions than ground-truth images."""
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 (torch raises many types for a truncated or foreign file)
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PredictionsError(f"{path}: not a predictions file written by eval.py --save-predictions "
-                               f"(torch.load failed: {reason})") from None
-    if isinstance(raw, dict) and ("model" in raw or "config" in raw):
-        raise PredictionsError(f"{path}: this is a training checkpoint (keys {sorted(raw)[:6]}), not saved "
-                               "predictions: pass it with --ckpt")
-    if not isinstance(raw, dict) or not raw or not set(raw) <= {"sgg", "hoi"}:
-        keys = sorted(raw)[:6] if isinstance(raw, dict) else type(raw).__name__
-        raise PredictionsError(f"{path}: expected a dict with 'sgg' and/or 'hoi' (as written by --save-predictions), "
-                               f"got {keys}")
-    collected = _convert(raw, lambda x: x.numpy() if torch.is_tensor(x) else x)
-    needs = {"sgg": ("gts", "preds", "num_predicates", "zeroshot", "longtail"),
-             "hoi": ("dataset", "gts", "preds", "correct_mat")}
-    for task, c in collected.items():
-        missing = [k for k in needs[task] if not isinstance(c, dict) or k not in c]
-        if task == "hoi" and not missing:
-            missing = [k for k in (("rare",) if c["dataset"] == "hico" else ("verbs", "actions")) if k not in c]
-        if missing:
-            raise PredictionsError(f"{path}: '{task}' lacks {missing}")
-        if len(c["preds"]) != len(c["gts"]):
-            raise PredictionsError(f"{path}: '{task}' has {len(c['preds'])} predictions for {len(c['gts'])} "
-                                   "ground-truth images")
-    return collected
-
-
-class PredictionsError(ValueError):
-    """A --predictions file that cannot be evaluated (the message names the file and the problem)."""
-
-
 # ------------------------------------------------------------------------------------------------ pictures
 # A fixed, simple layout: tagged boxes where the model put them, a legend under the image, the graph on a circle.
 MIN_DRAW_SIDE = 640  # pictures are drawn with a longer side of at least this many pixels (toy images are 128 px)
@@ -852,8 +713,7 @@ def _font(size):
 
 
 def _canvas(image_uint8, min_side=MIN_DRAW_SIDE):
-    """(3, H, W) uint8 -> (PIL image, scale from original to canvas pixels, font px, line px): small images are
-    upscaled (nearest: crisp pixels) to a longer side of min_side; font and lines are 2.5 % and 0.4 % of it."""
+    """(3, H, W) uint8 -> (PIL image upscaled (nearest) to a longer side >= min_side, scale, font px, line px)."""
     H, W = image_uint8.shape[-2:]
     scale = max(1.0, min_side / max(H, W))
     if scale > 1:
@@ -898,8 +758,8 @@ def _with_legend(picture, lines, font_px):
 
 
 def draw_image_predictions(image_uint8, result, graph):
-    """Picture (a): each graph entity's box in its own colour, tagged with its name; under it a legend line per
-    edge (best score, number of queries) and per agent-only action, entities written in their boxes' colours."""
+    """Picture (a): each entity's box in its own colour, tagged with its name; under it a legend line per edge
+    (best score, number of queries) and per agent-only action."""
     canvas, scale, font_px, width = _canvas(image_uint8)
     entities, colours = graph["entities"], _palette(len(graph["entities"]))
     boxes = [[v * scale for v in e["box"]] for e in entities]
@@ -918,9 +778,8 @@ def draw_image_predictions(image_uint8, result, graph):
 
 
 def draw_scene_graph(image_uint8, graph):
-    """Picture (b), as wide as (a): the entities on a circle (by score, clockwise from the top: no layout search,
-    no two nodes on one another) and one arrow per (subject, object, kind) labelled with its predicates or verbs
-    and scores, relations dark grey, HOI verbs blue."""
+    """Picture (b): the entities on a circle (by score, clockwise from the top) and one arrow per (subject,
+    object, kind) labelled with its predicates or verbs and scores, relations dark grey, HOI verbs blue."""
     image, _, font_px, width = _canvas(image_uint8)
     canvas = Image.new("RGB", image.size, WHITE)
     draw = ImageDraw.Draw(canvas)
@@ -969,57 +828,10 @@ def draw_scene_graph(image_uint8, graph):
     return canvas
 
 
-def draw_prediction(image_uint8, gt, seg_map, result, class_names, seg_names):
-    """One picture like the paper's Figures 2-4: [ground-truth boxes (gt["boxes"], gt["labels"] into class_names)
-    | the predicted segmentation map of Eq. 1 (seg_map (h, w): 0 = background, c = seg_names[c - 1]) | picture
-    (a) of the result]."""
-    prediction = draw_image_predictions(image_uint8, result, merge_entities(result))
-    canvas, scale, font_px, width = _canvas(image_uint8)
-    boxes = np.asarray(gt["boxes"], np.float32).reshape(-1, 4) * scale
-    truth = _draw_boxes(canvas.copy(), boxes.tolist(), [class_names[int(c)] for c in gt["labels"]],
-                        [WHITE] * len(boxes), _font(font_px), width)
-    seg = F.interpolate(torch.as_tensor(seg_map)[None, None].float(), size=canvas.size[::-1], mode="nearest")[0, 0]
-    present = [int(c) for c in seg.unique() if c > 0]
-    colours = _palette(len(seg_names) + 1)
-    segmentation = canvas if not present else TF.to_pil_image(draw_segmentation_masks(
-        TF.pil_to_tensor(canvas), torch.stack([seg == c for c in present]), alpha=0.6,
-        colors=[colours[c] for c in present]))
-    names = ", ".join(seg_names[c - 1] for c in present) or "background only"
-    segmentation = _with_legend(segmentation, [[(f"segmentation map: {names}", BLACK)]], font_px)
-    figure = Image.new("RGB", (3 * canvas.width, max(prediction.height, segmentation.height)), WHITE)
-    for k, panel in enumerate((truth, segmentation, prediction)):
-        figure.paste(panel, (k * canvas.width, 0))
-    return figure
-
-
-def visualize(model, cfg, data, device, out_dir, num_images=8, top=5):
-    """--visualize: Figures 2-4 for the first num_images test images of each task, as PNG files in out_dir."""
-    os.makedirs(out_dir, exist_ok=True)
-    written = []
-    for task, other in (("sgg", "hois"), ("hoi", "relations")):
-        if task not in data:
-            continue
-        test, meta = data[task]["test"]
-        for i, record in enumerate(test[:num_images]):
-            image = read_image(record["file"])
-            out, _ = _forward_one(model, cfg, image, device)
-            result = image_predictions(out, cfg, tuple(image.shape[-2:]), top, 0.0, meta.get("correct_mat"))
-            result[other] = []  # the picture of one task's test image shows that task's predictions
-            seg_map = out["seg_logits"][0].argmax(0).cpu() if "seg_logits" in out else torch.zeros(1, 1)
-            names = meta["entity_names"] if task == "sgg" else meta["object_names"]
-            stem = os.path.splitext(os.path.basename(record["file"]))[0]
-            path = os.path.join(out_dir, f"{task}_{i:03d}_{stem}.png")
-            draw_prediction(image, record, seg_map, result, names, model.seg_names).save(path)
-            written.append(path)
-    return written
-
-
 # ------------------------------------------------------------------------------------------------ your own images
-# `--image a.jpg photos/ "shots/*.png"`: the model on any pictures, from the checkpoint alone. Per image:
-# <stem>_pred.png (picture (a)), <stem>_graph.png (picture (b)), <stem>_graph.dot (Graphviz DOT) and <stem>.json
-# (the kept triplets and HOIs in original pixels, the graph, the settings). A one-stage model predicts one object
-# in many queries' boxes: merge_entities makes them one node per object.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff")  # what a folder contributes
+# `--image a.jpg photos/ "shots/*.png"`: the model on any pictures, from the checkpoint alone. A one-stage model
+# predicts one object in many queries' boxes: merge_entities makes them one node per object.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp")  # what a folder contributes (torchvision.io reads them)
 MERGE_IOU = 0.5  # boxes of one class name with IoU > this are one entity (the benchmarks' "this is that object")
 
 
@@ -1028,21 +840,15 @@ class InputError(Exception):
 
 
 def read_checkpoint(path, device):
-    """train.py's checkpoint -> (model in eval mode on device, Config, the checkpoint dict: its "args" are the
-    data). InputError naming the file when it is missing, unreadable, not a train.py checkpoint, its config lacks
-    the class names of its tasks or its weights do not fit."""
+    """train.py's checkpoint -> (model in eval mode on device, Config, the checkpoint dict); InputError naming the
+    file when it is missing, unreadable, lacks the class names of its tasks or its weights do not fit."""
     if not os.path.isfile(path):
         raise InputError(f"{path}: checkpoint not found")
-    try:
+    try:  # a truncated or foreign file, no "config" (not a train.py checkpoint), a config of another version
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle, zip and torch errors all mean the same thing here
-        raise InputError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or not {"config", "model"} <= set(ckpt):
-        raise InputError(f"{path}: not a train.py checkpoint (it needs the keys 'config' and 'model')")
-    try:
         cfg = sg2hoi.config_from_saved(ckpt["config"])
-    except (TypeError, ValueError) as e:
-        raise InputError(f"{path}: invalid config ({e})") from None
+    except Exception as e:  # noqa: BLE001 (pickle, zip, torch and config errors all mean the same thing here)
+        raise InputError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e})") from None
     needed = (["entity_names", "predicate_names"] if cfg.sgg else []) + \
              (["hoi_object_names", "verb_names"] if cfg.hoi else [])
     missing = [n for n in needed if not getattr(cfg, n)]
@@ -1050,21 +856,17 @@ def read_checkpoint(path, device):
         raise InputError(f"{path}: the checkpoint's config lacks the class names {', '.join(missing)} "
                          f"(tasks={cfg.tasks!r}); train.py sets them from the datasets")
     # built without the text-embedding file: it only initialises tensors that the checkpoint overwrites
-    try:
-        model = sg2hoi.build_model(dataclasses.replace(cfg, text_embeddings=""))
-    except (OSError, ValueError, KeyError) as e:  # e.g. an HSSG model whose GloVe file (word_vectors) is not here
-        raise InputError(f"{path}: cannot build the model of the checkpoint's config ({e})") from None
+    model = sg2hoi.build_model(dataclasses.replace(cfg, text_embeddings=""))
     try:
         model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
+    except (RuntimeError, KeyError) as e:
         raise InputError(f"{path}: the weights do not fit the checkpoint's config "
                          f"({' '.join(str(e).split())[:400]})") from None
     return model.to(device).eval(), cfg, ckpt
 
 
 def hoi_validity_mask(cfg):
-    """(V, O) verb-object validity mask for a HICO-DET or V-COCO vocabulary (the toy data's too): the 600 HICO-DET
-    classes, or corre_vcoco plus QPIC's "no object" column; None for any other vocabulary."""
+    """(V, O) verb-object validity mask of a HICO-DET or V-COCO vocabulary (the toy data's too), else None."""
     vocab = sg2hoi.load_vocab()
     coco = [c["name"] for c in vocab["coco80"]]
     if cfg.hoi_object_names == coco and cfg.verb_names == vocab["hico_verbs"]:
@@ -1080,35 +882,27 @@ def expand_image_args(args):
     out = []
     for a in args:
         if os.path.isdir(a):
-            files = sorted(os.path.join(a, f) for f in os.listdir(a) if f.lower().endswith(IMAGE_EXTENSIONS)
-                           and os.path.isfile(os.path.join(a, f)))
+            files = [os.path.join(a, f) for f in sorted(os.listdir(a)) if f.lower().endswith(IMAGE_EXTENSIONS)]
             none = f"{a}: folder holds no image file ({', '.join(IMAGE_EXTENSIONS)})"
-            out += [(f, None) for f in files] or [(a, none)]
         elif glob.has_magic(a):
-            files = sorted(f for f in glob.glob(a) if os.path.isfile(f))
-            out += [(f, None) for f in files] or [(a, f"{a}: no file matches this pattern")]
+            files, none = sorted(glob.glob(a)), f"{a}: no file matches this pattern"
         else:
-            out.append((a, None))
+            files, none = [a], None
+        out += [(f, None) for f in files] or [(a, none)]
     return out
 
 
 def read_image(path):
-    """An image file -> (3, H, W) uint8 RGB, upright as its EXIF says: torchvision.io for JPEG, PNG, GIF and
-    WebP, PIL for the rest (BMP, TIFF, ...). Raises InputError."""
+    """An image file (JPEG, PNG, GIF, WebP) -> (3, H, W) uint8 RGB, upright as its EXIF says; else InputError."""
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such image file")
     try:
         image = torchvision.io.decode_image(path, mode=torchvision.io.ImageReadMode.RGB, apply_exif_orientation=True)
-        if image.ndim == 4:  # an animated GIF decodes as (frames, 3, H, W): its first frame is the picture
-            image = image[0]
-        return TF.to_dtype(image, torch.uint8, scale=True)  # 16-bit PNGs decode as uint16
-    except (RuntimeError, ValueError):
-        pass
-    try:
-        with Image.open(path) as im:
-            return TF.pil_to_tensor(ImageOps.exif_transpose(im).convert("RGB"))
-    except Exception as e:  # PIL raises UnidentifiedImageError, OSError, DecompressionBombError, ...
-        raise InputError(f"{path}: not an image that torchvision or PIL can read ({type(e).__name__})") from None
+    except (RuntimeError, ValueError) as e:
+        raise InputError(f"{path}: not an image that torchvision can read ({type(e).__name__})") from None
+    if image.ndim == 4:  # an animated GIF decodes as (frames, 3, H, W): its first frame is the picture
+        image = image[0]
+    return TF.to_dtype(image, torch.uint8, scale=True)  # 16-bit PNGs decode as uint16
 
 
 def _entity(box, label, names, score, size_hw):
@@ -1121,15 +915,15 @@ def _entity(box, label, names, score, size_hw):
 
 def image_predictions(out, cfg, size_hw, top=10, threshold=0.1, correct_mat=None):
     """The model's output for ONE image -> {"relations": [...], "hois": [...]}, best first, at most `top` each,
-    score >= threshold, boxes in the pixels of the ORIGINAL image of size size_hw.
-    relation: {"subject", "object": entity, "predicate": {"index", "name"}, "score" = s_sub * s_obj * p}
-    (graph constraint); HOI: {"human", "object" (None for "no object"), "verb": {"index", "name"}, "score" =
-    sigmoid(verb) * s_obj * s_human, masked}; entity: {"box" xyxy, "label", "name", "score"}."""
+    score >= threshold, boxes in the pixels of the ORIGINAL image of size size_hw. A relation's score is
+    s_sub * s_obj * p (graph constraint), an HOI's sigmoid(verb) * s_obj * s_human after correct_mat."""
     result = {"relations": [], "hois": []}
     if cfg.sgg:
-        pred = sg2hoi.relation_predictions(out["rel"], [size_hw])[0]
+        pred = sg2hoi.relation_predictions(out["rel"], [size_hw])[0]  # pairs ranked by their best triplet's score
         names = cfg.entity_names
-        for s, r, o, score in sg2hoi.relation_triplets(pred, graph_constraint=True, top_k=top):
+        for (s, o), row in list(zip(pred["rel_pairs"], pred["rel_scores"]))[:top]:
+            r = 1 + int(row[1:].argmax())  # the graph constraint: the pair's best predicate (column 0 = none)
+            score = float(pred["scores"][s] * pred["scores"][o] * row[r])
             if score < threshold:
                 break  # ranked: the rest score lower
             result["relations"].append({
@@ -1142,9 +936,13 @@ def image_predictions(out, cfg, size_hw, top=10, threshold=0.1, correct_mat=None
         # the entity scores hoi_predictions folds into the verb scores: P(human) and the object class probability
         p_human = out["hoi"]["human_logits"][-1][0].float().softmax(-1)[:, 0].cpu().numpy()  # (Q,)
         s_obj = out["hoi"]["obj_logits"][-1][0].float().softmax(-1)[:, :-1].max(-1).values.cpu().numpy()  # (Q,)
-        Q, names = len(p_human), cfg.hoi_object_names
-        for h, o, v, score in sg2hoi.hoi_triplets(pred, correct_mat, top_k=top):
-            if score < threshold or score <= 0:  # masked (invalid verb-object) pairs score exactly 0
+        Q, names, scores = len(p_human), cfg.hoi_object_names, pred["verb_scores"]  # scores (Q, V)
+        if correct_mat is not None:  # invalid verb-object pairs score 0 (QPIC)
+            scores = scores * correct_mat[:, pred["labels"][pred["obj_ids"]]].T
+        for k in _stable_top(scores.ravel(), top):  # pair-major, stable: QPIC's order
+            q, v = divmod(int(k), scores.shape[1])
+            h, o, score = pred["sub_ids"][q], pred["obj_ids"][q], float(scores[q, v])
+            if score < threshold or score <= 0:
                 break
             no_object = names[int(pred["labels"][o])] == "no object"
             result["hois"].append({
@@ -1159,9 +957,8 @@ def image_predictions(out, cfg, size_hw, top=10, threshold=0.1, correct_mat=None
 def merge_entities(result, iou_threshold=MERGE_IOU):
     """The kept triplets and HOIs -> the scene graph {"entities", "edges"}, one node per object: greedy NMS by
     class probability, each box joining the first entity of its class NAME (across both vocabularies) that it
-    overlaps with IoU > iou_threshold, else starting one (box, label, score: its best box's). One edge per
-    (subject, object, predicate or verb, kind) with the best score and its triplets; an HOI without an object
-    (V-COCO's agent-only actions) adds its verb to the human's "actions"."""
+    overlaps with IoU > iou_threshold, else starting one. One edge per (subject, object, label, kind) with its
+    best score; an HOI without an object (V-COCO's agent-only actions) adds its verb to the human's "actions"."""
     cands = []  # (box dict, vocabulary, member reference)
     for i, r in enumerate(result["relations"]):
         cands += [(r[role], "entity_names", ["relations", i, role]) for role in ("subject", "object")]
@@ -1198,8 +995,7 @@ def merge_entities(result, iou_threshold=MERGE_IOU):
                 "source": source, "target": target, "label": label, "kind": kind, "score": t["score"], "from": []})
             edge["score"] = max(edge["score"], t["score"])
             edge["from"].append([key, i])
-    return {"entities": entities, "edges": list(edges.values()),
-            "merge_rule": f"same class name and IoU > {iou_threshold}, greedy by class probability (NMS)"}
+    return {"entities": entities, "edges": list(edges.values())}
 
 
 def _dot_quote(text):
@@ -1207,37 +1003,21 @@ def _dot_quote(text):
 
 
 def scene_graph_dot(graph, size_hw, title=""):
-    """The graph in Graphviz's DOT language: one node per entity (label: name and agent-only actions; pos: its
-    box's centre, y up, for `neato -n`), one edge per predicate (solid) or HOI verb (dashed)."""
+    """The graph in Graphviz's DOT language: one node per entity (pos: its box's centre, y up, for `neato -n`),
+    one edge per predicate (solid) or HOI verb (dashed)."""
     H = size_hw[0]
     lines = ["digraph scene_graph {", f"  graph [label={_dot_quote(title)}, labelloc=t];",
              '  node [shape=box, style="rounded,filled", fillcolor="#f0f0f0"];']
     for e in graph["entities"]:
         x1, y1, x2, y2 = e["box"]
         label = e["display_name"] + "".join(f"\n({a})" for a in e["actions"])
-        tip = f"{e['name']} box [{x1:.0f}, {y1:.0f}, {x2:.0f}, {y2:.0f}] score {e['score']:.2f}"
-        lines.append(f"  {e['id']} [label={_dot_quote(label)}, tooltip={_dot_quote(tip)}, "
-                     f"pos=\"{(x1 + x2) / 2:.1f},{H - (y1 + y2) / 2:.1f}!\"];")
+        lines.append(f"  {e['id']} [label={_dot_quote(label)}, pos=\"{(x1 + x2) / 2:.1f},{H - (y1 + y2) / 2:.1f}!\"];")
     for d in graph["edges"]:
         style = "solid" if d["kind"] == "relation" else "dashed"
-        tip = f"{d['kind']} score {d['score']:.2f}"
         lines.append(f"  {d['source']} -> {d['target']} [label={_dot_quote(d['label'])}, style={style}, "
-                     f"tooltip={_dot_quote(tip)}];")
+                     f"tooltip=\"{d['kind']} score {d['score']:.2f}\"];")
     lines.append("}")
     return "\n".join(lines) + "\n"
-
-
-def _outputs_for(path, out_dir, used):
-    """<out_dir>/<stem>{_pred.png, _graph.png, _graph.dot, .json}; a stem used before in this run gets _2, ..."""
-    stem = os.path.splitext(os.path.basename(path))[0]
-    name, n = stem, 1
-    while name in used:
-        n += 1
-        name = f"{stem}_{n}"
-    used.add(name)
-    base = os.path.join(out_dir, name)
-    return {"prediction": base + "_pred.png", "graph": base + "_graph.png", "dot": base + "_graph.dot",
-            "json": base + ".json"}
 
 
 def _forward_one(model, cfg, image_uint8, device):
@@ -1248,15 +1028,9 @@ def _forward_one(model, cfg, image_uint8, device):
     return _forward(model, images, mask, device), tuple(x.shape[-2:])
 
 
-def predict_image(model, cfg, image_uint8, device, top=10, threshold=0.1, correct_mat=None):
-    """One image -> (image_predictions(...) with boxes in the original image's pixels, resized (h, w))."""
-    out, resized_hw = _forward_one(model, cfg, image_uint8, device)
-    return image_predictions(out, cfg, tuple(image_uint8.shape[-2:]), top, threshold, correct_mat), resized_hw
-
-
 def run_on_images(ckpt_path, image_args, out_dir, top=10, threshold=0.1, merge_iou=MERGE_IOU, device=None):
-    """--image: the four files of this section's header per image, in out_dir. A bad image is reported and
-    skipped. Returns the exit status: 0 = every image done, 1 = some failed, 2 = the checkpoint is unusable."""
+    """--image: per image <stem>_pred.png (picture (a)), _graph.png (b), _graph.dot and .json in out_dir. A bad
+    image is reported and skipped. Exit status: 0 = every image done, 1 = some failed, 2 = unusable checkpoint."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         model, cfg, _ = read_checkpoint(ckpt_path, device)
@@ -1265,14 +1039,15 @@ def run_on_images(ckpt_path, image_args, out_dir, top=10, threshold=0.1, merge_i
         return 2
     correct_mat = hoi_validity_mask(cfg) if cfg.hoi else None
     os.makedirs(out_dir, exist_ok=True)
-    used, failed, done = set(), [], 0
+    used, failed, done = {}, [], 0
     for path, error in expand_image_args(image_args):
         try:
             if error:
                 raise InputError(error)
             image = read_image(path)
             t = time.perf_counter()
-            result, resized_hw = predict_image(model, cfg, image, device, top, threshold, correct_mat)
+            out, resized_hw = _forward_one(model, cfg, image, device)
+            result = image_predictions(out, cfg, tuple(image.shape[-2:]), top, threshold, correct_mat)
             seconds = time.perf_counter() - t
         except InputError as e:
             print(f"error: {e}", file=sys.stderr)
@@ -1280,18 +1055,20 @@ def run_on_images(ckpt_path, image_args, out_dir, top=10, threshold=0.1, merge_i
             continue
         H, W = image.shape[-2:]
         graph = merge_entities(result, merge_iou)
-        files = _outputs_for(path, out_dir, used)
+        stem = os.path.splitext(os.path.basename(path))[0]
+        used[stem] = used.get(stem, 0) + 1  # a stem used before in this run (a.jpg, a.png) gets _2, _3, ...
+        base = os.path.join(out_dir, stem if used[stem] == 1 else f"{stem}_{used[stem]}")
+        files = {"prediction": base + "_pred.png", "graph": base + "_graph.png", "dot": base + "_graph.dot",
+                 "json": base + ".json"}
         draw_image_predictions(image, result, graph).save(files["prediction"], optimize=True)
         draw_scene_graph(image, graph).save(files["graph"], optimize=True)
         with open(files["dot"], "w") as f:
             f.write(scene_graph_dot(graph, (H, W), title=os.path.basename(path)))
         record = {"image": path, "width": int(W), "height": int(H), "checkpoint": ckpt_path,
                   "settings": {"top": top, "threshold": threshold, "merge_iou": merge_iou, "tasks": cfg.tasks,
-                               "image_size": cfg.image_size, "max_size": cfg.max_size,
                                "resized_hw": list(resized_hw), "device": str(device),
-                               "hoi_validity_mask": correct_mat is not None, "graph_constraint": True},
-                  "seconds": round(seconds, 4), "box_format": "xyxy, pixels of the original image",
-                  **result, **graph, "files": files}
+                               "hoi_validity_mask": correct_mat is not None},
+                  "seconds": round(seconds, 4), **result, **graph, "files": files}
         with open(files["json"], "w") as f:
             json.dump(record, f, indent=1)
         done += 1
@@ -1306,27 +1083,20 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate an SG2HOI+ checkpoint: Tables I-IV of the paper "
                                             "(distributed: torchrun --nproc_per_node=N eval.py --ckpt ...).")
     p.add_argument("--ckpt", default="", help="checkpoint written by train.py")
-    p.add_argument("--predictions", default="", help="evaluate a file written by --save-predictions (no model)")
     p.add_argument("--save-predictions", dest="save_predictions", default="",
-                   help="write the ground truth and compact predictions here (for --predictions)")
+                   help="write the ground truth and compact predictions here (for tools/bootstrap.py)")
     p.add_argument("--json", default="", help="write the metrics here (default: eval_<checkpoint stem>.json "
                    "beside the checkpoint; train.py's metrics.json stays)")
     p.add_argument("--limit", type=int, default=0, help="first N test images only")
     p.add_argument("--amp", default="none", choices=["none", "bf16"], help="bf16: autocast on CUDA")
     p.add_argument("--dist_timeout", type=float, default=60.0, help="minutes a collective may wait (torchrun)")
-    p.add_argument("--visualize", default="", help="write Figure 2-4 style PNGs of test images into this folder")
-    p.add_argument("--num_visualize", type=int, default=8, help="test images per task for --visualize")
     p.add_argument("--image", nargs="+", default=[], help="run --ckpt on these image files, folders or globs")
     p.add_argument("--out_dir", default="out/images", help="where --image writes its pictures, DOT and JSON")
     p.add_argument("--top", type=int, default=10, help="--image: at most this many triplets and HOIs per image")
     p.add_argument("--threshold", type=float, default=0.1, help="--image: keep triplets / HOIs scoring >= this")
     args = p.parse_args(argv)
-    if args.image and not args.ckpt:
-        p.error("--image needs --ckpt")
-    if not (args.ckpt or args.predictions):
-        p.error("give --ckpt (or --predictions)")
-    if args.visualize and not args.ckpt:
-        p.error("--visualize needs --ckpt (it runs the model)")
+    if not args.ckpt:
+        p.error("give --ckpt, a checkpoint written by train.py")
     if args.limit < 0:
         p.error("--limit must be >= 0")
     if not args.dist_timeout > 0:
@@ -1335,27 +1105,24 @@ def parse_args(argv=None):
 
 
 def output_paths(args):
-    """{what: path} of every file or folder this run will write (rank 0)."""
+    """{flag: path} of every file this run will write (rank 0)."""
     json_path = args.json
-    if not json_path and args.ckpt:  # beside the checkpoint under its own name: train.py's metrics.json stays
+    if not json_path:  # beside the checkpoint under its own name: train.py's metrics.json stays
         stem = os.path.splitext(os.path.basename(args.ckpt))[0]
         json_path = os.path.join(os.path.dirname(args.ckpt) or ".", f"eval_{stem}.json")
-    paths = {"--json": json_path, "--save-predictions": args.save_predictions, "--visualize": args.visualize}
+    paths = {"--json": json_path, "--save-predictions": args.save_predictions}
     return {k: v for k, v in paths.items() if v}
 
 
 def check_writable(paths):
     """Before any work: can every output be written (folders created, a test file written)? None or the error."""
     for flag, path in paths.items():
-        folder = path if flag == "--visualize" else (os.path.dirname(os.path.abspath(path)))
+        if os.path.isdir(path):
+            return f"eval.py: cannot write {flag} {path}: it is a folder"
         try:
-            if flag != "--visualize" and os.path.isdir(path):
-                return f"eval.py: cannot write {flag} {path}: it is a folder"
-            os.makedirs(folder, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=folder, prefix=".eval_write_test"):
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=os.path.dirname(os.path.abspath(path)), prefix=".eval_write_test"):
                 pass
-            if flag != "--visualize" and os.path.exists(path) and not os.access(path, os.W_OK):
-                return f"eval.py: cannot write {flag} {path}: the file is not writable"
         except OSError as e:
             return f"eval.py: cannot write {flag} {path}: {e.strerror or e}"
     return None
@@ -1363,8 +1130,7 @@ def check_writable(paths):
 
 def init_distributed(timeout_minutes=60.0):
     """Under torchrun (RANK set): the process group (nccl on this process's GPU, gloo on CPU) and this rank's
-    device; otherwise the default device. The timeout is long: NCCL's default 10 minutes would end the other
-    ranks while rank 0 alone parses annotations or computes the metrics of a real test split."""
+    device, else the default device. Long timeout: rank 0 alone computes the metrics of a real test split."""
     if "RANK" not in os.environ:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     timeout = datetime.timedelta(minutes=timeout_minutes)
@@ -1390,56 +1156,35 @@ def load_model_and_data(ckpt_path, device):
     return model, cfg, data
 
 
-def write_results(args, paths, collected, model=None, cfg=None, data=None, device=None):
-    """Rank 0: save the predictions, compute and print the tables, write the JSON, draw the pictures."""
-    if args.save_predictions:
-        save_predictions(collected, args.save_predictions)
-        print(f"wrote {args.save_predictions}")
-    metrics = metrics_from_collected(collected)
-    print(format_tables(metrics))
-    if "--json" in paths:
-        with open(paths["--json"], "w") as f:
-            json.dump(metrics, f, indent=1)
-        print(f"wrote {paths['--json']}")
-    if args.visualize:
-        written = visualize(model, cfg, data, device, args.visualize, args.num_visualize)
-        print(f"wrote {len(written)} pictures to {args.visualize}")
-
-
 def main(argv=None):
     args = parse_args(argv)
     if args.image:  # your own images: pictures, scene graphs and JSON, one process
         raise SystemExit(run_on_images(args.ckpt, args.image, args.out_dir, args.top, args.threshold))
     device = init_distributed(args.dist_timeout)
-    rank = _rank_world()[0]
+    rank, world = _rank_world()
     try:
         # 1. every output path is writable, before any work (rank 0 checks, every rank stops on an error)
         paths = output_paths(args)
         error = [check_writable(paths) if rank == 0 else None]
-        if _rank_world()[1] > 1:
+        if world > 1:
             dist.broadcast_object_list(error, src=0)
         if error[0]:
             raise SystemExit(error[0])
-        # 2. the predictions: from a file (rank 0 alone), or each rank runs the model on its shard of the test splits
-        model = cfg = data = None
-        if args.predictions:
-            if rank != 0:
-                return
-            try:
-                collected = load_predictions(args.predictions)
-            except PredictionsError as e:
-                raise SystemExit(f"eval.py: {e}") from None
-        else:
-            model, cfg, data = load_model_and_data(args.ckpt, device)
-            collected = collect(model, cfg, data, device, args.limit, amp=args.amp == "bf16")
-        # 3. rank 0: metrics, tables, files, pictures
-        if rank == 0:
-            try:
-                write_results(args, paths, collected, model, cfg, data, device)
-            except ValueError as e:  # a metric function's input check on a --predictions file
-                if not args.predictions:
-                    raise
-                raise SystemExit(f"eval.py: {args.predictions}: {e}") from None
+        # 2. each rank runs the model on its shard of the test splits
+        model, cfg, data = load_model_and_data(args.ckpt, device)
+        collected = collect(model, cfg, data, device, args.limit, amp=args.amp == "bf16")
+        if rank != 0:
+            return
+        # 3. rank 0: metrics, tables, files
+        metrics = metrics_from_collected(collected)
+        if args.save_predictions:
+            save_predictions(collected, args.save_predictions)
+            print(f"wrote {args.save_predictions}")
+        print(format_tables(metrics))
+        if "--json" in paths:
+            with open(paths["--json"], "w") as f:
+                json.dump(metrics, f, indent=1)
+            print(f"wrote {paths['--json']}")
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

@@ -74,35 +74,30 @@ class Config:
     predicate_names: list = field(default_factory=list)
     hoi_object_names: list = field(default_factory=list)
     verb_names: list = field(default_factory=list)
-    text_embeddings: str = ""  # .pt file {name: (text_dim,) tensor} (tools/prepare_clip.py); "" = seeded stand-in
-    #                            (see class_text_embeddings)
+    text_embeddings: str = ""  # .pt file {name: (text_dim,) tensor} (tools/prepare_clip.py); "" = seeded stand-ins
     word_vectors: str = ""  # GloVe-format .txt for semantic_embedding="glove" (HSSG); its width comes from the file
-    # Ablations (Tables V-VIII). These field defaults align [CLS] (Sec. IV-D) with randomly initialised classifiers,
-    # which is none of the paper's four variants: the presets below (PRESETS) are the variants, "paper" = SG2HOI+cls
-    # and "full" = SG2HOI+pool, the FULL row of Tables V-VIII.
+    # Ablations (Tables V-VIII). The paper's four variants are the PRESETS below, not these field defaults.
     tasks: str = "both"  # both | sgg (Table V "SGG") | hoi (HOI data only: relation part trained by the HOI loss)
     hoi_on_frozen_sgg: bool = False  # True = Table V "HOI": phase 1 SGG as usual, phase 2 HOI batches only, SGG frozen
     use_bbseg: bool = True  # False = "-HSS" (Table VI)
     semantic_embedding: str = "clip"  # clip | discrete ("HSSD") | glove ("HSSG") (Table VI)
     use_vl_distill: bool = True  # False = "-VLpool" (Table VII)
     align_feature: str = "cls"  # cls = SG2HOI+cls | pool = SG2HOI+pool (Table VII, Eq. 5)
-    # l1 | l2 ("VLl2", Table VII): mean absolute / mean squared error over the text_dim components. The paper's "l2
-    # norm strategy" is read as the L2 counterpart of its element-wise l1 (feature distillation's L1Loss / MSELoss),
-    # not the unsquared distance ||s - t||_2 (same minimiser, a gradient of constant length).
+    # l1 | l2 ("VLl2", Table VII): mean absolute / mean squared error over the components. The paper's "l2 norm
+    # strategy" is read as MSE, the L2 counterpart of its element-wise l1, not the unsquared distance ||s - t||_2.
     align_loss: str = "l1"
     classifier_init: str = "random"  # random | text (CLIP text embeddings as classifier weights, Sec. III-B)
     use_feature_transform: bool = True  # False = "-FETR" (Table VIII)
     use_query_transform: bool = True  # False = "-QUTR" (Table VIII)
     use_r2i: bool = True  # False = "-R2ITR" (Table VIII)
     hoi_queries_from_rel: bool = False  # True = "RELQ": relation queries are the HOI queries (Table VIII)
-    # Two literal readings of Sec. III-C (defaults = this implementation's choice). Keys / values of the query
-    # transformation: "decoded" = f_sg[-1], the relation queries after they read this image; "learnable" = Q_rel
-    # itself (the paper's "the relation queries Q_rel, which serve as both keys and values"; then the transformed
-    # HOI queries are the same for every image). RELQ's HOI queries likewise: f_sg[-1] or Q_rel.
+    # Two readings of Sec. III-C. Keys / values of the query transformation (and RELQ's HOI queries): "decoded" =
+    # f_sg[-1], the relation queries after reading this image; "learnable" = Q_rel itself, the paper's literal words
+    # (then the transformed HOI queries are the same for every image).
     query_transform_memory: str = "decoded"
     relq_queries: str = "decoded"
-    # matching and losses. The cost_* weights are used twice: as the matching costs alpha_1..3 of Eq. 9 AND as the
-    # weights of the same terms in the losses L_rel / L_hoi (SetCriterion): the paper writes L_rel with Eq. 9's terms.
+    # matching and losses: the cost_* weights are Eq. 9's alpha_1..3 and also the weights of the same terms in L_rel /
+    # L_hoi (SetCriterion), as the paper writes L_rel with Eq. 9's terms.
     cost_box: float = 1.0  # alpha_1 in Eq. 9 (box cost = box_l1 * L1 - box_giou * GIoU); also the box loss weight
     box_l1: float = 2.5  # inside the box cost and loss: L1 weight (QPIC / CDN / GEN-VLKT; not given in the paper)
     box_giou: float = 1.0  # inside the box cost and loss: GIoU weight (QPIC / CDN / GEN-VLKT)
@@ -112,9 +107,7 @@ class Config:
     loss_align: float = 4.0  # lambda_2 in Eq. 10
     eos_coef: float = 0.1  # weight of the "no object" / "no relation" class (DETR)
     unmatched_loss: bool = True  # False = the paper's literal "no loss for unmatched queries" (see SetCriterion)
-    # deep supervision: every decoder layer's outputs are matched and trained (DETR, QPIC, RelTR, SGTR); the paper does
-    # not mention it. False = the last layer only.
-    aux_loss: bool = True
+    aux_loss: bool = True  # deep supervision of every decoder layer (DETR, QPIC, RelTR; not in the paper)
     # optimisation (used by train.py; saved with checkpoints)
     lr: float = 1e-4
     lr_backbone: float = 1e-5
@@ -181,13 +174,10 @@ def _check_field(name, kind, v):
         raise ValueError(f"Config.{name}: {v!r} is not one of {CHOICES[name]}")
 
 
-# The paper's four variants (Sec. IV-E) at its sizes and settings (Sec. IV-D): +rand "the object and predicate
-# classifiers are initialized randomly", +clip "utilizing embeddings from CLIP for initialization of these
-# classifiers", +cls and +pool align [CLS] or "the pooled feature from Eq. (4)" with CLIP, and "the latter three
-# variants employ embeddings from CLIP to initialize their object and predicate classifiers". Read as steps that add
-# one piece each: +rand and +clip align nothing (Eq. 5 off); the classifiers are those of every branch. All four keep
-# the CLIP semantic map of Eq. 3. Without --text_embeddings (tools/prepare_clip.py) the classifiers start from
-# seeded stand-ins (fine for tests and CPUs; not the paper's model).
+# The paper's four variants (Sec. IV-E) at its settings (Sec. IV-D): +rand (random classifiers), +clip (classifiers
+# initialised with CLIP text embeddings), +cls and +pool (also align [CLS] / the pooled f_en with CLIP, Eq. 5). Read as
+# steps that add one piece each, so +rand and +clip align nothing. All four keep the CLIP semantic map of Eq. 3.
+# Without --text_embeddings (tools/prepare_clip.py) the classifiers start from seeded stand-ins, not CLIP.
 VARIANTS = {
     "rand": dict(classifier_init="random", use_vl_distill=False),  # SG2HOI+rand
     "clip": dict(classifier_init="text", use_vl_distill=False),  # SG2HOI+clip
@@ -201,8 +191,7 @@ PRESETS = {
     "paper": VARIANTS["cls"],
     # The FULL row of Tables V-VIII, "our full model (SG2HOI+pool)"
     "full": VARIANTS["pool"],
-    # A model a 2-core CPU trains in minutes on the toy scenes (128 px images); 8 SGG + 12 joint epochs varied least
-    # between seeds among the schedules of about 3,000 steps tried.
+    # A model a 2-core CPU trains in minutes on the toy scenes (128 px images)
     "toy": dict(backbone="tiny", d_model=64, nheads=4, dim_feedforward=256, dropout=0.0, enc_layers=2,
                 rel_dec_layers=2, r2i_layers=1, feat_trans_layers=1, query_trans_layers=1, hoi_dec_layers=2,
                 num_rel_queries=16, num_hoi_queries=16, seg_hidden=32, seg_norm="group", text_dim=64, batch_size=16,
@@ -313,9 +302,8 @@ def sine_position_encoding(mask, d_model, temperature=10000.0):
 
 
 # ------------------------------------------------------------------------------------------------ Transformer layers
-# DETR's layers, written out because nn.Transformer cannot: (1) add positions to queries and keys (never
-# values) inside every layer, (2) return every decoder layer's output for the auxiliary losses. Parameter
-# names follow DETR (self_attn.in_proj_weight, linear1, norm1, ...) so its COCO checkpoint loads.
+# DETR's layers, written out because nn.Transformer cannot add positions to queries and keys (never values) in
+# every layer or return every decoder layer's output. Parameter names follow DETR, so its COCO checkpoint loads.
 # Layout is batch-first: (B, sequence, d). Post-norm, as DETR.
 
 
@@ -1096,24 +1084,6 @@ def relation_predictions(rel_out, sizes):
     return out
 
 
-def relation_triplets(pred, graph_constraint=True, top_k=100):
-    """One image's relation_predictions() -> ranked triplets [(sub, predicate 1..N_r, obj, score)], where
-    sub/obj index pred["boxes"]. With the graph constraint each query (pair) gives one triplet, its best
-    predicate; without it every (query, predicate) is a candidate (Sec. IV-C, [58])."""
-    s_pair = pred["scores"][pred["rel_pairs"][:, 0]] * pred["scores"][pred["rel_pairs"][:, 1]]  # (Q,)
-    if graph_constraint:
-        r = pred["rel_scores"][:, 1:].argmax(1)
-        scores = s_pair * pred["rel_scores"][np.arange(len(r)), 1 + r]
-        order = np.argsort(-scores, kind="stable")[:top_k]
-        return [(int(pred["rel_pairs"][q, 0]), int(r[q]) + 1, int(pred["rel_pairs"][q, 1]), float(scores[q]))
-                for q in order]
-    scores = s_pair[:, None] * pred["rel_scores"][:, 1:]  # (Q, N_r)
-    flat = np.argsort(-scores.ravel(), kind="stable")[:top_k]
-    q, r = np.unravel_index(flat, scores.shape)
-    return [(int(pred["rel_pairs"][a, 0]), int(b) + 1, int(pred["rel_pairs"][a, 1]), float(scores[a, b]))
-            for a, b in zip(q, r)]
-
-
 @torch.no_grad()
 def hoi_predictions(hoi_out, sizes, person_label=0):
     """Last decoder layer -> per image QPIC's PostProcessHOI output (the input of eval.hico_map):
@@ -1134,68 +1104,38 @@ def hoi_predictions(hoi_out, sizes, person_label=0):
     return out
 
 
-def hoi_triplets(pred, correct_mat=None, top_k=100):
-    """One image's hoi_predictions() -> the top-k (human, object, verb, score) after the verb-object validity
-    mask correct_mat (V, O), enumerated pair-major and sorted stably (QPIC's evaluator)."""
-    scores = pred["verb_scores"].astype(np.float32)
-    if correct_mat is not None:
-        scores = scores * correct_mat[:, pred["labels"][pred["obj_ids"]]].T.astype(np.float32)
-    flat = np.argsort(-scores.ravel(), kind="stable")[:top_k]
-    p, v = np.unravel_index(flat, scores.shape)
-    return [(int(pred["sub_ids"][a]), int(pred["obj_ids"][a]), int(b), float(scores[a, b])) for a, b in zip(p, v)]
-
-
 # --------------------------------------------------------------------------------------------- Initialisation from DETR
-# The paper initialises from DETR trained on COCO (Sec. IV-D, as QPIC). DETR's checkpoint (detr-r50-e632da11.pth,
-# {"model": state_dict}) maps onto this model as:
-#   backbone.0.body.* -> backbone.body.*;  input_proj.* -> input_proj.* (2048 -> 256 1x1 conv)
-#   transformer.encoder.* -> encoder.* and r2i.* (its first layers);  bbox_embed.* -> every box MLP
-#   transformer.decoder.* -> rel_decoder.*, hoi_decoder.* (GEN-VLKT copies the decoder into both)
-#   query_embed.weight -> rel_query_embed / hoi_query_embed (first N rows);  linear1/2 -> ffn.linear1/2
-# DETR's class_embed is NOT used: QPIC maps it onto its HOI object classifier, which reads the decoder output as in
-# DETR, but here every class branch has a random hidden layer first (Branch, whose output is f_s / f_r / f_o of
-# Eq. 7), so a copied classifier would read features it was never trained on.
-# A checkpoint of DETR's main.py also holds "args", an argparse.Namespace: exactly that class is allow-listed for
-# torch.load(weights_only=True) and nothing else is unpickled.
+# The paper initialises from DETR trained on COCO (Sec. IV-D, as QPIC): detr-r50-e632da11.pth, {"model": state dict}.
+# DETR prefix -> the prefixes it initialises here (GEN-VLKT copies DETR's decoder into both of its decoders; R2ITrans
+# takes the encoder's first layers, every box MLP DETR's bbox_embed, each query embedding its first N rows).
+# DETR's class_embed is NOT used (CLASS_EMBED_NOTE).
+DETR_PREFIXES = {
+    "backbone.0.body.": ["backbone.body."],
+    "input_proj.": ["input_proj."],
+    "transformer.encoder.layers.": ["encoder.layers.", "r2i.layers."],
+    "transformer.decoder.layers.": ["rel_decoder.layers.", "hoi_decoder.layers."],
+    "transformer.decoder.norm.": ["rel_decoder.norm.", "hoi_decoder.norm."],
+    "bbox_embed.": ["rel_sub_box.", "rel_obj_box.", "hoi_human_box.", "hoi_obj_box."],
+    "query_embed.": ["rel_query_embed.", "hoi_query_embed."],
+}
+CLASS_EMBED_NOTE = ("class_embed (COCO-91 classifier) not used: every class branch here has a randomly initialised "
+                    "hidden layer before its classifier, so DETR's classifier would read untrained features")
+
 
 def detr_key_map(model: SG2HOI, detr_keys):
     """{our key: DETR key} for every DETR tensor that has a place in `model`."""
-    ours = set(model.state_dict())
-    mapping = {}
-
-    def layers(prefix, rest):  # "3.linear1.weight" -> prefix + "3.ffn.linear1.weight"
-        i, sub = rest.split(".", 1)
-        return f"{prefix}{i}.{'ffn.' if sub.startswith(('linear1', 'linear2')) else ''}{sub}"
-
+    ours, mapping = set(model.state_dict()), {}
     for k in detr_keys:
-        targets = []
-        if k.startswith("backbone.0.body."):
-            targets = ["backbone.body." + k[len("backbone.0.body."):]]
-        elif k.startswith("input_proj."):
-            targets = [k]
-        elif k.startswith("transformer.encoder.layers."):
-            rest = k[len("transformer.encoder.layers."):]
-            targets = [layers("encoder.layers.", rest), layers("r2i.layers.", rest)]
-        elif k.startswith("transformer.decoder.layers."):
-            rest = k[len("transformer.decoder.layers."):]
-            targets = [layers("rel_decoder.layers.", rest), layers("hoi_decoder.layers.", rest)]
-        elif k.startswith("transformer.decoder.norm."):
-            rest = k[len("transformer.decoder."):]
-            targets = ["rel_decoder." + rest, "hoi_decoder." + rest]
-        elif k.startswith("bbox_embed."):
-            rest = k[len("bbox_embed."):]
-            targets = [f"{box}.{rest}" for box in ("rel_sub_box", "rel_obj_box", "hoi_human_box", "hoi_obj_box")]
-        elif k == "query_embed.weight":
-            targets = ["rel_query_embed.weight", "hoi_query_embed.weight"]
-        for t in targets:
-            if t in ours:
-                mapping[t] = k
+        for prefix, targets in DETR_PREFIXES.items():
+            if k.startswith(prefix):
+                rest = re.sub(r"\.(linear[12])\.", r".ffn.\1.", k[len(prefix):])  # DETR's FFN -> FeedForward
+                mapping.update({t + rest: k for t in targets if t + rest in ours})
     return mapping
 
 
 def load_detr_checkpoint(path):
-    """DETR's state dict from a released file ({"model": ...}) or a DETR main.py training checkpoint (with "args",
-    an argparse.Namespace, beside "model"), read with weights_only=True and only argparse.Namespace allow-listed."""
+    """DETR's state dict from a released file or a DETR main.py checkpoint, read with weights_only=True; the
+    argparse.Namespace that main.py saves beside the weights is the one class allowed."""
     import argparse
     import pickle
 
@@ -1203,15 +1143,12 @@ def load_detr_checkpoint(path):
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise ValueError(f"{path}: cannot be read safely (torch.load weights_only=True, with argparse.Namespace "
-                         f"allowed): {str(e).splitlines()[0]}. If you trust the file, re-save its weights alone: "
-                         f"torch.save({{'model': torch.load(path, weights_only=False)['model']}}, 'detr_model.pth'), "
-                         f"and pass that file") from None
-    if not isinstance(ckpt, dict):
-        raise ValueError(f"{path}: expected a dict (a state dict or {{'model': state dict, ...}}), got {type(ckpt)}")
-    sd = ckpt.get("model", ckpt)
+        raise ValueError(f"{path}: cannot be read safely (torch.load weights_only=True): {str(e).splitlines()[0]}. "
+                         f"If you trust the file, re-save its weights alone: torch.save({{'model': torch.load(path, "
+                         f"weights_only=False)['model']}}, 'detr_model.pth'), and pass that file") from None
+    sd = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
-        raise ValueError(f"{path}: its 'model' entry is not a state dict of tensors")
+        raise ValueError(f"{path}: expected a state dict of tensors or {{'model': state dict, ...}}")
     return sd
 
 
@@ -1222,21 +1159,19 @@ def load_detr_weights(model: SG2HOI, state_dict_or_path, verbose=True):
     if isinstance(sd, (str, os.PathLike)):
         sd = load_detr_checkpoint(sd)
     sd = sd.get("model", sd)
-    own = model.state_dict()
+    own, mapping = model.state_dict(), detr_key_map(model, sd)
     loaded, skipped = [], []
-    for ours, theirs in detr_key_map(model, sd).items():
+    for ours, theirs in mapping.items():
         src = sd[theirs]
-        if ours.endswith("query_embed.weight") and src.shape[1:] == own[ours].shape[1:] \
-                and src.shape[0] >= own[ours].shape[0]:
-            src = src[: own[ours].shape[0]]  # first N queries
+        if ours.endswith("query_embed.weight"):
+            src = src[: len(own[ours])]  # the first N queries
         if src.shape == own[ours].shape:
             own[ours] = src.to(own[ours].dtype)
             loaded.append(ours)
         else:
             skipped.append(f"{ours} <- {theirs}: shape {tuple(src.shape)} vs {tuple(own[ours].shape)}")
-    used = set(detr_key_map(model, sd).values())
     skipped += [f"{k}: {CLASS_EMBED_NOTE}" if k.startswith("class_embed.") else f"{k}: no place in SG2HOI+"
-                for k in sd if k not in used]
+                for k in sd if k not in set(mapping.values())]
     model.load_state_dict(own)
     if verbose:
         print(f"DETR init: loaded {len(loaded)} tensors, skipped {len(skipped)}; {CLASS_EMBED_NOTE}")
@@ -1244,28 +1179,18 @@ def load_detr_weights(model: SG2HOI, state_dict_or_path, verbose=True):
     return loaded, skipped
 
 
-CLASS_EMBED_NOTE = ("class_embed (COCO-91 classifier) not used: every class branch here has a randomly initialised "
-                    "hidden layer before its classifier, so DETR's classifier would read untrained features")
-
-
 # -------------------------------------------------------------------------------- Class text and CLIP image files
 # The paper embeds "A photo of a [class]" with CLIP's frozen text encoder (Sec. III-A, IV-D) and aligns f_en with
-# CLIP's image embedding (Eq. 5). CLIP weights cannot be downloaded everywhere, so both come from files made once by
-# tools/prepare_clip.py (needs open_clip and its weights). Without the text file every name gets a fixed, seeded unit
-# vector: distinct and reproducible but without linguistic meaning, i.e. the HSSD-like stand-in of Table VI.
-
-
-def standin_embedding(name: str, dim: int) -> torch.Tensor:
-    """A unit vector seeded by the class name (stable across runs and machines)."""
-    g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-    v = torch.randn(dim, generator=g)
-    return v / v.norm()
+# CLIP's image embedding (Eq. 5); both come from files made once by tools/prepare_clip.py. Without the text file every
+# name gets a fixed, seeded unit vector: distinct but without linguistic meaning (like HSSD of Table VI).
 
 
 def class_text_embeddings(names, dim, path="") -> torch.Tensor:
-    """(len(names), dim) text embeddings: from `path` ({name: tensor}) or the seeded stand-in."""
+    """(len(names), dim) unit text embeddings: from `path` ({name: tensor}), or seeded by each class name (stable
+    across runs and machines)."""
     if not path:
-        return torch.stack([standin_embedding(n, dim) for n in names]) if names else torch.zeros(0, dim)
+        seeded = [torch.randn(dim, generator=torch.Generator().manual_seed(zlib.crc32(n.encode()))) for n in names]
+        return F.normalize(torch.stack(seeded), dim=-1) if names else torch.zeros(0, dim)
     table = torch.load(path, map_location="cpu", weights_only=True)  # a file saved from GPU tensors stays on the CPU
     missing = [n for n in names if n not in table]
     if missing:
@@ -1277,10 +1202,8 @@ def class_text_embeddings(names, dim, path="") -> torch.Tensor:
 
 
 def load_word_vectors(path, names, dim=None) -> torch.Tensor:
-    """GloVe-format text file (word v1 ... vD per line) -> (len(names), D); multi-word names are averaged.
-
-    The width D is the file's own (GloVe: 300); W_s of Eq. 3 adapts to it, so it is independent of Config.text_dim
-    (the CLIP width of Eq. 5 and of the text classifiers). `dim`, when given, is checked."""
+    """GloVe-format text file (word v1 ... vD per line) -> (len(names), D); multi-word names are averaged. The width
+    D is the file's own (GloVe: 300; W_s of Eq. 3 adapts to it); `dim`, when given, is checked."""
     if not path:
         raise ValueError("Config.word_vectors: semantic_embedding='glove' (HSSG) needs a GloVe .txt file")
     wanted = {w for n in names for w in n.replace("_", " ").split()}
@@ -1305,17 +1228,14 @@ def load_word_vectors(path, names, dim=None) -> torch.Tensor:
 
 
 def clip_image_key(path: str) -> str:
-    """The key of an image in the CLIP image cache: its file name without folders. It does not depend on where the
-    dataset lies (another machine, another data root) and is unique within each real dataset (VG ids "2343.jpg",
-    HICO-DET "HICO_train2015_00000001.jpg", COCO "COCO_train2014_000000000009.jpg"); tools/prepare_clip.py checks
-    that it is unique among the images it encodes."""
+    """The key of an image in the CLIP image cache: its file name ("2343.jpg", "HICO_train2015_00000001.jpg"),
+    unique within each real dataset (tools/prepare_clip.py checks it) and independent of where the data lie."""
     return os.path.basename(path)
 
 
 def teacher_coverage(records, cache, name, min_fraction=0.99):
     """The fraction of a training split's images that have a teacher vector in the CLIP image cache; below
-    min_fraction a ValueError with the counts: Eq. 5 would silently vanish from most batches (a cache of another
-    dataset), and a run without its distillation term is not the experiment asked for."""
+    min_fraction a ValueError with the counts (a cache of another dataset would silently switch Eq. 5 off)."""
     found = sum(clip_image_key(r["file"]) in cache for r in records)
     fraction = found / max(len(records), 1)
     if records and fraction < min_fraction:
@@ -1350,15 +1270,12 @@ class DataError(ValueError):
 
 
 # What is checked when (check_images=True, the default):
-#   load time: the image file exists and PIL reads its header (the size, without decoding the pixels). VG: that size
-#     must be the JSON's width / height (the boxes are in the JSON's frame, a wrong size would silently clip them);
-#     HICO-DET / V-COCO have no size in the JSON: the header's is the record's. A file that is not an image (text
-#     named .jpg) is a DataError naming file, record and field, or a counted skip with bad_images="skip".
-#   training time (DetectionDataset): the pixels are decoded; a failure (a truncated JPEG) is a DataError naming file
-#     and record, or with bad_images="skip" the item is dropped from its batch (counted).
-#   on request (verify_images, train.py --check_images_only): every image is decoded once, its size compared.
-# The loaders are plain on purpose: json.load, then one loop over the images. At full size (VG150 and HICO-DET train
-# + test, 131,348 images) that took 37 s and 540 MB peak on a shared 2-core machine (tools/fullsize.py bench).
+#   load time: PIL reads each image's header (its size; the pixels are not decoded). VG: that size must be the
+#     JSON's width / height, the frame of its boxes; HICO-DET / V-COCO have no size in the JSON, the header's is the
+#     record's. A missing file or one that is not an image is a DataError (with bad_images="skip": a counted skip).
+#   training time (DetectionDataset): the pixels are decoded; a truncated JPEG is a DataError or a dropped item.
+#   on request (tools/check_images.py): every image is decoded once, its size compared.
+# The loaders are plain on purpose: json.load, then one loop over the images (full-size figures: docs/results.md).
 
 
 def _read_json(path):
@@ -1372,10 +1289,14 @@ def _read_json(path):
         raise DataError(f"{path}: malformed or truncated JSON ({e})") from None
 
 
+def _numbers(value, n):
+    """Is `value` a JSON list of n numbers (a box)?"""
+    return type(value) is list and len(value) == n and all(type(v) in (int, float) for v in value)
+
+
 def _image_size(file, where, bad_images, skips):
-    """(width, height) of an image file, read by PIL from the file's header (the pixels are not decoded).
-    `where` names the record in messages. A missing file is a DataError; so is a file that is not an image, unless
-    bad_images="skip": then None, counted in `skips`."""
+    """(width, height) from the image file's header; `where` names the record in messages. A missing file is a
+    DataError; so is a file that is not an image, unless bad_images="skip": then None, counted in `skips`."""
     from PIL import Image, UnidentifiedImageError  # torchvision's own dependency
 
     try:
@@ -1386,18 +1307,15 @@ def _image_size(file, where, bad_images, skips):
     except (UnidentifiedImageError, OSError) as e:  # text named .jpg, a folder, no permission
         if bad_images != "skip":
             raise DataError(f"{where}: image file {file}: not a readable image ({e}) (--bad_images skip drops such "
-                            f"records; --check_images_only lists them all)") from None
+                            f"records; tools/check_images.py lists them all)") from None
         skips["records with an unreadable image header skipped"] += 1
         return None
 
 
 def _make_record(file, image_id, width, height, boxes, labels, pairs, key, what, skips):
-    """One record of the internal form from one image's annotations: boxes [x1, y1, x2, y2] in pixels, labels
-    0-based, pairs [subject, object or -1, class] indexing the boxes (already range-checked); key "rels" or "hois".
-
-    The boxes are clamped to the image; the degenerate ones (x2 <= x1 or y2 <= y1 after clamping) are dropped with
-    the pairs that use them, and the remaining pairs' box indices are re-numbered (RelTR drops such boxes without
-    re-numbering, which silently shifts the labels of the boxes after them). Drops are counted in `skips`."""
+    """One record of the internal form: boxes [x1, y1, x2, y2] in pixels, labels 0-based, pairs [subject, object or
+    -1, class] indexing the boxes; key "rels" or "hois". The boxes are clamped to the image; degenerate ones are
+    dropped with their pairs, and the other pairs re-numbered (RelTR does not re-number: its labels shift)."""
     boxes = np.array(boxes, np.float32).reshape(-1, 4)                  # (N, 4)
     if not np.isfinite(boxes).all():
         raise DataError(f"{file} (image {image_id}): field 'bbox' holds a non-finite value")
@@ -1430,17 +1348,15 @@ def report_skips(name, skips):
             print(f"[{name}] {what}: {n}")
 
 
-# ---------------------------------------------------------------- VG150, RelTR's COCO-style JSON (primary path)
+# ---------------------------------------------------------------- VG150, RelTR's COCO-style JSON
 # train.json / val.json / test.json are COCO detection files (images with width and height; annotations with an
 # xywh bbox, a 1-based category_id and an image_id); rel.json holds every split's relations by image id.
 
 
 def _vg_relations(rel_json, rel_path, split):
     """One split of rel.json -> {image id: [[subject, object, predicate 1..50], ...]}, every entry checked."""
-    if not isinstance(rel_json, dict):
-        raise DataError(f"{rel_path}: expected an object with the splits and 'rel_categories'")
-    if split not in rel_json:
-        raise DataError(f"{rel_path}: no key {split!r} (has {sorted(rel_json)})")
+    if not isinstance(rel_json, dict) or split not in rel_json:
+        raise DataError(f"{rel_path}: expected an object with the key {split!r} and 'rel_categories'")
     relations = {}
     for key, rows in rel_json[split].items():
         if not key.lstrip("-").isdigit():
@@ -1454,8 +1370,7 @@ def _vg_relations(rel_json, rel_path, split):
 
 
 def _vg_images(coco, ann_path):
-    """The images of a COCO detection JSON with their annotations: [(image, [annotation, ...] in file order)],
-    every field the loader uses checked (the annotation dicts themselves are grouped: no copy of the parsed file)."""
+    """[(image, its annotations in file order)] of a COCO detection JSON, every field the loader uses checked."""
     seen = set()
     for i, image in enumerate(coco["images"]):
         where = f"{ann_path}: image {image.get('id', '?')} ({image.get('file_name')}, entry {i} of 'images')"
@@ -1470,46 +1385,43 @@ def _vg_images(coco, ann_path):
         seen.add(image["id"])
     annotations = {}
     for k, ann in enumerate(coco["annotations"]):
-        box, image_id = ann.get("bbox"), ann.get("image_id", "?")
+        image_id = ann.get("image_id")
         where = f"{ann_path}: annotation id {ann.get('id', '?')} (image {image_id}, entry {k} of 'annotations')"
-        if type(box) is not list or len(box) != 4 or not all(type(v) in (int, float) for v in box):
-            raise DataError(f"{where}: field 'bbox' = {box!r}: expected 4 numbers [x, y, w, h]")
+        if not _numbers(ann.get("bbox"), 4):
+            raise DataError(f"{where}: field 'bbox' = {ann.get('bbox')!r}: expected 4 numbers [x, y, w, h]")
         if type(image_id) is not int:
-            raise DataError(f"{where}: field 'image_id' = {ann.get('image_id')!r}: missing or not an integer")
+            raise DataError(f"{where}: field 'image_id' = {image_id!r}: missing or not an integer")
         annotations.setdefault(image_id, []).append(ann)
     return [(image, annotations.get(image["id"], [])) for image in coco["images"]]
 
 
-def _vg_record(root, split, paths, image, anns, rels, category_index, num_predicates, skips):
+def _vg_record(root, paths, image, anns, rels, category_index, num_predicates, skips):
     """One VG image -> a record: 1-based categories -> 0-based labels, COCO xywh -> xyxy, predicates 1..50 ->
-    0..49, after checking every category, relation index and predicate. paths: (ann_path, rel_path)."""
-    ann_path, rel_path = paths
+    0..49, after checking every category, relation index and predicate. paths: (ann_path, rel_path/split)."""
+    ann_path, rel_where = paths
     boxes, labels = [], []
     for j, ann in enumerate(anns):
         category = ann.get("category_id")
         if type(category) is not int or category not in category_index:
-            value = category if type(category) is int else "missing or not an integer"
-            raise DataError(f"{ann_path}: image {image['id']}, annotation {j}: field 'category_id' = {value!r} is "
-                            f"not a category of the file")
+            raise DataError(f"{ann_path}: image {image['id']}, annotation {j}: field 'category_id' = {category!r} "
+                            f"is not a category of the file")
         x, y, w, h = ann["bbox"]
         boxes.append([x, y, x + w, y + h])
         labels.append(category_index[category])
     for j, (subject, object_, predicate) in enumerate(rels):
-        entry = f"{rel_path}: {split}/{image['id']}: entry {j} has"
+        entry = f"{rel_where}/{image['id']}: entry {j} has"
         if not (0 <= subject < len(boxes) and 0 <= object_ < len(boxes)):
-            raise DataError(f"{entry} [subject, object] = ({subject}, {object_}) but the image has {len(boxes)} "
-                            f"boxes")
+            raise DataError(f"{entry} [subject, object] = ({subject}, {object_}) but the image has {len(boxes)} boxes")
         if num_predicates and not 1 <= predicate <= num_predicates:
             raise DataError(f"{entry} predicate {predicate}, outside 1..{num_predicates}")
     pairs = [[subject, object_, predicate - 1] for subject, object_, predicate in rels]
-    file = os.path.join(root, "images", image["file_name"])
-    return _make_record(file, image["id"], image["width"], image["height"], boxes, labels, pairs, "rels",
-                        "relations", skips)
+    return _make_record(os.path.join(root, "images", image["file_name"]), image["id"], image["width"],
+                        image["height"], boxes, labels, pairs, "rels", "relations", skips)
 
 
 def _check_size(record, where, bad_images, skips):
-    """The image header's (width, height) must be the annotation's: the boxes are in the annotation's frame. False
-    for an unreadable header skipped under bad_images="skip" (see _image_size)."""
+    """The image header's (width, height) must be the annotation's, the frame of the boxes. False for an unreadable
+    header skipped under bad_images="skip"."""
     size = _image_size(record["file"], where, bad_images, skips)
     expected = (record["width"], record["height"])
     if size is None or tuple(size) == expected:
@@ -1523,8 +1435,7 @@ def load_vg_json(root, split, check_images=True, bad_images="stop"):
     """VG150 in RelTR's layout: root/{train,val,test}.json (COCO detection JSON) + root/rel.json + root/images/.
 
     rel.json[split][str(image_id)] = [[subject, object, predicate 1..50], ...], indices into the image's annotations
-    in file order. Degenerate boxes are dropped with their relations (re-indexed, see _make_record); images without
-    relations are skipped (SGB's filter_empty_rels). check_images / bad_images: see "What is checked when" above."""
+    in file order. Images without relations are skipped (SGB's filter_empty_rels)."""
     ann_path, rel_path = os.path.join(root, f"{split}.json"), os.path.join(root, "rel.json")
     coco = _read_json(ann_path)
     if not isinstance(coco, dict) or not {"images", "annotations", "categories"} <= coco.keys():
@@ -1538,17 +1449,14 @@ def load_vg_json(root, split, check_images=True, bad_images="stop"):
     records, skips = [], Counter()
     for image, anns in _vg_images(coco, ann_path):
         rels = relations.get(image["id"], [])
-        record = _vg_record(root, split, (ann_path, rel_path), image, anns, rels, category_index,
+        record = _vg_record(root, (ann_path, f"{rel_path}: {split}"), image, anns, rels, category_index,
                             len(predicate_names), skips) if rels else None
         if record is None or len(record["rels"]) == 0:  # none, or none left after dropping degenerate boxes
             skips["images without relations skipped"] += 1
-            continue
-        if check_images and not _check_size(record, f"{ann_path}: image {image['id']}", bad_images, skips):
-            continue
-        records.append(record)
+        elif not check_images or _check_size(record, f"{ann_path}: image {image['id']}", bad_images, skips):
+            records.append(record)
     report_skips(f"VG {split}", skips)
-    meta = dict(task="sgg", entity_names=[c["name"] for c in categories], predicate_names=predicate_names)
-    return records, meta
+    return records, dict(task="sgg", entity_names=[c["name"] for c in categories], predicate_names=predicate_names)
 
 
 # ---------------------------------------------------------------- HICO-DET and V-COCO, the QPIC / CDN JSON
@@ -1561,60 +1469,46 @@ HOIA_FILES = {"hico": ("trainval_hico.json", "test_hico.json"), "vcoco": ("train
 HOIA_FORMS = {"hico": (("train2015", "test2015"), 117, 1, False), "vcoco": (("train2014", "val2014"), 29, 0, True)}
 
 
-def _hoia_annotations(path, i, entry, coco91_to_80, dataset, train, skips):
-    """Entry i of a HOIA list, every field checked -> (boxes xyxy, labels COCO-80, hois [subject, object or -1,
+def _hoia_annotations(where, entry, coco91_to_80, dataset, train, skips):
+    """One entry of a HOIA list, every field checked -> (boxes xyxy, labels COCO-80, hois [subject, object or -1,
     verb 0-based]); None for a training image with a subject / object id out of range (QPIC skips those, the
     released file has some; in a test file it is an error)."""
     _, num_verbs, verb_base, allow_no_object = HOIA_FORMS[dataset]
-    if not isinstance(entry, dict) or "file_name" not in entry:
-        raise DataError(f"{path}: record {i}: missing field 'file_name' (expected a JSON list of image records)")
-    where = f"{path}: record {i} ({entry['file_name']})"
     for key in ("annotations", "hoi_annotation"):
         if key not in entry:
             raise DataError(f"{where}: missing field {key!r}")
     if type(entry.get("img_id", 0)) is not int:
         raise DataError(f"{where}: field 'img_id' = {entry['img_id']!r} is not an integer")
-    boxes, labels = [], []
+    boxes, labels, hois = [], [], []
     for j, ann in enumerate(entry["annotations"]):
-        box = ann.get("bbox") if isinstance(ann, dict) else None
-        if box is None:
-            raise DataError(f"{where}, annotation {j}: missing field 'bbox'")
-        if type(box) is not list or len(box) != 4 or not all(type(v) in (int, float) for v in box):
+        box, category = (ann.get("bbox"), ann.get("category_id")) if isinstance(ann, dict) else (None, None)
+        if not _numbers(box, 4):
             raise DataError(f"{where}, annotation {j}: field 'bbox' = {box!r}: expected 4 numbers [x1, y1, x2, y2]")
-        category = ann.get("category_id")
         if type(category) is not int or category not in coco91_to_80:
-            value = category if type(category) is int else "missing or not an integer"
-            raise DataError(f"{where}, annotation {j}: field 'category_id' = {value!r} is not a COCO category id")
+            raise DataError(f"{where}, annotation {j}: field 'category_id' = {category!r} is not a COCO category id")
         boxes.append(box)
         labels.append(coco91_to_80[category])
-    hois = []
-    for j, hoi in enumerate(entry["hoi_annotation"]):
-        if not isinstance(hoi, dict):
-            raise DataError(f"{where}, hoi_annotation {j}: not an HOI (a dict with 'subject_id', 'object_id', "
-                            f"'category_id')")
-        for key in ("subject_id", "object_id", "category_id"):
-            if type(hoi.get(key)) is not int:
-                problem = "missing" if hoi.get(key) is None else f"= {hoi[key]!r} is not an integer"
-                raise DataError(f"{where}, hoi_annotation {j}: field {key!r} {problem}")
-        hois.append([hoi["subject_id"], hoi["object_id"], hoi["category_id"] - verb_base])
     lowest_object = -1 if allow_no_object else 0  # V-COCO: object -1 = the action has no role object
-    for j, (subject, object_, _) in enumerate(hois):
+    for j, hoi in enumerate(entry["hoi_annotation"]):
+        for key in ("subject_id", "object_id", "category_id"):
+            if not isinstance(hoi, dict) or type(hoi.get(key)) is not int:
+                raise DataError(f"{where}, hoi_annotation {j}: field {key!r} missing or not an integer")
+        subject, object_, verb = hoi["subject_id"], hoi["object_id"], hoi["category_id"] - verb_base
         if not (0 <= subject < len(boxes) and lowest_object <= object_ < len(boxes)):
             if train:
                 skips["images with out-of-range subject/object ids skipped"] += 1
                 return None
             raise DataError(f"{where}, hoi_annotation {j}: field 'subject_id'/'object_id' = ({subject}, {object_}) "
                             f"but the image has {len(boxes)} boxes")
-    for j, (_, _, verb) in enumerate(hois):
         if not 0 <= verb < num_verbs:
-            raise DataError(f"{where}, hoi_annotation {j}: field 'category_id' = {verb + verb_base} is not a verb "
-                            f"id")
+            raise DataError(f"{where}, hoi_annotation {j}: field 'category_id' = {hoi['category_id']} is not a verb id")
+        hois.append([subject, object_, verb])
     return boxes, labels, hois
 
 
 def _load_hoia(root, dataset, split, check_images, bad_images):
     """Shared reader of the PPDM/QPIC "HOIA" JSON. COCO-91 category ids -> COCO-80 labels, verbs -> 0-based.
-    The sizes come from the image headers (the files have none); see "What is checked when"."""
+    The sizes come from the image headers (the files have none)."""
     train = split == "train"
     ann_file, image_dir = HOIA_FILES[dataset][not train], HOIA_FORMS[dataset][0][not train]
     coco91_to_80 = {c["id"]: k for k, c in enumerate(load_vocab()["coco80"])}
@@ -1624,17 +1518,17 @@ def _load_hoia(root, dataset, split, check_images, bad_images):
         raise DataError(f"{path}: expected a JSON list of images, got {type(entries).__name__}")
     records, skips = [], Counter()
     for i, entry in enumerate(entries):
-        annotations = _hoia_annotations(path, i, entry, coco91_to_80, dataset, train, skips)
-        if annotations is None:
-            continue
+        if not isinstance(entry, dict) or "file_name" not in entry:
+            raise DataError(f"{path}: record {i}: missing field 'file_name' (expected a JSON list of image records)")
+        where = f"{path}: record {i} ({entry['file_name']})"
+        annotations = _hoia_annotations(where, entry, coco91_to_80, dataset, train, skips)
         file = os.path.join(root, "images", image_dir, entry["file_name"])
         size = (10 ** 9, 10 ** 9)  # no image check: no size known, so no clamping
-        if check_images:
-            size = _image_size(file, f"{path}: record {i} ({entry['file_name']})", bad_images, skips)
-            if size is None:
-                continue
-        image_id = entry.get("img_id", i)  # trainval has it; the test files do not (the record's number then)
-        records.append(_make_record(file, image_id, *size, *annotations, "hois", "HOIs", skips))
+        if annotations is not None and check_images:
+            size = _image_size(file, where, bad_images, skips)
+        if annotations is not None and size is not None:
+            image_id = entry.get("img_id", i)  # trainval has it; the test files do not (the record's number then)
+            records.append(_make_record(file, image_id, *size, *annotations, "hois", "HOIs", skips))
     report_skips(ann_file, skips)
     return records
 
@@ -1650,21 +1544,27 @@ def rare_triplets_from_training(records, threshold=10):
     return sorted(t for t, c in counts.items() if c < threshold), counts
 
 
-def _load_correct_mat(root, dataset, vocab):
-    """root/annotations/corre_{dataset}.npy ([verb, COCO-80 object] 0/1 matrix), or vocab.json's when it is absent."""
-    path = os.path.join(root, "annotations", f"corre_{dataset}.npy")
+def _correct_mat(root, dataset, vocab):
+    """The [verb, COCO-80 object] 0/1 matrix of the HOI classes: root/annotations/corre_{dataset}.npy, or
+    vocab.json's (the same matrix) when the file is absent."""
     default = _hico_correct_mat(vocab) if dataset == "hico" else np.array(vocab["corre_vcoco"], np.float32)
-    shape = default.shape
+    path = os.path.join(root, "annotations", f"corre_{dataset}.npy")
     if not os.path.exists(path):
         return default
     try:
         m = np.load(path)  # allow_pickle=False: a pickled or corrupt file is an error, never executed
     except (ValueError, OSError, EOFError) as e:
-        raise DataError(f"{path}: not a readable numpy .npy matrix ({e}); delete it to use the built-in "
-                        f"{shape[0]} x {shape[1]} matrix from vocab.json") from None
-    if m.shape != shape or not np.issubdtype(m.dtype, np.number):
-        raise DataError(f"{path}: shape {m.shape} dtype {m.dtype}, expected a numeric {shape} matrix "
-                        f"[verb, COCO-80 object]")
+        raise DataError(f"{path}: not a readable numpy .npy matrix ({e}); delete it to use vocab.json's") from None
+    if m.shape != default.shape or not np.issubdtype(m.dtype, np.number):
+        raise DataError(f"{path}: shape {m.shape} dtype {m.dtype}, expected a numeric {default.shape} matrix")
+    return m
+
+
+def _hico_correct_mat(vocab):
+    """The 600 HICO-DET HOI classes (vocab.json's hico_hois) as a [verb, COCO-80 object] 0/1 matrix."""
+    m = np.zeros((117, 80), np.float32)
+    for v, o in vocab["hico_hois"]:
+        m[v, o] = 1
     return m
 
 
@@ -1672,25 +1572,15 @@ def load_hico(root, split, check_images=True, bad_images="stop"):
     """HICO-DET in the QPIC layout: root/annotations/{trainval,test}_hico.json, corre_hico.npy; root/images/."""
     records, vocab = _load_hoia(root, "hico", split, check_images, bad_images), load_vocab()
     meta = dict(task="hoi", dataset="hico", object_names=[c["name"] for c in vocab["coco80"]],
-                verb_names=vocab["hico_verbs"], correct_mat=_load_correct_mat(root, "hico", vocab), person_label=0)
+                verb_names=vocab["hico_verbs"], correct_mat=_correct_mat(root, "hico", vocab), person_label=0)
     return records, meta
 
 
-def _hico_correct_mat(vocab):
-    """The 600 HICO-DET HOIs as a [verb, COCO-80 object] 0/1 matrix (vocab.json's hico_hois)."""
-    m = np.zeros((117, 80), np.float32)
-    for v, o in vocab["hico_hois"]:
-        m[v, o] = 1
-    return m
-
-
 def load_vcoco(root, split, check_images=True, bad_images="stop"):
-    """V-COCO in the QPIC layout: root/annotations/{trainval,test}_vcoco.json, corre_vcoco.npy; root/images/.
-
-    Verbs are the 29 action_role classes (0-based); object_id -1 = no role object (agent-only actions, or the
-    object is absent). The model gets an 81st object class for "no object" (QPIC)."""
+    """V-COCO in the QPIC layout (as load_hico): verbs are the 29 action_role classes (0-based); object_id -1 = no
+    role object (agent-only actions, or the object is absent): the model's 81st object class "no object" (QPIC)."""
     records, vocab = _load_hoia(root, "vcoco", split, check_images, bad_images), load_vocab()
-    correct_mat = np.concatenate([_load_correct_mat(root, "vcoco", vocab), np.ones((29, 1))], 1)  # + "no object"
+    correct_mat = np.concatenate([_correct_mat(root, "vcoco", vocab), np.ones((29, 1))], 1)  # + "no object"
     meta = dict(task="hoi", dataset="vcoco", object_names=[c["name"] for c in vocab["coco80"]] + ["no object"],
                 verb_names=[v["name"] for v in vocab["vcoco_verbs"]], correct_mat=correct_mat, person_label=0,
                 verbs=vocab["vcoco_verbs"], actions=vocab["vcoco_actions"])
@@ -1716,10 +1606,9 @@ def vcoco_ground_truth(record, verbs, actions):
 
 # ---------------------------------------------------------------- Toy scenes, written in the three real formats
 # Small images with a person and eight other objects drawn as distinct shapes and colours. Each person takes part
-# in one "scenario": a few relations between the person and an object, from which the HOIs follow as in the
-# paper's motivation (e.g. fly kite = kite above person + person holding the kite; sit at table = person sitting on
-# a chair + person in front of the table). Class names are real VG150 / COCO / HICO-DET / V-COCO names, so the toy
-# files are tiny instances of the real formats and the default run goes through the real loaders.
+# in one "scenario": a few relations from which the HOIs follow, as in the paper's motivation (fly kite = kite above
+# person + person holding the kite). Class names are the real vocabularies', so the toy files are tiny instances of
+# the real formats and the default run goes through the real loaders.
 
 TOY_COCO = {"bike": "bicycle", "table": "dining table"}  # VG150 name -> COCO name where they differ
 TOY_COLORS = {"person": (200, 40, 40), "kite": (240, 200, 0), "horse": (120, 70, 20), "chair": (40, 80, 200),
@@ -1757,10 +1646,8 @@ TOY_SCENARIOS = {
 TOY_EXTRAS = [(1.0, 1.0, "cup", "on", "table"), (0.3, 0.3, "dog", "under", "chair"),
               (0.3, 0.3, "dog", "behind", "chair"), (0.0, 0.3, "dog", "under", "table"),
               (0.0, 0.3, "cup", "on", "chair")]
-# The scene-graph training set sees the relation cues of the two rare HOIs often (a person holding and near a bike, a
-# person sitting on a chair in front of a table), while the HOI training set has only a handful of those HOIs: as in
-# the real data, where VG annotates far more relations than HICO-DET annotates interactions, the SGG data carries
-# knowledge the HOI data alone lacks, so joint training *can* help the rare HOIs (Table V asks whether it does).
+# The scene-graph training set sees the relation cues of the two rare HOIs often, the HOI training set only a handful
+# of those HOIs: as in the real data, the SGG data carries knowledge the HOI data lacks (Table V asks if it helps).
 TOY_SGG_TRAIN_WEIGHTS = {"walk_bike": 1.0, "sit_at_table": 1.0}  # scenario -> weight in the VG training set
 
 
@@ -1856,10 +1743,8 @@ def _place_scenario(canvas, rng, name, x0, ground):
 
 
 def toy_scene(rng, split, size=128, scene_graph=False):
-    """One image: a background, one or two person scenarios and maybe an object-object extra. scene_graph: an image
-    of the VG training set (TOY_SGG_TRAIN_WEIGHTS).
-
-    Returns (uint8 (H, W, 3) image, entities [(name, box)], relations [(s, o, predicate)], HOIs
+    """One image: a background, one or two person scenarios and maybe an object-object extra (scene_graph: for the
+    VG training set) -> (uint8 (H, W, 3) image, entities [(name, box)], relations [(s, o, predicate)], HOIs
     [(person, object, HICO verb)], V-COCO actions [(person, object or -1, V-COCO verb)])."""
     canvas = np.empty((size, size, 3), np.uint8)
     canvas[:] = rng.integers(200, 246, size=3, dtype=np.uint8)
@@ -1976,12 +1861,9 @@ def _write_toy_hoia(ds_root, dataset, splits, size, rng, vocab, generated):
 
 
 def write_toy_datasets(root, num_train=3000, num_test=500, size=128, seed=0, num_train_hoi=None):
-    """Generate the toy scenes and write them as VG150 (RelTR JSON), HICO-DET and V-COCO (QPIC JSON) datasets.
-
-    num_train VG training images, num_train_hoi (default: num_train) training images for each HOI dataset, num_test
-    test images each. Three disjoint image sets (the datasets never share an image, as in the paper). Returns what
-    was generated, {(dataset, split): {file: (boxes, labels, rels or hois)}} in the internal form, for round-trip
-    tests."""
+    """Generate the toy scenes and write them as VG150 (RelTR JSON), HICO-DET and V-COCO (QPIC JSON) datasets:
+    num_train VG training images, num_train_hoi (default: num_train) for each HOI dataset, num_test test images each,
+    three disjoint image sets. Returns {(dataset, split): {file: (boxes, labels, rels or hois)}} for round trips."""
     vocab = load_vocab()
     rng = np.random.default_rng(seed)  # one stream, in this order: the scenes depend on it
     generated = {}
@@ -2017,12 +1899,8 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 def make_transforms(train, image_size=800, max_size=1333, multi_scale=True):
     """The paper's augmentation (Sec. IV-D, as QPIC): flip with p = 0.5, brightness and contrast; for real data a
     multi-scale resize of the shorter side (480..image_size, step 32, longer side <= max_size, as DETR); test:
-    shorter side = image_size. Boxes travel as tv_tensors.BoundingBoxes so every geometric step moves them.
-
-    Training order, chosen for speed on the CPU workers: flip and resize the uint8 image first (torchvision's fast
-    uint8 bilinear kernel; the colour steps then work on the final number of pixels), then brightness and contrast,
-    which are per pixel (contrast uses the image's mean grey, which resizing leaves nearly unchanged), so the order
-    changes no semantics."""
+    shorter side = image_size. Boxes travel as tv_tensors.BoundingBoxes so every geometric step moves them. The
+    uint8 image is flipped and resized first (fast, and the colour steps then see the final pixels)."""
     steps = []
     if train:
         sizes = list(range(min(480, image_size), image_size + 1, 32)) if multi_scale else [image_size]
@@ -2049,20 +1927,17 @@ class DetectionDataset(torch.utils.data.Dataset):
 
     teacher: None, a dict {clip_image_key(file): (text_dim,) tensor} (tools/prepare_clip.py images), or a
     (C, text_dim) table of class text embeddings: then the target is the normalised mean embedding of the image's
-    object classes, the stand-in teacher for the toy scenes (whose "CLIP" would describe exactly those objects).
+    object classes, the stand-in teacher for the toy scenes.
 
-    bad_images: what an image that cannot be decoded (truncated JPEG, text named .jpg, deleted file) does:
-    "stop" = DataError naming file and record; "skip" = the item becomes None with a BadImageWarning (counted in
-    self.skipped, per DataLoader worker) and `collate` leaves it out: that batch is one image smaller, and as
-    nothing replaces the image the sampler's order and a resume stay exact. None = meta["bad_images"] or "stop"."""
+    bad_images, for an image that cannot be decoded: "stop" = DataError naming file and record; "skip" = the item
+    becomes None with a BadImageWarning (counted in self.skipped) and `collate` leaves it out: that batch is one
+    image smaller and the sampler's order stays exact. None = meta["bad_images"] or "stop"."""
 
     def __init__(self, records, meta, transforms, teacher=None, bad_images=None):
         self.records, self.meta, self.transforms, self.teacher = records, meta, transforms, teacher
         self.task = meta["task"]
         self.key = "rels" if self.task == "sgg" else "hois"
         self.bad_images = bad_images or meta.get("bad_images", "stop")
-        if self.bad_images not in ("stop", "skip"):
-            raise ValueError(f"bad_images must be 'stop' or 'skip', got {self.bad_images!r}")
         self.skipped = 0
 
     def __len__(self):
@@ -2079,7 +1954,7 @@ class DetectionDataset(torch.utils.data.Dataset):
                 warnings.warn(f"{message}: dropped from its batch (bad_images='skip'; {self.skipped} dropped by "
                               f"this process so far)", BadImageWarning)
                 return None
-            raise DataError(f"{message}; --bad_images skip drops such images, --check_images_only lists them") \
+            raise DataError(f"{message}; --bad_images skip drops such images, tools/check_images.py lists them") \
                 from None
         h, w = image.shape[-2:]
         boxes = tv_tensors.BoundingBoxes(torch.as_tensor(r["boxes"]).reshape(-1, 4), format="XYXY", canvas_size=(h, w))
@@ -2103,7 +1978,7 @@ def collate(batch):
     kept = [item for item in batch if item is not None]
     if not kept:
         raise DataError(f"all {len(batch)} images of a batch are unreadable (see the BadImageWarning lines above); "
-                        f"train.py --check_images_only lists every bad image")
+                        f"tools/check_images.py lists every bad image")
     images, targets = zip(*kept)
     H, W = max(im.shape[1] for im in images), max(im.shape[2] for im in images)
     out = images[0].new_zeros(len(images), 3, H, W)                     # (B, 3, H, W)
@@ -2113,26 +1988,6 @@ def collate(batch):
         out[i, :, :h, :w] = im
         mask[i, :h, :w] = False
     return out, mask, list(targets)
-
-
-def verify_images(records, progress=None):
-    """Decode every record's image once, as training would (torchvision.io.decode_image, RGB), and compare its size
-    with the record's width / height. Returns [(file, image_id, reason)] for the bad ones (missing, undecodable,
-    truncated, wrong size), in record order. progress: optional callable(done, total), called every 1,000 images."""
-    bad = []
-    for k, r in enumerate(records):
-        try:
-            image = torchvision.io.decode_image(r["file"], mode=torchvision.io.ImageReadMode.RGB)
-        except (RuntimeError, OSError, ValueError) as e:
-            bad.append((r["file"], r["image_id"], f"cannot be decoded: {_decoder_message(e)}"))
-            continue
-        h, w = image.shape[-2:]
-        if r.get("width", 10 ** 9) < 10 ** 9 and (w, h) != (r["width"], r["height"]):
-            bad.append((r["file"], r["image_id"], f"decoded size {w} x {h} but the record says "
-                                                  f"{r['width']} x {r['height']}"))
-        if progress is not None and (k + 1) % 1000 == 0:
-            progress(k + 1, len(records))
-    return bad
 
 
 def load_dataset(kind, root, split, check_images=True, bad_images="stop"):
@@ -2159,35 +2014,14 @@ def config_from_meta(cfg: Config, sgg_meta=None, hoi_meta=None) -> Config:
 
 
 # Where each dataset comes from, as train.py's and eval.py's command lines give it (and checkpoints record it).
-# bad_images: "stop" | "skip" (see DetectionDataset); check_images_only: decode every image of the train and test
-# splits once, list the bad ones and exit (verify_images).
 DATA_ARGS = dict(toy_root="data/toy", toy_train=3000, toy_train_hoi=1000, toy_test=500, vg="", hoi="",
-                 hoi_dataset="hico", bad_images="stop", check_images_only=False, train_subset=0)
-
-
-def _check_images_only(data, is_master):
-    """train.py --check_images_only: decode every image of every loaded split once (verify_images), list the bad
-    ones and end the program: exit code 0 when all are good, 1 otherwise."""
-    total_bad = 0
-    for task, splits in data.items():
-        for split, (records, _) in splits.items():
-            bad = verify_images(records)
-            total_bad += len(bad)
-            if is_master:
-                print(f"[check images] {task} {split}: {len(records)} images decoded, {len(bad)} bad")
-                for file, image_id, reason in bad:
-                    print(f"  {file} (record {image_id}): {reason}")
-    raise SystemExit(1 if total_bad else 0)
+                 hoi_dataset="hico", bad_images="stop", train_subset=0)
 
 
 def build_data(cfg: Config, data_args: dict, is_master=True, barrier=lambda: None):
-    """{"sgg": {"train": (records, meta), "test": ...}, "hoi": {...}} for the tasks of cfg.
-
-    data_args: the keys of DATA_ARGS (missing ones take those defaults). Without --vg and --hoi the toy scenes are
-    generated once into toy_root (by the master process; the others wait at `barrier`) and read back through the
-    real loaders. Every process then loads its splits itself. meta["bad_images"] carries the bad_images mode to
-    DetectionDataset. With check_images_only the splits are read without the header checks, every image is
-    decoded once, the bad ones are listed and SystemExit ends the program (_check_images_only)."""
+    """{"sgg": {"train": (records, meta), "test": ...}, "hoi": {...}} for the tasks of cfg; data_args: the keys of
+    DATA_ARGS. Without --vg and --hoi the toy scenes are generated once into toy_root (by the master process; the
+    others wait at `barrier`) and read back through the real loaders. Every process loads its splits itself."""
     a = {**DATA_ARGS, **{k: v for k, v in data_args.items() if k in DATA_ARGS}}
     vg_root, hoi_root = a["vg"], a["hoi"]
     if not vg_root and not hoi_root:
@@ -2202,8 +2036,7 @@ def build_data(cfg: Config, data_args: dict, is_master=True, barrier=lambda: Non
             continue
         data[task] = {}
         for split in ("train", "test"):
-            records, meta = load_dataset(kind, root, split, check_images=not a["check_images_only"],
-                                         bad_images=a["bad_images"])
+            records, meta = load_dataset(kind, root, split, bad_images=a["bad_images"])
             meta["bad_images"] = a["bad_images"]
             if split == "train" and a["train_subset"]:  # the first N training images only (rehearsals)
                 records = records[:a["train_subset"]]
@@ -2212,6 +2045,4 @@ def build_data(cfg: Config, data_args: dict, is_master=True, barrier=lambda: Non
         raise SystemExit("no training data: give --vg and/or --hoi, or neither for the toy scenes")
     if "sgg" in data and not a["vg"]:  # the toy scenes use VG150's names, not its long tail:
         data["sgg"]["test"][1]["toy"] = True  # eval derives the groups
-    if a["check_images_only"]:
-        _check_images_only(data, is_master)
     return data

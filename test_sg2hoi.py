@@ -6,7 +6,6 @@ import itertools
 import json
 import math
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -30,6 +29,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "tools"))  # the tests of tools/ (prepare_clip, gpu_check, study, ...)
 import bench  # noqa: E402  (tools/bench.py: synthetic test sets of any size for the metric tests)
+import bootstrap  # noqa: E402  (tools/bootstrap.py: reads --save-predictions files)
+import figures  # noqa: E402  (tools/figures.py: Figures 2-4 of test images)
 torch.set_num_threads(2)
 
 
@@ -250,14 +251,18 @@ def test_graph_constraint_gives_one_triplet_per_pair_and_no_constraint_every_pre
     pred = dict(boxes=np.zeros((4, 4)), labels=np.array([0, 0, 1, 1]), scores=np.array([0.9, 0.5, 0.8, 1.0]),
                 rel_pairs=np.array([[0, 2], [1, 3]]),
                 rel_scores=np.array([[0.1, 0.6, 0.3], [0.0, 0.2, 0.8]]))  # column 0 = no relation
-    gc = sg2hoi.relation_triplets(pred, graph_constraint=True)
+    pred["boxes"] = np.arange(16.0).reshape(4, 4)  # box k starts at 4k: the triplets say which boxes they use
+    (cand,), (short,) = ev.sgdet_candidates([pred], 2), ev.sgdet_candidates([pred], 2, max_ng=3)
+
+    def triplets(c):
+        return [(int(s[0]) // 4, int(p), int(o[0]) // 4, round(float(x), 4))
+                for s, p, o, x in zip(c["sub_boxes"], c["predicates"], c["obj_boxes"], c["scores"])]
+
     # pair (0, 2): 0.9 * 0.8 * 0.6 = 0.432 with predicate 1; pair (1, 3): 0.5 * 1.0 * 0.8 = 0.4 with predicate 2
-    assert [(s, p, o) for s, p, o, _ in gc] == [(0, 1, 2), (1, 2, 3)]
-    assert [round(x, 4) for *_, x in gc] == [0.432, 0.4]
-    ng = sg2hoi.relation_triplets(pred, graph_constraint=False)
+    assert triplets(cand["gc"]) == [(0, 1, 2, 0.432), (1, 2, 3, 0.4)]
     # candidates: 0.432 (0,1,2), 0.216 (0,2,2), 0.1 (1,1,3), 0.4 (1,2,3)
-    assert [(s, p, o) for s, p, o, _ in ng] == [(0, 1, 2), (1, 2, 3), (0, 2, 2), (1, 1, 3)]
-    assert len(sg2hoi.relation_triplets(pred, graph_constraint=False, top_k=3)) == 3
+    assert [t[:3] for t in triplets(cand["ng"])] == [(0, 1, 2), (1, 2, 3), (0, 2, 2), (1, 1, 3)]
+    assert len(short["ng"]["scores"]) == 3
 
 
 def test_model_post_processing_matches_the_evaluator_input_format():
@@ -275,8 +280,8 @@ def test_model_post_processing_matches_the_evaluator_input_format():
     assert hoi[0]["verb_scores"].shape == (8, 7) and (hoi[0]["labels"][:8] == 0).all()
     mask = np.zeros((7, 9))
     mask[2, :] = 1
-    trips = sg2hoi.hoi_triplets(hoi[0], mask, top_k=100)
-    assert len(trips) == 56 and all(v == 2 for *_, v, s in trips if s > 0)  # masked verbs score 0
+    (cand,) = ev.hico_candidates(hoi[:1], mask, max_hois=100)
+    assert len(cand["verbs"]) == 56 and (cand["verbs"][cand["scores"] > 0] == 2).all()  # masked verbs score 0
 
 
 def _fake_detr_state_dict(model_depth=50, layers=6):
@@ -1203,8 +1208,9 @@ def test_triplet_scores_multiply_subject_object_and_predicate_or_human_object_an
                    sub_boxes=torch.full((1, 1, 1, 4), .5), obj_boxes=torch.full((1, 1, 1, 4), .5))
     pred = sg2hoi.relation_predictions(rel_out, [(100, 100)])[0]
     # one pair (box 0 = its subject, box 1 = its object), predicate 1 (column 0 = no relation): 1/2 x 3/5 x 2/3
-    (s, p, o, score), = sg2hoi.relation_triplets(pred)
-    assert (s, p, o) == (0, 1, 1) and score == pytest.approx(0.2)
+    (cand,) = ev.sgdet_candidates([pred], 2)
+    assert pred["rel_pairs"].tolist() == [[0, 1]] and cand["gc"]["predicates"].tolist() == [1]
+    assert cand["gc"]["scores"][0] == pytest.approx(0.2)
     hoi_out = dict(human_logits=torch.tensor([[[[math.log(3), 0]]]]),  # p(human) = 3/4
                    obj_logits=torch.tensor([[[[LN2, 0, 0]]]]),  # label 0 at 1/2
                    verb_logits=torch.zeros(1, 1, 1, 1),  # sigmoid = 1/2
@@ -1619,7 +1625,8 @@ def test_draw_prediction_panels_boxes_segmentation_and_legend():
     holding = {"subject": _ent("person", [8, 8, 40, 40], 0.9), "predicate": {"index": 0, "name": "holding"},
                "object": _ent("cup", [30, 30, 60, 60], 0.8, 1), "score": 0.9}
     result = {"relations": [holding], "hois": []}
-    pic = np.asarray(ev.draw_prediction(image, gt, seg_map, result, ["cup", "person"], ["person", "dog"])).astype(int)
+    pic = np.asarray(figures.draw_prediction(image, gt, seg_map, result, ["cup", "person"], ["person", "dog"]))
+    pic = pic.astype(int)
     assert pic.shape[1] == 3 * 640 and pic.shape[0] > 640  # 64 px drawn x 10, three panels, legends under them
     assert (pic[250, 81] == 255).all()  # panel 1: the GT box's left edge (x = 80), in white
     assert (pic[250, 250] == 100).all()  # inside the box: the image untouched
@@ -1633,16 +1640,16 @@ def test_draw_prediction_panels_boxes_segmentation_and_legend():
 def test_eval_cli_tables_pictures_and_saved_predictions(tiny_ckpt, tmp_path, capsys):
     ckpt = tiny_ckpt  # (the command line in a process of its own: the distributed-evaluation and --image tests)
     pics, preds = str(tmp_path / "pics"), str(tmp_path / "preds.pt")
-    ev.main(["--ckpt", ckpt, "--visualize", pics, "--num_visualize", "2", "--save-predictions", preds])
+    ev.main(["--ckpt", ckpt, "--save-predictions", preds])
     out = capsys.readouterr().out
-    assert "Table I" in out and "Table IV" in out and "wrote 4 pictures" in out
-    assert sorted(f[:3] for f in os.listdir(pics)) == ["hoi", "hoi", "sgg", "sgg"]
+    assert "Table I" in out and "Table IV" in out
     with open(os.path.join(os.path.dirname(ckpt), "eval_ckpt.json")) as f:  # beside the checkpoint
         from_model = json.load(f)
-    ev.main(["--predictions", preds, "--json", str(tmp_path / "again.json")])
-    with open(tmp_path / "again.json") as f:
-        again = json.load(f)
+    again = json.loads(json.dumps(ev.metrics_from_collected(bootstrap.load_predictions(preds))))
     assert again["sgg"]["R@50"] == from_model["sgg"]["R@50"] and again["hico"] == from_model["hico"]
+    figures.main(["--ckpt", ckpt, "--out", pics, "--num_images", "2"])
+    assert "wrote 4 pictures" in capsys.readouterr().out
+    assert sorted(f[:3] for f in os.listdir(pics)) == ["hoi", "hoi", "sgg", "sgg"]
     # each class's AP under its name (verb, object), and mAP Full is their mean
     per_class = from_model["hico"]["default"]["per_class"]
     verbs, objects = (sg2hoi.load_vocab()[k] for k in ("hico_verbs", "coco80"))
@@ -1683,14 +1690,6 @@ def test_bad_image_skip_mode_drops_the_item_counts_it_and_collate_leaves_it_out(
     stop = sg2hoi.DetectionDataset(records, {"task": "sgg"}, torchvision.transforms.v2.Identity())
     with pytest.raises(sg2hoi.DataError, match=r"truncated.jpg: cannot read image of record 1 .*truncated"):
         stop[1]
-
-
-def test_verify_images_finds_a_truncated_jpeg_a_text_file_and_a_wrong_size(tmp_path):
-    records = _bad_image_records(tmp_path)
-    records.append(dict(records[0], image_id=3, width=65))  # the record's size is not the image's
-    bad = sg2hoi.verify_images(records)
-    assert [(os.path.basename(f), i) for f, i, _ in bad] == [("truncated.jpg", 1), ("text.jpg", 2), ("good.png", 3)]
-    assert "truncated" in bad[0][2] and "decoded size 64 x 48 but the record says 65 x 48" in bad[2][2]
 
 
 def test_loader_header_check_stops_or_skips_a_text_file_named_jpg(tmp_path, capsys):
@@ -1758,22 +1757,6 @@ def test_item_11_bad_fields_give_one_line_naming_file_record_and_field(tmp_path)
         f.write(b"\x93NUMPY garbage")
     with pytest.raises(sg2hoi.DataError, match=r"corre_hico.npy: not a readable numpy .npy matrix"):
         sg2hoi.load_hico(hico, "test")
-
-
-def test_check_images_only_lists_the_bad_images_and_exits_1(tiny_toy, tmp_path, capsys):
-    copy = str(tmp_path / "data")
-    shutil.copytree(tiny_toy, copy)
-    victim = sorted(os.listdir(f"{copy}/hico/images/test2015"))[3]
-    with open(f"{copy}/hico/images/test2015/{victim}", "w") as f:
-        f.write("text")  # an image that is not one: the loaders' header check is off in this mode
-    args = train.parse_args(["--vg", f"{copy}/vg", "--hoi", f"{copy}/hico", "--check_images_only"])
-    assert args.bad_images == "stop"  # the default of the other data flag
-    with pytest.raises(SystemExit) as stop:
-        sg2hoi.build_data(sg2hoi.make_config("toy"), vars(args))
-    assert stop.value.code == 1
-    out = capsys.readouterr().out
-    assert "[check images] sgg train: 48 images decoded, 0 bad" in out
-    assert "[check images] hoi test: 8 images decoded, 1 bad" in out and f"{victim} (record 3)" in out
 
 
 # ==================================================================================================== metrics: vectorised
@@ -1986,11 +1969,11 @@ def _synthetic_collected():
                         rare=rare, non_rare=np.zeros((0, 3), int))}
 
 
-def test_eval_cli_rejects_bad_prediction_files_naming_file_and_problem(tiny_ckpt, tmp_path):
+def test_bad_prediction_files_are_refused_naming_file_and_problem(tiny_ckpt, tmp_path):
     good = str(tmp_path / "good.pt")
     ev.save_predictions(_synthetic_collected(), good)
-    assert ev.main(["--predictions", good, "--json", str(tmp_path / "m.json")]) is None  # a valid file works
-    assert json.load(open(tmp_path / "m.json"))["sgg"]["num_images"] == 4
+    bootstrap.main([good, "--resamples", "2", "--json", str(tmp_path / "m.json")])  # a valid file works
+    assert json.load(open(tmp_path / "m.json"))["images"]["sgg"] == 4
     truncated = str(tmp_path / "truncated.pt")
     with open(good, "rb") as f, open(truncated, "wb") as g:
         g.write(f.read()[:300])
@@ -2004,7 +1987,7 @@ def test_eval_cli_rejects_bad_prediction_files_naming_file_and_problem(tiny_ckpt
                           (str(tmp_path / "short.pt"), "'sgg' has 2 predictions for 4 ground-truth images"),
                           (str(tmp_path / "no_field.pt"), "prediction of image 1 lacks ['verbs']")):
         with pytest.raises(SystemExit) as e:
-            ev.main(["--predictions", path, "--json", str(tmp_path / "bad.json")])
+            bootstrap.main([path, "--json", str(tmp_path / "bad.json")])
         message = str(e.value.code)
         assert path in message and problem in message and "\n" not in message, message
         assert not os.path.exists(tmp_path / "bad.json")  # never an empty result
@@ -2018,7 +2001,7 @@ def test_eval_does_not_replace_training_metrics_and_checks_outputs_before_infere
     assert "eval_<checkpoint stem>.json" in " ".join(capsys.readouterr().out.split())  # --help says so
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    for flag in ("--save-predictions", "--json", "--visualize"):
+    for flag in ("--save-predictions", "--json"):
         target = str(blocker / "out")  # below a regular file: cannot be created
         t = time.time()
         with pytest.raises(SystemExit) as e:
@@ -2042,7 +2025,7 @@ def test_distributed_evaluation_one_and_two_gloo_processes_write_identical_metri
     for m in results.values():
         m["sgg"].pop("time_per_image_s"), m["sgg"].pop("device")
     assert results[1] == results[2]
-    p1, p2 = ev.load_predictions(str(tmp_path / "p1.pt")), ev.load_predictions(str(tmp_path / "p2.pt"))
+    p1, p2 = bootstrap.load_predictions(str(tmp_path / "p1.pt")), bootstrap.load_predictions(str(tmp_path / "p2.pt"))
     assert len(p2["sgg"]["preds"]) == len(p1["sgg"]["preds"]) == 8  # every image once, in image order
     for a, b in zip(p1["hoi"]["preds"] + [x["gc"] for x in p1["sgg"]["preds"]],
                     p2["hoi"]["preds"] + [x["gc"] for x in p2["sgg"]["preds"]]):
@@ -2436,7 +2419,8 @@ def test_image_predictions_boxes_in_original_pixels_after_the_resize():
         return _hand_made_output()
 
     image = torch.randint(0, 256, (3, 300, 500), dtype=torch.uint8)
-    result, resized = ev.predict_image(fake_model, cfg, image, torch.device("cpu"), top=10, threshold=0.1)
+    out, resized = ev._forward_one(fake_model, cfg, image, torch.device("cpu"))
+    result = ev.image_predictions(out, cfg, (300, 500), top=10, threshold=0.1)
     assert resized == (128, 213) and seen == {"shape": (1, 3, 128, 213), "padded": False}
     assert len(result["relations"]) == 1 and len(result["hois"]) == 1  # query 1 scores < 0.1: dropped
     r = result["relations"][0]
@@ -2648,7 +2632,7 @@ def test_two_processes_evaluate_a_test_split_of_one_image(tiny_ckpt, tmp_path):
     r = _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "eval.py", "--ckpt", tiny_ckpt,
               "--limit", "1", "--save-predictions", str(tmp_path / "p.pt"), "--json", str(tmp_path / "m.json")])
     assert r.returncode == 0, r.stderr[-3000:]
-    p = ev.load_predictions(str(tmp_path / "p.pt"))
+    p = bootstrap.load_predictions(str(tmp_path / "p.pt"))
     assert len(p["sgg"]["preds"]) == len(p["hoi"]["preds"]) == 1
     assert ev.predict(None, toy_cfg(), [], torch.device("cpu")) == ([], [])  # no model call, no records[0]
 
@@ -2899,3 +2883,89 @@ def test_prepare_clip_images_needs_only_the_datasets_given(tiny_toy, tmp_path, m
     prepare_clip.main(["images", "--vg", os.path.join(tiny_toy, "vg"), "--out", out])
     records, _ = sg2hoi.load_dataset("vg", os.path.join(tiny_toy, "vg"), "train")
     assert sorted(torch.load(out, weights_only=True)) == sorted(sg2hoi.clip_image_key(r["file"]) for r in records)
+
+
+# ---------------------------------------------------------------- the README's picture, the course exercises (issue 29)
+# README.md draws the model as a Mermaid flowchart whose nodes name the code in backticks; docs/exercises.md names
+# `pytest -k` selections. Both must follow the code when it is renamed: these tests fail when they do not.
+
+
+def _mermaid_block():
+    import re
+    with open(os.path.join(HERE, "README.md")) as f:
+        blocks = re.findall(r"```mermaid\n(.*?)```", f.read(), re.S)
+    assert len(blocks) == 1, f"README.md should hold one ```mermaid block, found {len(blocks)}"
+    return blocks[0]
+
+
+def test_every_code_name_in_the_readme_diagram_exists_in_sg2hoi():
+    """Each `name` of the diagram is an attribute of sg2hoi (`Class.method`: getattr step by step), every equation
+    Eq. 1-10 has a node, and the ablations of Tables VI-VIII label the edges they cut."""
+    import re
+    block = _mermaid_block()
+    names = sorted(set(re.findall(r"`([^`]*)`", block)))
+    assert len(names) >= 20, names  # the picture names the code of every step
+    missing = []
+    for name in names:
+        assert re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", name), f"not a code name: `{name}`"
+        obj = sg2hoi
+        for part in name.split("."):
+            if not hasattr(obj, part):
+                missing.append(name)
+                break
+            obj = getattr(obj, part)
+    assert missing == [], f"README.md's diagram names what sg2hoi.py does not have: {missing}"
+    assert {int(n) for n in re.findall(r"Eq\. (\d+):", block)} == set(range(1, 11))
+    edges = "\n".join(line for line in block.splitlines() if "-->" in line or "-.->" in line)
+    for ablation in ("-HSS", "HSSD", "HSSG", "-VLpool", "VLl2", "-FETR", "-QUTR", "-R2ITR", "RELQ"):
+        assert ablation in edges, f"no edge of the diagram is marked {ablation}"
+    for line in block.splitlines():  # what breaks Mermaid's parser: a quote inside a label, a label opening with `
+        assert line.count('"') % 2 == 0 and '"`' not in line, line
+
+
+def test_readme_runs_the_tests_with_the_command_ci_runs():
+    with open(os.path.join(HERE, "README.md")) as f:
+        readme = f.read().splitlines()
+    with open(os.path.join(HERE, ".ci", "run")) as f:
+        ci = f.read().splitlines()
+    command = "python3 -m pytest -q test_sg2hoi.py tools/test_tools.py"
+    assert command in readme and command in ci
+
+
+# Run in a fresh process: collect the test file once, then evaluate each -k expression with pytest's own keyword
+# matching (the code behind `pytest -k`), and print {expression: number of tests selected}.
+_COUNT_SELECTED = r"""
+import json, sys
+import pytest
+from _pytest.mark import KeywordMatcher
+from _pytest.mark.expression import Expression
+
+class Count:
+    result = {}
+    def pytest_collection_finish(self, session):
+        for expr in json.loads(sys.argv[2]):
+            keep = Expression.compile(expr)
+            self.result[expr] = sum(bool(keep.evaluate(KeywordMatcher.from_item(i))) for i in session.items)
+
+count = Count()
+code = pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", sys.argv[1]], plugins=[count])
+print("SELECTED " + json.dumps(count.result))
+sys.exit(int(code))
+"""
+
+
+def test_every_pytest_selection_in_the_exercises_selects_tests():
+    """docs/exercises.md gives each exercise a `python3 -m pytest -q test_sg2hoi.py -k "..."` command: each selection
+    picks at least one test of that file, and not most of the suite."""
+    import re
+    with open(os.path.join(HERE, "docs", "exercises.md")) as f:
+        commands = re.findall(r"python3? -m pytest -q (\S+) -k \"([^\"]+)\"", f.read())
+    assert len(commands) >= 5, commands
+    assert {file for file, _ in commands} == {"test_sg2hoi.py"}
+    expressions = [expr for _, expr in commands]
+    run = subprocess.run([sys.executable, "-c", _COUNT_SELECTED, "test_sg2hoi.py", json.dumps(expressions)],
+                         cwd=HERE, capture_output=True, text=True, timeout=300)
+    lines = [line for line in run.stdout.splitlines() if line.startswith("SELECTED ")]
+    assert run.returncode == 0 and lines, run.stdout[-3000:] + run.stderr[-3000:]
+    selected = json.loads(lines[-1][len("SELECTED "):])
+    assert all(0 < selected[expr] <= 40 for expr in expressions), selected

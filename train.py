@@ -46,7 +46,7 @@ import sg2hoi
 # Flags that say how to run, not what is computed: they may change on --resume (the rest comes from the checkpoint).
 RUNTIME_FLAGS = {"out", "resume", "workers", "pin_memory", "prefetch", "log_every", "ckpt_every", "max_steps",
                  "nonfinite", "max_skips", "amp", "compile", "deterministic", "no_eval", "eval_limit", "eval_every",
-                 "best_metric", "micro_batch", "dist_timeout", "bad_images", "check_images_only"}
+                 "best_metric", "micro_batch", "dist_timeout", "bad_images"}
 # Paths are stored absolute, so that a checkpoint finds its data from any working directory.
 PATH_FLAGS = ("toy_root", "vg", "hoi", "clip_cache", "init_detr", "text_embeddings", "word_vectors")
 
@@ -94,8 +94,6 @@ def make_parser(suppress_defaults=False):
     add("--best_metric", default="auto", help="metric for best.pt, e.g. sgg.R@50 (auto: R@50, phase 2 the HOI mAP)")
     add("--dist_timeout", type=float, default=60.0, help="minutes a collective may wait before the run fails")
     add("--bad_images", default="stop", choices=["stop", "skip"], help="an undecodable image: stop, or drop it")
-    add("--check_images_only", action="store_true", default=False,
-        help="decode every image, list the bad ones, exit (1 if any is bad)")
     for f in dataclasses.fields(sg2hoi.Config):  # every Config field is a flag
         if f.type in ("int", "float", "str", "bool", int, float, str, bool):
             kind = {"int": int, "float": float, "str": str, "bool": _bool}.get(f.type, f.type)
@@ -287,7 +285,7 @@ def setup(args):
             raise SystemExit(f"--resume {args.resume} continues that run's experiment; these flags would change it: "
                              f"{'; '.join(conflicts)}. Start a new run (--out elsewhere) to change them. Flags that "
                              f"may change on resume: {', '.join(sorted(RUNTIME_FLAGS - {'resume'}))}")
-        this_invocation = {"resume", "out", "max_steps", "check_images_only"}  # never taken from the checkpoint
+        this_invocation = {"resume", "out", "max_steps"}  # never taken from the checkpoint
         for k, v in saved.items():
             if k not in RUNTIME_FLAGS or (k not in args.explicit and k not in this_invocation):
                 setattr(args, k, v)

@@ -12,9 +12,29 @@ import os
 import sys
 
 import numpy as np
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's root: eval.py
 import eval as evaluation  # noqa: E402
+
+
+def load_predictions(path):
+    """A --save-predictions file -> collect()'s dict; ValueError naming the file and the problem."""
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 (torch raises many types for a truncated or foreign file)
+        raise ValueError(f"{path}: not a predictions file written by eval.py --save-predictions "
+                         f"(torch.load failed: {type(e).__name__})") from None
+    if isinstance(raw, dict) and "model" in raw:
+        raise ValueError(f"{path}: this is a training checkpoint, not saved predictions: evaluate it with eval.py --ckpt")
+    if not isinstance(raw, dict) or not raw or not set(raw) <= {"sgg", "hoi"}:
+        raise ValueError(f"{path}: expected a dict with 'sgg' and/or 'hoi', as written by --save-predictions")
+    collected = evaluation._convert(raw, lambda x: x.numpy() if torch.is_tensor(x) else x)
+    for task, c in collected.items():
+        if len(c["preds"]) != len(c["gts"]):
+            raise ValueError(f"{path}: '{task}' has {len(c['preds'])} predictions for {len(c['gts'])} "
+                             "ground-truth images")
+    return collected
 
 
 def resample(collected, picks):
@@ -39,7 +59,12 @@ def bootstrap(collected_runs, resamples=200, seed=0):
         if other != sizes:
             raise ValueError(f"bootstrap: {name} has test splits {other}, {names[0]} has {sizes}: the runs must "
                              f"be evaluated on the same test images")
-    full = {n: evaluation.headline(evaluation.metrics_from_collected(c)) for n, c in collected_runs.items()}
+    full = {}
+    for n, c in collected_runs.items():
+        try:
+            full[n] = evaluation.headline(evaluation.metrics_from_collected(c))
+        except ValueError as e:  # a metric function's input check: name the file
+            raise ValueError(f"{n}: {e}") from None
     rng = np.random.default_rng(seed)
     draws = {n: [] for n in names}
     for _ in range(resamples):
@@ -84,9 +109,9 @@ def main(argv=None):
     if len(set(args.predictions)) < len(args.predictions):
         raise SystemExit("bootstrap.py: a predictions file is given twice")
     try:
-        runs = {path: evaluation.load_predictions(path) for path in args.predictions}
+        runs = {path: load_predictions(path) for path in args.predictions}
         result = bootstrap(runs, args.resamples, args.seed)
-    except ValueError as e:  # PredictionsError included: one line naming the file and the problem
+    except ValueError as e:  # load_predictions' errors included: one line naming the file and the problem
         raise SystemExit(f"bootstrap.py: {e}") from None
     print(format_bootstrap(result))
     if args.json:

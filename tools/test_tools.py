@@ -16,7 +16,8 @@ import eval as ev  # noqa: E402
 import bench  # noqa: E402
 import bootstrap  # noqa: E402
 import sg2hoi  # noqa: E402
-from test_sg2hoi import _hico_case, _synthetic_collected  # noqa: E402  (worked examples of the core tests)
+import check_images  # noqa: E402
+from test_sg2hoi import _bad_image_records, _hico_case, _synthetic_collected  # noqa: E402  (core tests' examples)
 
 # torchvision 0.29 deprecates its image decoders in favour of TorchCodec (not a dependency here); they still work
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
@@ -57,7 +58,7 @@ def test_bootstrap_command_reports_each_run_and_the_difference_and_refuses_a_fil
     assert "paired bootstrap: 3 draws" in capsys.readouterr().out
     with open(tmp_path / "boot.json") as f:
         boot = json.load(f)
-    evaluated = ev.metrics_from_collected(ev.load_predictions(preds))  # each run's number: the same as evaluated
+    evaluated = ev.metrics_from_collected(bootstrap.load_predictions(preds))  # each run's number: the same as evaluated
     assert boot["runs"][preds]["SGDet R@50"][0] == pytest.approx(100 * evaluated["sgg"]["R@50"])
     assert boot["differences"][f"{same} - {preds}"]["HICO mAP Full"] == [0.0, 0.0, 0.0, 0.0]
     with pytest.raises(SystemExit, match="training checkpoint|not a predictions file"):
@@ -301,3 +302,27 @@ def test_vg_h5_converter_checks_labels_predicates_indices_and_num_val_im(tmp_pat
     assert [r["image_id"] for r in sg2hoi.load_vg_json(root, "train")[0]] == [2, 3]
     with pytest.raises(sg2hoi.DataError, match=r"3 training images .* num_val_im = 5000 .* --num_val_im"):
         vg_h5_to_json.convert(root)
+
+
+# ---------------------------------------------------------------- tools/check_images.py
+
+
+def test_verify_images_finds_a_truncated_jpeg_a_text_file_and_a_wrong_size(tmp_path):
+    records = _bad_image_records(tmp_path)
+    records.append(dict(records[0], image_id=3, width=65))  # the record's size is not the image's
+    bad = check_images.verify_images(records)
+    assert [(os.path.basename(f), i) for f, i, _ in bad] == [("truncated.jpg", 1), ("text.jpg", 2), ("good.png", 3)]
+    assert "truncated" in bad[0][2] and "decoded size 64 x 48 but the record says 65 x 48" in bad[2][2]
+
+
+def test_check_images_lists_the_bad_images_and_exits_1(tmp_path, capsys):
+    root = str(tmp_path / "toy")
+    sg2hoi.write_toy_datasets(root, num_train=6, num_test=4, num_train_hoi=5)
+    victim = sorted(os.listdir(f"{root}/hico/images/test2015"))[3]
+    with open(f"{root}/hico/images/test2015/{victim}", "w") as f:
+        f.write("text")  # an image that is not one: the loaders' header check is off in this mode
+    assert check_images.main(["--vg", f"{root}/vg"]) == 0
+    assert "[check images] vg train: 6 images decoded, 0 bad" in capsys.readouterr().out
+    assert check_images.main(["--vg", f"{root}/vg", "--hoi", f"{root}/hico"]) == 1
+    out = capsys.readouterr().out
+    assert "[check images] hico test: 4 images decoded, 1 bad" in out and f"{victim} (record 3)" in out
