@@ -220,16 +220,23 @@ def hico_candidates(preds, correct_mat, max_hois=100):
         if "verb_scores" not in p:
             out.append(p)
             continue
-        verb_scores = np.asarray(p["verb_scores"], np.float32)
-        labels, sub_ids, obj_ids = np.asarray(p["labels"]), np.asarray(p["sub_ids"]), np.asarray(p["obj_ids"])
-        scores = verb_scores * correct_mat[:, labels[obj_ids]].T  # (P, V) float32; masked candidates score 0, kept
-        top = _stable_top(scores.ravel(), max_hois)  # pair-major p * V + v
-        pair, verb = top // scores.shape[1], top % scores.shape[1]
-        boxes = np.asarray(p["boxes"], np.float32).reshape(-1, 4)
-        s, o = sub_ids[pair], obj_ids[pair]
+        pair, verb, scores = _hico_top(p, correct_mat, max_hois)
+        labels, boxes = np.asarray(p["labels"]), np.asarray(p["boxes"], np.float32).reshape(-1, 4)
+        s, o = np.asarray(p["sub_ids"])[pair], np.asarray(p["obj_ids"])[pair]
         out.append(dict(sub_boxes=boxes[s], obj_boxes=boxes[o], sub_labels=labels[s], obj_labels=labels[o],
-                        verbs=verb, scores=scores.ravel()[top]))
+                        verbs=verb, scores=scores))
     return out
+
+
+def _hico_top(p, correct_mat, k):
+    """One image's raw HICO prediction -> its top k (pair, verb) candidates in QPIC's visit order, as (pair (k,),
+    verb (k,), score (k,) float32): verb scores x correct_mat[verb, object label] (masked ones score 0 and stay;
+    None: no mask), pair-major, stable. Also the order in which the --image demo lists HOIs."""
+    verb_scores = np.asarray(p["verb_scores"], np.float32)  # (P, V)
+    labels, obj_ids = np.asarray(p["labels"]), np.asarray(p["obj_ids"])
+    scores = verb_scores * correct_mat[:, labels[obj_ids]].T if correct_mat is not None else verb_scores
+    top = _stable_top(scores.ravel(), k)  # pair-major p * V + v
+    return top // scores.shape[1], top % scores.shape[1], scores.ravel()[top]
 
 
 def _hico_true_positives(g, cand):
@@ -869,10 +876,10 @@ def hoi_validity_mask(cfg):
     """(V, O) verb-object validity mask of a HICO-DET or V-COCO vocabulary (the toy data's too), else None."""
     vocab = sg2hoi.load_vocab()
     coco = [c["name"] for c in vocab["coco80"]]
-    if cfg.hoi_object_names == coco and cfg.verb_names == vocab["hico_verbs"]:
-        return sg2hoi._hico_correct_mat(vocab)
-    if cfg.hoi_object_names == coco + ["no object"] and cfg.verb_names == [v["name"] for v in vocab["vcoco_verbs"]]:
-        return np.concatenate([np.array(vocab["corre_vcoco"], np.float32), np.ones((len(cfg.verb_names), 1))], 1)
+    for dataset, objects, verbs in (("hico", coco, vocab["hico_verbs"]),
+                                    ("vcoco", coco + ["no object"], [v["name"] for v in vocab["vcoco_verbs"]])):
+        if cfg.hoi_object_names == objects and cfg.verb_names == verbs:
+            return sg2hoi._correct_mat(None, dataset, vocab)  # the loaders' matrix, from vocab.json
     return None
 
 
@@ -936,12 +943,9 @@ def image_predictions(out, cfg, size_hw, top=10, threshold=0.1, correct_mat=None
         # the entity scores hoi_predictions folds into the verb scores: P(human) and the object class probability
         p_human = out["hoi"]["human_logits"][-1][0].float().softmax(-1)[:, 0].cpu().numpy()  # (Q,)
         s_obj = out["hoi"]["obj_logits"][-1][0].float().softmax(-1)[:, :-1].max(-1).values.cpu().numpy()  # (Q,)
-        Q, names, scores = len(p_human), cfg.hoi_object_names, pred["verb_scores"]  # scores (Q, V)
-        if correct_mat is not None:  # invalid verb-object pairs score 0 (QPIC)
-            scores = scores * correct_mat[:, pred["labels"][pred["obj_ids"]]].T
-        for k in _stable_top(scores.ravel(), top):  # pair-major, stable: QPIC's order
-            q, v = divmod(int(k), scores.shape[1])
-            h, o, score = pred["sub_ids"][q], pred["obj_ids"][q], float(scores[q, v])
+        Q, names = len(p_human), cfg.hoi_object_names
+        for q, v, score in zip(*_hico_top(pred, correct_mat, top)):  # invalid verb-object pairs score 0 (QPIC)
+            h, o, v, score = pred["sub_ids"][q], pred["obj_ids"][q], int(v), float(score)
             if score < threshold or score <= 0:
                 break
             no_object = names[int(pred["labels"][o])] == "no object"
@@ -1119,9 +1123,10 @@ def check_writable(paths):
     for flag, path in paths.items():
         if os.path.isdir(path):
             return f"eval.py: cannot write {flag} {path}: it is a folder"
+        folder = os.path.dirname(os.path.abspath(path))
         try:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=os.path.dirname(os.path.abspath(path)), prefix=".eval_write_test"):
+            os.makedirs(folder, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".eval_write_test"):
                 pass
         except OSError as e:
             return f"eval.py: cannot write {flag} {path}: {e.strerror or e}"

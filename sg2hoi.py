@@ -1506,12 +1506,12 @@ def _hoia_annotations(where, entry, coco91_to_80, dataset, train, skips):
     return boxes, labels, hois
 
 
-def _load_hoia(root, dataset, split, check_images, bad_images):
+def _load_hoia(root, dataset, split, check_images, bad_images, vocab):
     """Shared reader of the PPDM/QPIC "HOIA" JSON. COCO-91 category ids -> COCO-80 labels, verbs -> 0-based.
     The sizes come from the image headers (the files have none)."""
     train = split == "train"
     ann_file, image_dir = HOIA_FILES[dataset][not train], HOIA_FORMS[dataset][0][not train]
-    coco91_to_80 = {c["id"]: k for k, c in enumerate(load_vocab()["coco80"])}
+    coco91_to_80 = {c["id"]: k for k, c in enumerate(vocab["coco80"])}
     path = os.path.join(root, "annotations", ann_file)
     entries = _read_json(path)
     if not isinstance(entries, list):
@@ -1522,13 +1522,14 @@ def _load_hoia(root, dataset, split, check_images, bad_images):
             raise DataError(f"{path}: record {i}: missing field 'file_name' (expected a JSON list of image records)")
         where = f"{path}: record {i} ({entry['file_name']})"
         annotations = _hoia_annotations(where, entry, coco91_to_80, dataset, train, skips)
+        if annotations is None:
+            continue
         file = os.path.join(root, "images", image_dir, entry["file_name"])
-        size = (10 ** 9, 10 ** 9)  # no image check: no size known, so no clamping
-        if annotations is not None and check_images:
-            size = _image_size(file, where, bad_images, skips)
-        if annotations is not None and size is not None:
-            image_id = entry.get("img_id", i)  # trainval has it; the test files do not (the record's number then)
-            records.append(_make_record(file, image_id, *size, *annotations, "hois", "HOIs", skips))
+        size = _image_size(file, where, bad_images, skips) if check_images else (10 ** 9, 10 ** 9)  # no size: no clamp
+        if size is None:
+            continue
+        image_id = entry.get("img_id", i)  # trainval has it; the test files do not (the record's number then)
+        records.append(_make_record(file, image_id, *size, *annotations, "hois", "HOIs", skips))
     report_skips(ann_file, skips)
     return records
 
@@ -1545,23 +1546,27 @@ def rare_triplets_from_training(records, threshold=10):
 
 
 def _correct_mat(root, dataset, vocab):
-    """The [verb, COCO-80 object] 0/1 matrix of the HOI classes: root/annotations/corre_{dataset}.npy, or
-    vocab.json's (the same matrix) when the file is absent."""
-    default = _hico_correct_mat(vocab) if dataset == "hico" else np.array(vocab["corre_vcoco"], np.float32)
-    path = os.path.join(root, "annotations", f"corre_{dataset}.npy")
-    if not os.path.exists(path):
-        return default
-    try:
-        m = np.load(path)  # allow_pickle=False: a pickled or corrupt file is an error, never executed
-    except (ValueError, OSError, EOFError) as e:
-        raise DataError(f"{path}: not a readable numpy .npy matrix ({e}); delete it to use vocab.json's") from None
-    if m.shape != default.shape or not np.issubdtype(m.dtype, np.number):
-        raise DataError(f"{path}: shape {m.shape} dtype {m.dtype}, expected a numeric {default.shape} matrix")
-    return m
+    """The [verb, object label] 0/1 matrix of the HOI classes: root/annotations/corre_{dataset}.npy, or vocab.json's
+    (the same matrix) when the file is absent or root is None. V-COCO's gets a column of ones for its 81st object
+    class, "no object" (QPIC)."""
+    m = _vocab_correct_mat(dataset, vocab)
+    path = os.path.join(root, "annotations", f"corre_{dataset}.npy") if root is not None else None
+    if path and os.path.exists(path):
+        shape = m.shape
+        try:
+            m = np.load(path)  # allow_pickle=False: a pickled or corrupt file is an error, never executed
+        except (ValueError, OSError, EOFError) as e:
+            raise DataError(f"{path}: not a readable numpy .npy matrix ({e}); delete it to use vocab.json's") from None
+        if m.shape != shape or not np.issubdtype(m.dtype, np.number):
+            raise DataError(f"{path}: shape {m.shape} dtype {m.dtype}, expected a numeric {shape} matrix")
+    return m if dataset == "hico" else np.concatenate([m, np.ones((len(m), 1), m.dtype)], 1)
 
 
-def _hico_correct_mat(vocab):
-    """The 600 HICO-DET HOI classes (vocab.json's hico_hois) as a [verb, COCO-80 object] 0/1 matrix."""
+def _vocab_correct_mat(dataset, vocab):
+    """vocab.json's [verb, COCO-80 object] 0/1 matrix, as corre_{dataset}.npy holds it: HICO-DET's 600 HOI classes
+    (hico_hois), or V-COCO's corre_vcoco."""
+    if dataset == "vcoco":
+        return np.array(vocab["corre_vcoco"], np.float32)
     m = np.zeros((117, 80), np.float32)
     for v, o in vocab["hico_hois"]:
         m[v, o] = 1
@@ -1570,7 +1575,8 @@ def _hico_correct_mat(vocab):
 
 def load_hico(root, split, check_images=True, bad_images="stop"):
     """HICO-DET in the QPIC layout: root/annotations/{trainval,test}_hico.json, corre_hico.npy; root/images/."""
-    records, vocab = _load_hoia(root, "hico", split, check_images, bad_images), load_vocab()
+    vocab = load_vocab()
+    records = _load_hoia(root, "hico", split, check_images, bad_images, vocab)
     meta = dict(task="hoi", dataset="hico", object_names=[c["name"] for c in vocab["coco80"]],
                 verb_names=vocab["hico_verbs"], correct_mat=_correct_mat(root, "hico", vocab), person_label=0)
     return records, meta
@@ -1579,10 +1585,11 @@ def load_hico(root, split, check_images=True, bad_images="stop"):
 def load_vcoco(root, split, check_images=True, bad_images="stop"):
     """V-COCO in the QPIC layout (as load_hico): verbs are the 29 action_role classes (0-based); object_id -1 = no
     role object (agent-only actions, or the object is absent): the model's 81st object class "no object" (QPIC)."""
-    records, vocab = _load_hoia(root, "vcoco", split, check_images, bad_images), load_vocab()
-    correct_mat = np.concatenate([_correct_mat(root, "vcoco", vocab), np.ones((29, 1))], 1)  # + "no object"
+    vocab = load_vocab()
+    records = _load_hoia(root, "vcoco", split, check_images, bad_images, vocab)
     meta = dict(task="hoi", dataset="vcoco", object_names=[c["name"] for c in vocab["coco80"]] + ["no object"],
-                verb_names=[v["name"] for v in vocab["vcoco_verbs"]], correct_mat=correct_mat, person_label=0,
+                verb_names=[v["name"] for v in vocab["vcoco_verbs"]], correct_mat=_correct_mat(root, "vcoco", vocab),
+                person_label=0,
                 verbs=vocab["vcoco_verbs"], actions=vocab["vcoco_actions"])
     return records, meta
 
@@ -1856,8 +1863,7 @@ def _write_toy_hoia(ds_root, dataset, splits, size, rng, vocab, generated):
                 np.array([[s, o, verb_id[v] - verb_base] for s, o, v in pairs]).reshape(-1, 3))
         with open(os.path.join(ds_root, "annotations", HOIA_FILES[dataset][split != "train"]), "w") as f:
             json.dump(images, f)
-    corre = _hico_correct_mat(vocab) if dataset == "hico" else np.array(vocab["corre_vcoco"], np.float32)
-    np.save(os.path.join(ds_root, "annotations", f"corre_{dataset}.npy"), corre)
+    np.save(os.path.join(ds_root, "annotations", f"corre_{dataset}.npy"), _vocab_correct_mat(dataset, vocab))
 
 
 def write_toy_datasets(root, num_train=3000, num_test=500, size=128, seed=0, num_train_hoi=None):
@@ -1938,6 +1944,8 @@ class DetectionDataset(torch.utils.data.Dataset):
         self.task = meta["task"]
         self.key = "rels" if self.task == "sgg" else "hois"
         self.bad_images = bad_images or meta.get("bad_images", "stop")
+        if self.bad_images not in ("stop", "skip"):
+            raise ValueError(f"bad_images must be 'stop' or 'skip', got {self.bad_images!r}")
         self.skipped = 0
 
     def __len__(self):

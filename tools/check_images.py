@@ -27,7 +27,7 @@ def verify_images(records, progress=None):
         try:
             image = torchvision.io.decode_image(r["file"], mode=torchvision.io.ImageReadMode.RGB)  # (3, H, W)
         except (RuntimeError, OSError, ValueError) as e:
-            bad.append((r["file"], r["image_id"], f"cannot be decoded: {e}"))
+            bad.append((r["file"], r["image_id"], f"cannot be decoded: {sg2hoi._decoder_message(e)}"))
             continue
         h, w = image.shape[-2:]
         if r.get("width", 10 ** 9) < 10 ** 9 and (w, h) != (r["width"], r["height"]):

@@ -228,7 +228,7 @@ def write_fullsize_annotations(root, scale=1.0, pool_size=32, seed=0, boxes_per_
     for dataset in ("hico", "vcoco"):
         for split in ("train", "test"):
             _write_hoia_split(root, dataset, split, sizes[dataset][split], rng, pool, vocab_tables)
-        corre = sg2hoi._hico_correct_mat(vocab) if dataset == "hico" else corre_vcoco
+        corre = sg2hoi._vocab_correct_mat(dataset, vocab)
         np.save(os.path.join(root, dataset, "annotations", f"corre_{dataset}.npy"), corre)
     counts = {(ds, split): n for ds, splits in sizes.items() for split, n in splits.items()}
     _write_json(done, {"settings": settings, "counts": {"/".join(k): n for k, n in counts.items()}})
