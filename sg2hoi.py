@@ -1,9 +1,8 @@
 """SG2HOI+: one transformer that generates scene graphs and detects human-object interactions from them.
 
-Paper: "SG2HOI+: Human-Object Interaction Detection with Scene Graphs" (arXiv 2311.01755), Section III.
-Read this file beside the paper: the sections below follow the paper's order and every equation is marked
-with its number (Eq. 1 ... Eq. 10). Tensor shapes are written on the lines where they change, with
-B = batch, H x W = feature map, d = model width, Q = number of queries, L = decoder layers.
+Paper: "SG2HOI+: Human-Object Interaction Detection with Scene Graphs" (arXiv 2311.01755), Section III. Read this
+file beside it: the sections follow the paper's order, every equation is marked with its number (Eq. 1 ... Eq. 10)
+and tensor shapes are written where they change: B = batch, H x W = feature map, d = width, Q = queries, L = layers.
 
 The idea in five lines:
   1. A CNN turns the image into features V; a small FCN paints a box-level segmentation map s (Eq. 1, 2),
@@ -16,10 +15,12 @@ The idea in five lines:
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
 import os
+import pickle
 import re
 import warnings
 import zlib
@@ -31,15 +32,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from PIL import Image, UnidentifiedImageError  # torchvision's own dependency
 from scipy.optimize import linear_sum_assignment
 from torchvision import tv_tensors
 from torchvision.ops import box_convert, generalized_box_iou, generalized_box_iou_loss, sigmoid_focal_loss
 from torchvision.ops.misc import FrozenBatchNorm2d
 from torchvision.transforms import v2
 
+
 # ------------------------------------------------------------------------------------------------ Config
-
-
 @dataclass
 class Config:
     """Every hyper-parameter and every ablation of the paper is one field (defaults = Sec. IV-D)."""
@@ -60,12 +61,9 @@ class Config:
     num_rel_queries: int = 100  # N_rel
     num_hoi_queries: int = 100  # N_hoi
     seg_hidden: int = 128  # channels of the five 3x3 conv layers of FCN_seg (not given in the paper)
-    # normalisation in FCN_seg: "batch" = BatchNorm, the paper's (Sec. IV-D); "group" = GroupNorm, which does not
-    # depend on the micro-batch, so 1 or N processes train the same function (the toy preset; see TinyBackbone)
-    seg_norm: str = "batch"
+    seg_norm: str = "batch"  # FCN_seg's norm: batch (the paper) | group (toy: the same for any split of a batch)
     text_dim: int = 512  # CLIP ViT-B/32 embedding width (Sec. IV-D)
-    # vocabularies (set from the datasets; defaults = VG150 and HICO-DET). The paper's N_o is both the relation
-    # decoder's entity classes (here) and BBSeg's classes, the union of entity and HOI object names (N_seg here).
+    # vocabularies, set from the datasets. The paper's N_o is both these entity classes and BBSeg's N_seg (see III-A)
     num_entity_classes: int = 150  # N_o for the relation decoder (VG150 objects)
     num_predicates: int = 50  # N_r
     num_hoi_objects: int = 80  # HOI object classes (COCO-80; 81 for V-COCO with "no object")
@@ -83,21 +81,13 @@ class Config:
     semantic_embedding: str = "clip"  # clip | discrete ("HSSD") | glove ("HSSG") (Table VI)
     use_vl_distill: bool = True  # False = "-VLpool" (Table VII)
     align_feature: str = "cls"  # cls = SG2HOI+cls | pool = SG2HOI+pool (Table VII, Eq. 5)
-    # l1 | l2 ("VLl2", Table VII): mean absolute / mean squared error over the components. The paper's "l2 norm
-    # strategy" is read as MSE, the L2 counterpart of its element-wise l1, not the unsquared distance ||s - t||_2.
-    align_loss: str = "l1"
+    align_loss: str = "l1"  # l1 | l2 ("VLl2", Table VII): mean absolute | squared error (the "l2 norm" read as MSE)
     classifier_init: str = "random"  # random | text (CLIP text embeddings as classifier weights, Sec. III-B)
     use_feature_transform: bool = True  # False = "-FETR" (Table VIII)
     use_query_transform: bool = True  # False = "-QUTR" (Table VIII)
     use_r2i: bool = True  # False = "-R2ITR" (Table VIII)
     hoi_queries_from_rel: bool = False  # True = "RELQ": relation queries are the HOI queries (Table VIII)
-    # Two readings of Sec. III-C. Keys / values of the query transformation (and RELQ's HOI queries): "decoded" =
-    # f_sg[-1], the relation queries after reading this image; "learnable" = Q_rel itself, the paper's literal words
-    # (then the transformed HOI queries are the same for every image).
-    query_transform_memory: str = "decoded"
-    relq_queries: str = "decoded"
-    # matching and losses: the cost_* weights are Eq. 9's alpha_1..3 and also the weights of the same terms in L_rel /
-    # L_hoi (SetCriterion), as the paper writes L_rel with Eq. 9's terms.
+    # matching and losses: Eq. 9's alpha_1..3 (cost_*) also weight the same terms of L_rel / L_hoi (SetCriterion)
     cost_box: float = 1.0  # alpha_1 in Eq. 9 (box cost = box_l1 * L1 - box_giou * GIoU); also the box loss weight
     box_l1: float = 2.5  # inside the box cost and loss: L1 weight (QPIC / CDN / GEN-VLKT; not given in the paper)
     box_giou: float = 1.0  # inside the box cost and loss: GIoU weight (QPIC / CDN / GEN-VLKT)
@@ -106,7 +96,6 @@ class Config:
     loss_seg: float = 2.0  # lambda_1 in Eq. 10
     loss_align: float = 4.0  # lambda_2 in Eq. 10
     eos_coef: float = 0.1  # weight of the "no object" / "no relation" class (DETR)
-    unmatched_loss: bool = True  # False = the paper's literal "no loss for unmatched queries" (see SetCriterion)
     aux_loss: bool = True  # deep supervision of every decoder layer (DETR, QPIC, RelTR; not in the paper)
     # optimisation (used by train.py; saved with checkpoints)
     lr: float = 1e-4
@@ -116,8 +105,7 @@ class Config:
     weight_decay: float = 1e-4
     clip_max_norm: float = 0.1
     lr_drop: float = 2 / 3  # lr x 0.1 after this fraction of each phase (not given in the paper; DETR / QPIC practice)
-    batch_size: int = 8  # the GLOBAL batch: images per optimiser step, over all processes and accumulation steps
-    # (the paper: "a batch size of 8 on 8 GPUs", read as 8 images per step, one per GPU, as QPIC / CDN count theirs)
+    batch_size: int = 8  # the GLOBAL batch ("8 on 8 GPUs"): images per step, all processes and accumulations
     sgg_epochs: int = 20  # phase 1: SGG alone
     joint_epochs: int = 20  # phase 2: SGG and HOI alternate
     image_size: int = 800  # shorter side at test time (multi-scale 480..800 at training)
@@ -150,15 +138,12 @@ class Config:
 
 CHOICES = dict(backbone=("resnet50", "resnet101", "tiny"), seg_norm=("batch", "group"), tasks=("both", "sgg", "hoi"),
                semantic_embedding=("clip", "discrete", "glove"), align_feature=("cls", "pool"), align_loss=("l1", "l2"),
-               classifier_init=("random", "text"), query_transform_memory=("decoded", "learnable"),
-               relq_queries=("decoded", "learnable"))
-ZERO_ALLOWED = ("sgg_epochs", "joint_epochs")  # the integers that may be 0; every other one counts something
+               classifier_init=("random", "text"))
 
 
 def _check_field(name, kind, v):
-    """One Config value against its type: integers >= 1 (epochs >= 0), finite floats >= 0 (dropout < 1, lr_drop in
-    (0, 1]), true / false, one of CHOICES."""
-    low = 0 if name in ZERO_ALLOWED else 1
+    """One Config value: ints >= 1 (epochs >= 0), floats >= 0 (dropout < 1, lr_drop in (0, 1]), booleans, CHOICES."""
+    low = 0 if name in ("sgg_epochs", "joint_epochs") else 1  # epochs may be 0; every other integer counts something
     if kind == "int" and (isinstance(v, bool) or not isinstance(v, int) or v < low):
         raise ValueError(f"Config.{name}: must be an integer >= {low}, got {v!r}")
     if kind == "float" and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0):
@@ -166,8 +151,7 @@ def _check_field(name, kind, v):
     if name == "dropout" and not v < 1:
         raise ValueError(f"Config.dropout: must be in [0, 1), got {v!r}")
     if name == "lr_drop" and not 0 < v <= 1:
-        raise ValueError(f"Config.lr_drop: the fraction of each phase after which lr drops must be in (0, 1] "
-                         f"(1 = never), got {v!r}")
+        raise ValueError(f"Config.lr_drop: the fraction of a phase before lr x 0.1, in (0, 1] (1 = never), got {v!r}")
     if kind == "bool" and not isinstance(v, bool):
         raise ValueError(f"Config.{name}: must be true or false, got {v!r}")
     if name in CHOICES and v not in CHOICES[name]:
@@ -187,10 +171,8 @@ VARIANTS = {
 
 PRESETS = {
     **VARIANTS,
-    # Sec. IV-D's default ("In default, we choose f_en[CLS] to align with the corresponding CLIP feature"): +cls
-    "paper": VARIANTS["cls"],
-    # The FULL row of Tables V-VIII, "our full model (SG2HOI+pool)"
-    "full": VARIANTS["pool"],
+    "paper": VARIANTS["cls"],  # Sec. IV-D: "In default, we choose f_en[CLS] to align with the ... CLIP feature"
+    "full": VARIANTS["pool"],  # the FULL row of Tables V-VIII, "our full model (SG2HOI+pool)"
     # A model a 2-core CPU trains in minutes on the toy scenes (128 px images)
     "toy": dict(backbone="tiny", d_model=64, nheads=4, dim_feedforward=256, dropout=0.0, enc_layers=2,
                 rel_dec_layers=2, r2i_layers=1, feat_trans_layers=1, query_trans_layers=1, hoi_dec_layers=2,
@@ -200,20 +182,22 @@ PRESETS = {
 }
 
 
+RETIRED = {"ema_decay": 0.0, "query_transform_memory": "decoded", "relq_queries": "decoded", "unmatched_loss": True}
+
+
 def config_from_saved(saved: dict) -> Config:
-    """A checkpoint's config dict -> Config. Checkpoints written before weight averaging was removed hold ema_decay:
-    0 (off) is dropped; a run that averaged its weights is refused (its averaged weights have no place here)."""
-    saved = dict(saved)
-    if saved.pop("ema_decay", 0.0):
-        raise ValueError("Config.ema_decay: this checkpoint averaged its weights (EMA), which this code no longer has")
-    return Config(**saved)
+    """A checkpoint's config -> Config. A field of an earlier version (RETIRED) is dropped when it holds the one value
+    this code computes; any other value is refused: that model was trained by code that is gone (git history has it)."""
+    for name, value in RETIRED.items():
+        if name in saved and saved[name] != value:
+            raise ValueError(f"Config.{name} = {saved[name]!r} is retired: this code always runs {name} = {value!r}")
+    return Config(**{k: v for k, v in saved.items() if k not in RETIRED})
 
 
 def make_config(preset="paper", **overrides) -> Config:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    known = {f.name for f in dataclasses.fields(Config)}
-    unknown = set(overrides) - known
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(Config)}
     if unknown:
         raise ValueError(f"unknown Config field(s): {sorted(unknown)}")
     return Config(**{**PRESETS[preset], **overrides})
@@ -222,7 +206,6 @@ def make_config(preset="paper", **overrides) -> Config:
 # ------------------------------------------------------------------------------------------------ Box helpers
 # Boxes inside the model are (cx, cy, w, h) normalised by the un-padded image size (DETR); datasets and
 # metrics use (x1, y1, x2, y2) in pixels. torchvision.ops does the conversions and the GIoU.
-
 
 def boxes_to_model(boxes_xyxy, size_hw):
     """(N, 4) xyxy pixels -> (N, 4) cxcywh in [0, 1] of an image of size (h, w)."""
@@ -238,17 +221,13 @@ def boxes_to_pixels(boxes_cxcywh, size_hw):
 
 
 # ----------------------------------------------------------------------------------------- Backbone + position encoding
-
-
 class TinyBackbone(nn.Module):
-    """A 4-layer CNN of stride 8 for the toy preset: 128 px images give a 16 x 16 feature map. GroupNorm, not
-    BatchNorm, normalises each image on its own, so 1 or N processes (or accumulation steps) train the same model
-    (SyncBatchNorm does not run on CPU). 32 groups: 8 learned 4x slower than BatchNorm on one batch, 32 did not."""
+    """A 4-layer CNN of stride 8 for the toy preset: 128 px images give a 16 x 16 feature map. GroupNorm normalises
+    each image on its own, so 1 or N processes (or accumulation steps) train the same model (BatchNorm would not)."""
 
     def __init__(self, channels=128):
         super().__init__()
-        chans = [3, 32, 64, channels]
-        layers = []
+        chans, layers = [3, 32, 64, channels], []
         for i in range(3):
             layers += [nn.Conv2d(chans[i], chans[i + 1], 3, stride=2, padding=1), nn.GroupNorm(32, chans[i + 1]),
                        nn.ReLU(inplace=True)]
@@ -277,19 +256,11 @@ class ResNetBackbone(nn.Module):
         return self.body(x)["0"]
 
 
-def build_backbone(cfg: Config) -> nn.Module:
-    if cfg.backbone == "tiny":
-        return TinyBackbone()
-    return ResNetBackbone(cfg.backbone, cfg.pretrained_backbone)
-
-
 def sine_position_encoding(mask, d_model, temperature=10000.0):
-    """DETR's 2-D sine encoding of normalised coordinates of the un-padded region.
-
+    """DETR's 2-D sine encoding of the normalised coordinates of the un-padded region.
     mask: (B, H, W) True on padding -> (B, H, W, d_model): d/2 channels for y, d/2 for x."""
     not_mask = (~mask).float()
-    y = not_mask.cumsum(1)
-    x = not_mask.cumsum(2)
+    y, x = not_mask.cumsum(1), not_mask.cumsum(2)  # (B, H, W): row and column numbers, 1-based, of the image
     eps, scale = 1e-6, 2 * math.pi
     y = y / (y[:, -1:, :] + eps) * scale
     x = x / (x[:, :, -1:] + eps) * scale
@@ -305,7 +276,6 @@ def sine_position_encoding(mask, d_model, temperature=10000.0):
 # DETR's layers, written out because nn.Transformer cannot add positions to queries and keys (never values) in
 # every layer or return every decoder layer's output. Parameter names follow DETR, so its COCO checkpoint loads.
 # Layout is batch-first: (B, sequence, d). Post-norm, as DETR.
-
 
 class Attention(nn.Module):
     """Multi-head attention with nn.MultiheadAttention's parameter names, on F.scaled_dot_product_attention."""
@@ -326,7 +296,6 @@ class Attention(nn.Module):
 
         def heads(x, w, b):  # (B, L, d) -> (B, heads, L, d/heads)
             return F.linear(x, w, b).view(B, x.shape[1], self.nheads, d // self.nheads).transpose(1, 2)
-
         attn_mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]  # True = attend
         out = F.scaled_dot_product_attention(heads(q, wq, bq), heads(k, wk, bk), heads(v, wv, bv),
                                              attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0)
@@ -421,10 +390,8 @@ class Decoder(nn.Module):
 
 
 class BoxMLP(nn.Module):
-    """A box branch: DETR's 3-layer MLP (Sec. IV-D: "3 non-linear project layers") and a sigmoid -> (cx, cy, w, h)
-    in [0, 1] of the un-padded image. Always float32, also under bf16 autocast (train.py --amp bf16 on CUDA): bf16's
-    step is 2^-8 for coordinates in [0.5, 1), 2.6 px of a 1333 px image, too coarse for the L1 / GIoU losses and
-    the IoU >= 0.5 tests of the metrics on VG's small objects."""
+    """DETR's 3-layer MLP (Sec. IV-D: "3 non-linear project layers") + sigmoid -> (cx, cy, w, h) in [0, 1] of the
+    un-padded image. Always float32: bf16 rounds coordinates in [0.5, 1) by up to 2^-9, 2.6 px of 1333, too coarse."""
 
     def __init__(self, d, num_layers=3):
         super().__init__()
@@ -442,8 +409,7 @@ PRIOR_BIAS = -math.log((1 - 0.01) / 0.01)  # sigmoid(b) = 0.01: multi-label head
 
 
 class TextClassifier(nn.Module):
-    """A classifier whose weights start as the classes' text embeddings (Sec. III-B, as GEN-VLKT).
-
+    """A classifier whose weights start as the classes' text embeddings (Sec. III-B, as GEN-VLKT):
     logits = exp(t) * <norm(W h), norm(e_c)>, with a learnable temperature t (init ln(1/0.07)) and a learnable
     extra row for "no object" / "no relation" when with_background."""
 
@@ -489,11 +455,8 @@ class Branch(nn.Module):
 
 
 # ---------------------------------------------------------------------------- III-A  Holistic semantic-spatial features
-
-
 class BBSeg(nn.Module):
-    """FCN_seg of Eq. 1: five 3x3 conv + BN + ReLU layers and a 1x1 classifier over N_seg + 1 classes
-    (N_seg = entity and HOI object names together, 191 for VG150 + COCO-80; channel 0 = background)."""
+    """FCN_seg of Eq. 1: five 3x3 conv + BN + ReLU layers, a 1x1 classifier over N_seg + 1 classes (0: background)."""
 
     def __init__(self, in_channels, hidden, num_classes_with_bg, norm="batch"):
         super().__init__()
@@ -512,14 +475,12 @@ class BBSeg(nn.Module):
 
 
 def bbseg_targets(boxes_list, labels_list, feat_hw, stride, num_classes_with_bg):
-    """Box-filled multi-label targets y of Eq. 2 at the feature resolution.
+    """Box-filled multi-label targets y of Eq. 2 at the feature resolution -> (B, N_seg + 1, H, W) float.
 
-    Every pixel inside a ground-truth box is labelled with that box's class (channel 1 + class); a pixel
-    covered by several boxes has several labels; uncovered pixels are background (channel 0). The paper
-    labels image pixels and downsamples y to the size of s; taking the cell centres of the feature grid
-    is that downsampling (nearest). A box smaller than one cell still marks the cell holding its centre,
-    so small objects do not vanish. boxes: xyxy pixels of the padded batch canvas; labels: 0-based.
-    Returns (B, N_seg + 1, H, W) float."""
+    Every pixel inside a ground-truth box is labelled with that box's class (channel 1 + class), a pixel in several
+    boxes with several; uncovered pixels are background (channel 0). The paper labels image pixels and downsamples
+    y to the size of s: here, nearest, at the cell centres of the feature grid. A box smaller than one cell still
+    marks the cell holding its centre. boxes: xyxy pixels of the padded batch canvas; labels: 0-based."""
     H, W = feat_hw
     y = torch.zeros(len(boxes_list), num_classes_with_bg, H, W)
     boxes = torch.cat([b.reshape(-1, 4).float().cpu() for b in boxes_list])  # (N, 4) every box of the batch
@@ -531,8 +492,7 @@ def bbseg_targets(boxes_list, labels_list, feat_hw, stride, num_classes_with_bg)
         x1, y1, x2, y2 = boxes.unbind(1)
         inside = (((cy >= y1[:, None]) & (cy <= y2[:, None]))[:, :, None]
                   & ((cx >= x1[:, None]) & (cx <= x2[:, None]))[:, None, :])  # (N, H, W)
-        # a box that covers no cell centre marks the cell holding its centre
-        small = ~inside.flatten(1).any(1)
+        small = ~inside.flatten(1).any(1)  # (N,) boxes that cover no cell centre mark the cell holding their centre
         row = (((y1 + y2) / 2) // stride).long().clamp(0, H - 1)
         col = (((x1 + x2) / 2) // stride).long().clamp(0, W - 1)
         inside[small, row[small], col[small]] = True
@@ -552,9 +512,8 @@ def loss_bbseg(seg_logits, seg_targets, feat_mask):
 
 
 def downsample_mask(mask, feat_hw, stride):
-    """Padding mask (B, H, W) of the canvas -> (B, h, w) of a feature map of the given stride: a cell is padding when
-    its whole stride x stride block is, so the valid cells are those the image's own feature map has. (DETR's
-    nearest F.interpolate drifts when H is no multiple of the stride: a 1,199 px canvas gives a scale of 31.55.)"""
+    """Padding mask (B, H, W) of the canvas -> (B, h, w) at the given stride: a cell is padding when its whole block
+    is. (DETR's nearest F.interpolate drifts when H is no multiple of the stride: 1,199 px gives a scale of 31.55.)"""
     valid = F.max_pool2d((~mask).float()[:, None], stride, stride, ceil_mode=True)[:, 0] > 0  # (B, h, w)
     if tuple(valid.shape[-2:]) != tuple(feat_hw):
         raise ValueError(f"downsample_mask: a {tuple(mask.shape[-2:])} canvas at stride {stride} gives "
@@ -563,8 +522,6 @@ def downsample_mask(mask, feat_hw, stride):
 
 
 # ------------------------------------------------------------------------------------------- The model (III-A to III-C)
-
-
 class SG2HOI(nn.Module):
     """The whole model of Fig. 1: BBSeg -> encoder with [CLS] -> relation decoder -> R2ITrans -> HOI decoder."""
 
@@ -572,10 +529,10 @@ class SG2HOI(nn.Module):
         super().__init__()
         self.cfg = cfg
         d = cfg.d_model
-        self.backbone = build_backbone(cfg)
-        # V -> C' = d channels. The paper "deploy[s] 5 convolutional layers with the kernel size 1 x 1" here,
-        # following DETR and HOI-Trans, which use one; five 1x1 convs with no non-linearity named between them are
-        # one linear map, so this is DETR's single 1x1 conv (and DETR's input_proj weights load into it).
+        tiny = cfg.backbone == "tiny"  # the toy preset's small CNN, or torchvision's ResNet (the paper's)
+        self.backbone = TinyBackbone() if tiny else ResNetBackbone(cfg.backbone, cfg.pretrained_backbone)
+        # V -> C' = d channels. The paper's "5 convolutional layers with the kernel size 1 x 1", with no non-linearity
+        # named between them, are one linear map: DETR's single 1x1 conv (DETR's input_proj weights load into it).
         self.input_proj = nn.Conv2d(self.backbone.num_channels, d, 1)
 
         # III-A: classes of the segmentation map = the union of the relation and HOI object vocabularies
@@ -584,11 +541,9 @@ class SG2HOI(nn.Module):
         self.seg_names = list(dict.fromkeys((entity if cfg.sgg else []) + (hoi_obj if cfg.hoi else [])))
         index = {n: i for i, n in enumerate(self.seg_names)}
         self.register_buffer("entity_to_seg", torch.tensor([index.get(n, 0) for n in entity]), persistent=False)
-        self.register_buffer("hoi_object_to_seg", torch.tensor([index.get(n, 0) for n in hoi_obj]),
-                             persistent=False)
+        self.register_buffer("hoi_object_to_seg", torch.tensor([index.get(n, 0) for n in hoi_obj]), persistent=False)
         if cfg.use_bbseg:
-            num_seg = len(self.seg_names) + 1
-            self.bbseg = BBSeg(d, cfg.seg_hidden, num_seg, cfg.seg_norm)
+            self.bbseg = BBSeg(d, cfg.seg_hidden, len(self.seg_names) + 1, cfg.seg_norm)  # N_seg + 1 classes
             if cfg.semantic_embedding == "clip":
                 table = class_text_embeddings(self.seg_names, cfg.text_dim, cfg.text_embeddings)
             elif cfg.semantic_embedding == "glove":
@@ -600,13 +555,12 @@ class SG2HOI(nn.Module):
             self.w_v = nn.Conv2d(d, d // 2, 1)  # W_v of Eq. 3
             self.w_s = nn.Conv2d(table.shape[1], d // 2, 1)  # W_s of Eq. 3
 
-        # III-B: encoder with a [CLS] token, VL distillation head, relation decoder and its five branches
+        # III-B: encoder with [CLS], VL distillation head, relation decoder and its branches (always: HOIs need them)
         self.cls_pos = nn.Parameter(torch.zeros(1, 1, d))  # the [CLS] token's own (learned) position
         self.encoder = Encoder(cfg.enc_layers, d, cfg.nheads, cfg.dim_feedforward, cfg.dropout)
         if cfg.use_vl_distill:
             self.align_proj = nn.Linear(d, cfg.text_dim)  # f_en (d) -> CLIP image space
         self.rel_query_embed = nn.Embedding(cfg.num_rel_queries, d)  # Q_rel
-        # (built for HOI-only training too: the HOIs are predicted from the scene graph)
         self.rel_decoder = Decoder(cfg.rel_dec_layers, d, cfg.nheads, cfg.dim_feedforward, cfg.dropout)
         self.rel_sub = Branch(cfg, cfg.entity_names, cfg.num_entity_classes)
         self.rel_obj = Branch(cfg, cfg.entity_names, cfg.num_entity_classes)
@@ -643,9 +597,8 @@ class SG2HOI(nn.Module):
 
     # -------------------------------------------------------------------- forward, in the paper's three stages
     def forward(self, images, mask, with_hoi=True):
-        """images (B, 3, H, W) normalised; mask (B, H, W) True on padding. Returns a dict of outputs.
-
-        with_hoi=False skips Sec. III-C: training runs it on HOI batches only (an SGG batch has no HOI loss)."""
+        """images (B, 3, H, W) normalised; mask (B, H, W) True on padding -> a dict of outputs. with_hoi=False skips
+        Sec. III-C: training runs it on HOI batches only (an SGG batch has no HOI loss)."""
         out, enc = self.encode(images, mask)  # Eq. 1-5: backbone, BBSeg, encoder with [CLS], VL alignment
         out["rel"], sg = self.decode_relations(enc)  # Eq. 6: the scene graph
         if self.cfg.hoi and with_hoi:
@@ -689,9 +642,8 @@ class SG2HOI(nn.Module):
         return out, enc
 
     def decode_relations(self, enc):
-        """Eq. 6: f_sg = RelDecoder(f_en, Q_rel) and its five branches, on every decoder layer (the last layer's
-        outputs are the scene graph; the others are trained as auxiliary outputs). Returns (outputs, the relation
-        features that Sec. III-C reads)."""
+        """Eq. 6: f_sg = RelDecoder(f_en, Q_rel) and its five branches on every decoder layer (the last is the scene
+        graph, the others auxiliary outputs). Returns (outputs, what Sec. III-C reads: Q_rel, last-layer features)."""
         B = len(enc["f_en"])
         q_rel = self.rel_query_embed.weight.unsqueeze(0).expand(B, -1, -1)  # Q_rel: (B, N_rel, d)
         f_sg = self.rel_decoder(q_rel, enc["f_en"], enc["tok_pos"], enc["tok_mask"])  # (L, B, N_rel, d)
@@ -716,13 +668,12 @@ class SG2HOI(nn.Module):
 
     def hoi_memory(self, enc, sg):
         """What the HOI decoder reads: (features, their positions, their padding mask)."""
-        cfg = self.cfg
-        if not cfg.use_r2i:  # -R2ITR (Table VIII): the encoder features themselves
+        if not self.cfg.use_r2i:  # -R2ITR (Table VIII): the encoder features themselves
             return enc["f_en"], enc["tok_pos"], enc["tok_mask"]
         # Eq. 7: f_r2i = R2ITrans([W_t [f_s, f_r, f_o]]_k, p): one token per relation query, Q_rel as its position
         f_tilde = self.w_t(torch.cat([sg["f_s"], sg["f_r"], sg["f_o"]], dim=-1))  # (B, N_rel, d)
         f_r2i = self.r2i(f_tilde, sg["q_rel"])  # (B, N_rel, d)
-        if not cfg.use_feature_transform:  # -FETR (Table VIII): the HOI decoder reads f_r2i alone
+        if not self.cfg.use_feature_transform:  # -FETR (Table VIII): the HOI decoder reads f_r2i alone
             return f_r2i, sg["q_rel"], None
         # feature transformation: the encoder features (queries) attend to f_r2i (keys / values) -> F_hoi
         f_hoi = enc["f_en"]
@@ -732,18 +683,14 @@ class SG2HOI(nn.Module):
 
     def hoi_queries(self, sg):
         """The HOI queries Q_hoi, transformed by the relation queries (query transformation, Sec. III-C)."""
-        cfg = self.cfg
-        if cfg.hoi_queries_from_rel:  # RELQ (Table VIII): decoded f_sg[-1] (default) or the learnable Q_rel
-            return sg["f_sg"] if cfg.relq_queries == "decoded" else sg["q_rel"]  # (B, N_rel, d)
+        if self.cfg.hoi_queries_from_rel:  # RELQ (Table VIII): the decoded relation queries f_sg[-1] are Q_hoi
+            return sg["f_sg"]  # (B, N_rel, d)
         q_hoi = self.hoi_query_embed.weight.unsqueeze(0).expand(len(sg["q_rel"]), -1, -1)  # (B, N_hoi, d)
-        if not cfg.use_query_transform:  # -QUTR (Table VIII)
+        if not self.cfg.use_query_transform:  # -QUTR (Table VIII)
             return q_hoi
-        # keys / values: by default the decoded relation queries of this image (the relation cues to transfer), with
-        # Q_rel as their position; "learnable" = Q_rel itself (the paper's words; then the same for every image)
-        if cfg.query_transform_memory == "decoded":
-            kv, kv_pos = sg["f_sg"], sg["q_rel"]
-        else:
-            kv, kv_pos = sg["q_rel"], torch.zeros_like(sg["q_rel"])
+        # keys / values: the decoded relation queries of this image (the relation cues to transfer), with Q_rel as
+        # their position. The paper's words, "the relation queries Q_rel", would give every image the same HOI queries.
+        kv, kv_pos = sg["f_sg"], sg["q_rel"]
         for layer in self.query_transform:
             q_hoi = layer(q_hoi, torch.zeros_like(q_hoi), kv, kv_pos)
         return q_hoi
@@ -760,7 +707,6 @@ def build_model(cfg: Config) -> SG2HOI:
 #   HOI: hois (K, 3) = [human index, object index or -1 (V-COCO: no object), verb (0-based)];
 #   optional clip (text_dim,) = the CLIP image embedding (teacher of Eq. 5).
 
-
 def relation_targets(t):
     """An image's relations as 5-tuples (b_s, l_s, r, b_o, l_o), boxes in the model's normalised cxcywh."""
     boxes, r = boxes_to_model(t["boxes"].float(), t["size"]), t["rels"].long()
@@ -769,9 +715,8 @@ def relation_targets(t):
 
 
 def hoi_targets(t, num_verbs, missing_object_label):
-    """An image's HOIs as 5-tuples; the verbs of one (human, object) pair are merged into a multi-hot vector
-    (QPIC). An object index of -1 (V-COCO action without object) gets a zero box, which is excluded from
-    the box losses and costs, and the label `missing_object_label` (QPIC's extra "no object" class)."""
+    """An image's HOIs as 5-tuples, the verbs of one (human, object) pair as one multi-hot vector (QPIC). Object -1
+    (V-COCO: none) gets a zero box, left out of box losses and costs, and QPIC's "no object" label."""
     boxes, hois = boxes_to_model(t["boxes"].float(), t["size"]), t["hois"].long().tolist()
     pairs = list(dict.fromkeys((h, o) for h, o, _ in hois))  # unique pairs, in order of first appearance
     verbs = torch.zeros(len(pairs), num_verbs)
@@ -787,18 +732,15 @@ def hoi_targets(t, num_verbs, missing_object_label):
 
 
 def _box_costs(pred_cxcywh, tgt_cxcywh):
-    """(P, 4), (T, 4) -> L1 cost (P, T) and GIoU (P, T); the matchers combine them into the "box cost" of Eq. 9,
-    box_l1 * L1 - box_giou * GIoU (2.5 L1 - GIoU by default)."""
+    """(P, 4), (T, 4) -> L1 cost (P, T) and GIoU (P, T): Eq. 9's box cost is box_l1 * L1 - box_giou * GIoU."""
     l1 = torch.cdist(pred_cxcywh, tgt_cxcywh, p=1)
     giou = generalized_box_iou(box_convert(pred_cxcywh, "cxcywh", "xyxy"), box_convert(tgt_cxcywh, "cxcywh", "xyxy"))
     return l1, giou
 
 
 def _assign(cost, sizes, what):
-    """cost (B, Q, sum(sizes)) -> per image (query indices, target indices) of the minimum-cost matching.
-
-    Non-finite costs (a diverged model) raise a FloatingPointError that says so, instead of scipy's ValueError
-    "matrix contains invalid numeric entries" (train.py checks the outputs before it matches them)."""
+    """cost (B, Q, sum(sizes)) -> per image (query indices, target indices) of the minimum-cost matching. Non-finite
+    costs (a diverged model) raise a FloatingPointError that says so, not scipy's "invalid numeric entries"."""
     if not torch.isfinite(cost).all():
         raise FloatingPointError(f"non-finite matching cost: model outputs contain NaN/Inf ({what} matching, "
                                  f"{int((~torch.isfinite(cost)).sum())} of {cost.numel()} costs)")
@@ -810,17 +752,13 @@ def _assign(cost, sizes, what):
 
 
 class HungarianMatcher:
-    """Eq. 9: L_cost = alpha_1 L_box + alpha_2 L_cls + alpha_3 L_cls^r, solved by linear_sum_assignment.
-
-    What the paper leaves open, and what we chose:
-      * the box cost "encompasses a box regression loss L1 and an IoU loss": we use QPIC's weighting inside
-        alpha_1, box_l1 * L1 (on normalised cxcywh) - box_giou * GIoU with 2.5 and 1 (CDN and GEN-VLKT
-        keep them; DETR and RelTR use 5 and 2, the same ratio);
-      * the star means "subject or object": we add the subject and the object terms (RelTR), so that a
-        5-tuple pays for both of its boxes; for HOIs the human takes the subject's place;
-      * classification costs are -p(class), as DETR (the log of CE is dropped in the cost; monotone);
-      * the multi-label verb cost of an HOI is QPIC's: -(mean p on the positive verbs + mean (1 - p) on the
-        negative verbs) / 2.
+    """Eq. 9: L_cost = alpha_1 L_box + alpha_2 L_cls + alpha_3 L_cls^r, solved by linear_sum_assignment. Our choices:
+      * the box cost "encompasses a box regression loss L1 and an IoU loss": inside alpha_1, QPIC's box_l1 * L1 (on
+        normalised cxcywh) - box_giou * GIoU, with 2.5 and 1 (as CDN, GEN-VLKT; DETR, RelTR: 5 and 2, same ratio);
+      * the star means "subject or object": the subject and object terms are added (RelTR), so that a 5-tuple pays
+        for both of its boxes; for HOIs the human takes the subject's place;
+      * classification costs are -p(class), as DETR (the log of CE dropped: it is monotone);
+      * the multi-label verb cost is QPIC's: -(mean p on the positive verbs + mean (1 - p) on the negative ones) / 2.
     The costs are built for the whole batch in one pass and split per image (DETR)."""
 
     def __init__(self, cost_box=1.0, cost_class=2.0, cost_rel=4.0, box_l1=2.5, box_giou=1.0):
@@ -831,9 +769,7 @@ class HungarianMatcher:
     def match_relations(self, out, tgts):
         """out: one decoder layer's relation outputs (B, Q, ...); tgts: list of relation_targets()."""
         B, Q = out["sub_logits"].shape[:2]
-        sizes = [len(t["preds"]) for t in tgts]
-        if sum(sizes) == 0:
-            return [(torch.zeros(0, dtype=torch.long),) * 2 for _ in range(B)]
+        sizes = [len(t["preds"]) for t in tgts]  # no targets at all: every image gets an empty matching
         cat = {k: torch.cat([t[k] for t in tgts]) for k in tgts[0]}
         p_sub = out["sub_logits"].flatten(0, 1).float().softmax(-1)  # (B*Q, N_o + 1)
         p_obj = out["obj_logits"].flatten(0, 1).float().softmax(-1)
@@ -850,9 +786,7 @@ class HungarianMatcher:
     def match_hois(self, out, tgts):
         """out: one decoder layer's HOI outputs (B, Q, ...); tgts: list of hoi_targets()."""
         B, Q = out["human_logits"].shape[:2]
-        sizes = [len(t["verbs"]) for t in tgts]
-        if sum(sizes) == 0:
-            return [(torch.zeros(0, dtype=torch.long),) * 2 for _ in range(B)]
+        sizes = [len(t["verbs"]) for t in tgts]  # no targets at all: every image gets an empty matching
         cat = {k: torch.cat([t[k] for t in tgts]) for k in tgts[0]}
         p_human = out["human_logits"].flatten(0, 1).float().softmax(-1)[:, 0]  # (B*Q,)
         p_obj = out["obj_logits"].flatten(0, 1).float().softmax(-1)
@@ -870,9 +804,8 @@ class HungarianMatcher:
 
 
 def batch_counts(targets, task, num_queries):
-    """The loss normalisers of one (micro-)batch, as counts (DETR normalises by the number of targets). train.py adds
-    them over the micro-batches of a step and averages them over the processes: every loss term is then a sum over
-    the images divided by a count of the *global* batch, the same for 1 or N processes and any accumulation."""
+    """The loss normalisers of one (micro-)batch, as counts (DETR: the number of targets). train.py adds them over a
+    step's micro-batches and averages them over the processes: the same global count for 1 or N processes."""
     if task == "sgg":
         n = [len(t["rels"]) for t in targets]
         with_object, positive = 0, 0
@@ -889,18 +822,14 @@ def batch_counts(targets, task, num_queries):
 class SetCriterion(nn.Module):
     """Eq. 10: L = lambda_1 L_seg + lambda_2 L_algn + L_rel + L_hoi, one method per term, with deep supervision.
 
-    L_rel (and likewise L_hoi) is the matched cost of Eq. 9 written as losses: alpha_1 (L1 + GIoU loss)
-    on both boxes + alpha_2 CE on both labels + alpha_3 on the predicate (CE) or the verbs (focal).
-    Unmatched queries: the paper says it computes no loss for them; then nothing ever teaches a query to
-    say "no relation", all 100 queries stay confident and the ranking at test time is noise. We therefore
-    follow DETR by default: unmatched queries are trained towards the no-object / no-relation class with
-    weight eos_coef = 0.1 (and towards all-zero verbs). unmatched_loss=False gives the paper's literal rule.
-
-    Every term is a sum over the batch divided by a count of the global batch (`norm`, from batch_counts), so that
-    the gradients of micro-batches and processes add up to the gradient of the global batch."""
+    L_rel (and likewise L_hoi) is the matched cost of Eq. 9 written as losses: alpha_1 (L1 + GIoU loss) on both
+    boxes + alpha_2 CE on both labels + alpha_3 on the predicate (CE) or the verbs (focal). The paper computes no
+    loss for unmatched queries; then nothing teaches a query to say "no relation", all queries stay confident and
+    the ranking at test time is noise. As in DETR, unmatched queries learn the no-object / no-relation class, with
+    weight eos_coef = 0.1, and no verb. Every term is a sum over the batch divided by a count of the global batch
+    (`norm`, from batch_counts), so the gradients of micro-batches and processes add up to the global batch's."""
 
     def __init__(self, cfg: Config, entity_to_seg, hoi_object_to_seg, num_seg_classes, stride):
-        """stride: the backbone's real stride (model.backbone.stride), at which the BBSeg targets are drawn."""
         super().__init__()
         self.cfg, self.stride = cfg, stride
         self.matcher = HungarianMatcher(cfg.cost_box, cfg.cost_class, cfg.cost_rel, cfg.box_l1, cfg.box_giou)
@@ -909,9 +838,8 @@ class SetCriterion(nn.Module):
         self.num_seg_classes = num_seg_classes
 
     def forward(self, outputs, targets, task, norm=None):
-        """outputs: SG2HOI.forward(); targets: one dict per image; task: "sgg" or "hoi"; norm: the counts of the
-        global batch (train.py: batch_counts over its micro-batches, averaged over the processes), or None: this
-        batch's own counts (one process, no accumulation). Returns {term: weighted value}, "loss" = their sum."""
+        """outputs: SG2HOI.forward(); targets: one dict per image; task: "sgg" or "hoi"; norm: the global batch's counts
+        (from train.py) or None: this batch's (one process, no accumulation) -> {term: weighted value, "loss": sum}."""
         cfg, device = self.cfg, outputs["feat_mask"].device
         if norm is None:
             norm = batch_counts(targets, task, cfg.num_rel_queries if task == "sgg" else cfg.num_hoi_queries)
@@ -945,9 +873,8 @@ class SetCriterion(nn.Module):
         return loss_bbseg(outputs["seg_logits"], y, outputs["feat_mask"]).sum() / max(norm["images"], 1.0)
 
     def loss_align(self, outputs, targets, norm):
-        """L_algn of Eq. 5: l1 (or l2, "VLl2") between the aligned feature and the CLIP image embedding, averaged
-        over the components and the images that have a teacher vector. A micro-batch without one still returns a
-        (zero) term, so that every process and micro-batch has the same terms (DDP, train.py's logging)."""
+        """L_algn of Eq. 5: l1 (or l2, "VLl2") between the aligned feature and the CLIP image embedding, averaged over
+        the components and the images with a teacher vector; zero without one, so every process has the same terms."""
         has = [i for i, t in enumerate(targets) if t.get("clip") is not None]
         if not has:
             return outputs["align"].float().sum() * 0.0
@@ -969,8 +896,7 @@ class SetCriterion(nn.Module):
         }
 
     def loss_hoi(self, out, tgts, norm):
-        """L_hoi for one decoder layer: the same for <human, verbs, object>; an HOI without object has no object
-        box loss."""
+        """L_hoi for one decoder layer: the same for <human, verbs, object> (no object box loss without an object)."""
         idx, matched = self._match(self.matcher.match_hois(out, tgts), tgts)
         cfg = self.cfg
         num, num_obj = max(norm["matched"], 1.0), max(norm["with_object"], 1.0)
@@ -993,13 +919,10 @@ class SetCriterion(nn.Module):
         return idx, matched
 
     def _ce(self, logits, matched_labels, idx, norm):
-        """CE over all queries, unmatched -> the last class ("no object" / "no relation") with weight eos_coef; or
-        over the matched queries only (unmatched_loss=False). A sum divided by the global batch's total weight: with
-        one process and no accumulation exactly F.cross_entropy's weighted mean."""
+        """CE over all queries, unmatched -> the last class ("no object" / "no relation") with weight eos_coef. A sum
+        divided by the global batch's total weight: on one process, no accumulation, F.cross_entropy's weighted mean."""
         B, Q, C = logits.shape
-        if not self.cfg.unmatched_loss:
-            return F.cross_entropy(logits[idx].float(), matched_labels, reduction="sum") / max(norm["matched"], 1)
-        target = torch.full((B, Q), C - 1, dtype=torch.long, device=logits.device)
+        target = torch.full((B, Q), C - 1, dtype=torch.long, device=logits.device)  # (B, Q)
         target[idx] = matched_labels
         weight = torch.ones(C, device=logits.device)
         weight[-1] = self.cfg.eos_coef
@@ -1018,21 +941,16 @@ class SetCriterion(nn.Module):
         return self.cfg.box_l1 * l1 + self.cfg.box_giou * giou
 
     def _verb_loss(self, logits, matched_verbs, idx, norm):
-        """The paper's classification losses are "a standard cross-entropy loss", but a person's verbs are
-        multi-label (hold and ride one bicycle): as QPIC, a sigmoid focal loss (gamma 2, no alpha) over every query
-        (unmatched ones towards no verb), divided by the global batch's positive verb labels."""
-        if self.cfg.unmatched_loss:
-            target = torch.zeros_like(logits, dtype=torch.float)
-            target[idx] = matched_verbs
-            logits = logits.float()
-        else:
-            target, logits = matched_verbs, logits[idx].float()
-        return sigmoid_focal_loss(logits, target, alpha=-1, gamma=2.0, reduction="sum") / max(norm["positive_verbs"], 1)
+        """The paper's "standard cross-entropy loss", but a person's verbs are multi-label (hold and ride a bicycle): as
+        QPIC, a sigmoid focal loss (gamma 2, no alpha) summed over all queries (unmatched: none) / positive labels."""
+        target = torch.zeros_like(logits, dtype=torch.float)  # (B, Q, V)
+        target[idx] = matched_verbs
+        return sigmoid_focal_loss(logits.float(), target, alpha=-1, gamma=2.0, reduction="sum") \
+            / max(norm["positive_verbs"], 1)
 
     def seg_targets(self, outputs, targets, task):
-        """The BBSeg targets y of Eq. 2 (B, N_seg + 1, h, w) on the feature grid, cell i centred at (i + 0.5) * stride
-        pixels of the padded canvas, stride = the backbone's (not canvas / cells, which is not the stride when the
-        canvas is not a multiple of it: 1,199 px gives 31.55)."""
+        """The BBSeg targets y of Eq. 2 (B, N_seg + 1, h, w): cell i centred at (i + 0.5) * stride pixels of the padded
+        canvas, stride = the backbone's (canvas / cells is not, for a canvas no multiple of it: 1,199 px: 31.55)."""
         to_seg = self.entity_to_seg if task == "sgg" else self.hoi_object_to_seg
         fm = outputs["feat_mask"]
         return bbseg_targets([t["boxes"].float().cpu() for t in targets],
@@ -1058,7 +976,6 @@ def build_criterion(model: SG2HOI) -> SetCriterion:
 # ------------------------------------------------------------------------------------- Inference: triplets from queries
 # Scores follow RelTR / SGTR for relations (subject x object x predicate) and QPIC / HOTR for HOIs
 # (human x object x verb). Boxes are returned as xyxy pixels of the image size given (the original image).
-
 
 @torch.no_grad()
 def relation_predictions(rel_out, sizes):
@@ -1108,7 +1025,6 @@ def hoi_predictions(hoi_out, sizes, person_label=0):
 # The paper initialises from DETR trained on COCO (Sec. IV-D, as QPIC): detr-r50-e632da11.pth, {"model": state dict}.
 # DETR prefix -> the prefixes it initialises here (GEN-VLKT copies DETR's decoder into both of its decoders; R2ITrans
 # takes the encoder's first layers, every box MLP DETR's bbox_embed, each query embedding its first N rows).
-# DETR's class_embed is NOT used (CLASS_EMBED_NOTE).
 DETR_PREFIXES = {
     "backbone.0.body.": ["backbone.body."],
     "input_proj.": ["input_proj."],
@@ -1136,9 +1052,6 @@ def detr_key_map(model: SG2HOI, detr_keys):
 def load_detr_checkpoint(path):
     """DETR's state dict from a released file or a DETR main.py checkpoint, read with weights_only=True; the
     argparse.Namespace that main.py saves beside the weights is the one class allowed."""
-    import argparse
-    import pickle
-
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -1153,8 +1066,7 @@ def load_detr_checkpoint(path):
 
 
 def load_detr_weights(model: SG2HOI, state_dict_or_path, verbose=True):
-    """Copy DETR's COCO weights into `model` where names and shapes fit; returns (loaded, skipped).
-    state_dict_or_path: a file (load_detr_checkpoint), a state dict or {"model": state dict}."""
+    """Copy DETR's weights (a file, a state dict, {"model": sd}) where names and shapes fit -> (loaded, skipped)."""
     sd = state_dict_or_path
     if isinstance(sd, (str, os.PathLike)):
         sd = load_detr_checkpoint(sd)
@@ -1184,10 +1096,8 @@ def load_detr_weights(model: SG2HOI, state_dict_or_path, verbose=True):
 # CLIP's image embedding (Eq. 5); both come from files made once by tools/prepare_clip.py. Without the text file every
 # name gets a fixed, seeded unit vector: distinct but without linguistic meaning (like HSSD of Table VI).
 
-
 def class_text_embeddings(names, dim, path="") -> torch.Tensor:
-    """(len(names), dim) unit text embeddings: from `path` ({name: tensor}), or seeded by each class name (stable
-    across runs and machines)."""
+    """(len(names), dim) unit text embeddings: from `path` ({name: tensor}), or seeded by each class name's CRC."""
     if not path:
         seeded = [torch.randn(dim, generator=torch.Generator().manual_seed(zlib.crc32(n.encode()))) for n in names]
         return F.normalize(torch.stack(seeded), dim=-1) if names else torch.zeros(0, dim)
@@ -1228,8 +1138,7 @@ def load_word_vectors(path, names, dim=None) -> torch.Tensor:
 
 
 def clip_image_key(path: str) -> str:
-    """The key of an image in the CLIP image cache: its file name ("2343.jpg", "HICO_train2015_00000001.jpg"),
-    unique within each real dataset (tools/prepare_clip.py checks it) and independent of where the data lie."""
+    """An image's key in the CLIP image cache: its file name, unique in each dataset (tools/prepare_clip.py checks)."""
     return os.path.basename(path)
 
 
@@ -1239,11 +1148,10 @@ def teacher_coverage(records, cache, name, min_fraction=0.99):
     found = sum(clip_image_key(r["file"]) in cache for r in records)
     fraction = found / max(len(records), 1)
     if records and fraction < min_fraction:
-        example = clip_image_key(records[0]["file"])
         raise ValueError(f"CLIP image cache: only {found} of {len(records)} images of {name} ({100 * fraction:.1f} %) "
                          f"have a teacher vector (needs >= {100 * min_fraction:g} %); keys are image file names, e.g. "
-                         f"{example!r}; cache keys look like {next(iter(cache), None)!r}. Rebuild the cache with "
-                         f"tools/prepare_clip.py for these images")
+                         f"{clip_image_key(records[0]['file'])!r}; cache keys look like {next(iter(cache), None)!r}. "
+                         f"Rebuild the cache with tools/prepare_clip.py for these images")
     return fraction
 
 
@@ -1269,13 +1177,9 @@ class DataError(ValueError):
     """Bad input: the message names the file, the record and the field."""
 
 
-# What is checked when (check_images=True, the default):
-#   load time: PIL reads each image's header (its size; the pixels are not decoded). VG: that size must be the
-#     JSON's width / height, the frame of its boxes; HICO-DET / V-COCO have no size in the JSON, the header's is the
-#     record's. A missing file or one that is not an image is a DataError (with bad_images="skip": a counted skip).
-#   training time (DetectionDataset): the pixels are decoded; a truncated JPEG is a DataError or a dropped item.
-#   on request (tools/check_images.py): every image is decoded once, its size compared.
-# The loaders are plain on purpose: json.load, then one loop over the images (full-size figures: docs/results.md).
+# Plain loaders: json.load, a loop over the images (full-size figures: docs/results.md). check_images=True reads each
+# image's header: a missing or non-image file is a DataError (or a counted skip); VG's size must be the JSON's,
+# HICO-DET / V-COCO take it. Training decodes the pixels; tools/check_images.py decodes all, on request.
 
 
 def _read_json(path):
@@ -1294,14 +1198,12 @@ def _numbers(value, n):
     return type(value) is list and len(value) == n and all(type(v) in (int, float) for v in value)
 
 
-def _image_size(file, where, bad_images, skips):
-    """(width, height) from the image file's header; `where` names the record in messages. A missing file is a
-    DataError; so is a file that is not an image, unless bad_images="skip": then None, counted in `skips`."""
-    from PIL import Image, UnidentifiedImageError  # torchvision's own dependency
-
+def _image_size(file, where, bad_images, skips, expected=None):
+    """(width, height) from the image file's header. DataErrors naming `where`: a missing file, a size other than
+    `expected` (VG's JSON size, its boxes' frame), a file that is not an image (bad_images="skip": None, counted)."""
     try:
         with Image.open(file) as image:
-            return image.size
+            size = image.size
     except FileNotFoundError:
         raise DataError(f"{where}: image file {file} not found") from None
     except (UnidentifiedImageError, OSError) as e:  # text named .jpg, a folder, no permission
@@ -1310,12 +1212,16 @@ def _image_size(file, where, bad_images, skips):
                             f"records; tools/check_images.py lists them all)") from None
         skips["records with an unreadable image header skipped"] += 1
         return None
+    if expected is not None and tuple(size) != tuple(expected):
+        fields = [f"'{name}' = {v}" for name, v, real in zip(("width", "height"), expected, size) if v != real]
+        raise DataError(f"{where}: field {' and '.join(fields)} but the image file {file} is {size[0]} x {size[1]} "
+                        f"(width x height): the annotations do not belong to this image")
+    return size
 
 
 def _make_record(file, image_id, width, height, boxes, labels, pairs, key, what, skips):
-    """One record of the internal form: boxes [x1, y1, x2, y2] in pixels, labels 0-based, pairs [subject, object or
-    -1, class] indexing the boxes; key "rels" or "hois". The boxes are clamped to the image; degenerate ones are
-    dropped with their pairs, and the other pairs re-numbered (RelTR does not re-number: its labels shift)."""
+    """One record of the internal form (key "rels" or "hois"), its boxes clamped to the image; degenerate ones are
+    dropped with their pairs, the other pairs re-numbered (RelTR does not re-number: its labels shift)."""
     boxes = np.array(boxes, np.float32).reshape(-1, 4)                  # (N, 4)
     if not np.isfinite(boxes).all():
         raise DataError(f"{file} (image {image_id}): field 'bbox' holds a non-finite value")
@@ -1331,8 +1237,7 @@ def _make_record(file, image_id, width, height, boxes, labels, pairs, key, what,
 
 
 def _drop_boxes(keep, pairs):
-    """The pairs (P, 3) [subject, object or -1, class] whose boxes are all kept (keep: (N,) bool), with their box
-    indices re-numbered among the kept boxes. Used at load time and after each training transform."""
+    """The pairs (P, 3) whose boxes are all kept (keep: (N,) bool), re-numbered among the kept boxes (-1 stays -1)."""
     new_index = np.cumsum(keep) - 1                                     # (N,) index among the kept boxes
     has_object = pairs[:, 1] >= 0
     usable = keep[pairs[:, 0]] & (~has_object | keep[pairs[:, 1].clip(0)])
@@ -1350,8 +1255,8 @@ def report_skips(name, skips):
 
 # ---------------------------------------------------------------- VG150, RelTR's COCO-style JSON
 # train.json / val.json / test.json are COCO detection files (images with width and height; annotations with an
-# xywh bbox, a 1-based category_id and an image_id); rel.json holds every split's relations by image id.
-
+# xywh bbox, a 1-based category_id and an image_id); rel.json holds every split's relations by image id:
+# [subject, object, predicate 1..50], subject and object indexing the image's annotations in file order.
 
 def _vg_relations(rel_json, rel_path, split):
     """One split of rel.json -> {image id: [[subject, object, predicate 1..50], ...]}, every entry checked."""
@@ -1396,8 +1301,7 @@ def _vg_images(coco, ann_path):
 
 
 def _vg_record(root, paths, image, anns, rels, category_index, num_predicates, skips):
-    """One VG image -> a record: 1-based categories -> 0-based labels, COCO xywh -> xyxy, predicates 1..50 ->
-    0..49, after checking every category, relation index and predicate. paths: (ann_path, rel_path/split)."""
+    """One VG image -> a record (labels and predicates 0-based, xyxy boxes), every category and relation checked."""
     ann_path, rel_where = paths
     boxes, labels = [], []
     for j, ann in enumerate(anns):
@@ -1419,23 +1323,9 @@ def _vg_record(root, paths, image, anns, rels, category_index, num_predicates, s
                         image["height"], boxes, labels, pairs, "rels", "relations", skips)
 
 
-def _check_size(record, where, bad_images, skips):
-    """The image header's (width, height) must be the annotation's, the frame of the boxes. False for an unreadable
-    header skipped under bad_images="skip"."""
-    size = _image_size(record["file"], where, bad_images, skips)
-    expected = (record["width"], record["height"])
-    if size is None or tuple(size) == expected:
-        return size is not None
-    fields = [f"'{name}' = {value}" for name, value, real in zip(("width", "height"), expected, size) if value != real]
-    raise DataError(f"{where}: field {' and '.join(fields)} but the image file {record['file']} is {size[0]} x "
-                    f"{size[1]} (width x height): the annotations do not belong to this image")
-
-
 def load_vg_json(root, split, check_images=True, bad_images="stop"):
-    """VG150 in RelTR's layout: root/{train,val,test}.json (COCO detection JSON) + root/rel.json + root/images/.
-
-    rel.json[split][str(image_id)] = [[subject, object, predicate 1..50], ...], indices into the image's annotations
-    in file order. Images without relations are skipped (SGB's filter_empty_rels)."""
+    """VG150 in RelTR's layout: root/{train,val,test}.json (COCO detection JSON), root/images/, root/rel.json (above).
+    Images without relations are skipped (SGB's filter_empty_rels)."""
     ann_path, rel_path = os.path.join(root, f"{split}.json"), os.path.join(root, "rel.json")
     coco = _read_json(ann_path)
     if not isinstance(coco, dict) or not {"images", "annotations", "categories"} <= coco.keys():
@@ -1453,7 +1343,8 @@ def load_vg_json(root, split, check_images=True, bad_images="stop"):
                             len(predicate_names), skips) if rels else None
         if record is None or len(record["rels"]) == 0:  # none, or none left after dropping degenerate boxes
             skips["images without relations skipped"] += 1
-        elif not check_images or _check_size(record, f"{ann_path}: image {image['id']}", bad_images, skips):
+        elif not check_images or _image_size(record["file"], f"{ann_path}: image {image['id']}", bad_images, skips,
+                                             expected=(record["width"], record["height"])):
             records.append(record)
     report_skips(f"VG {split}", skips)
     return records, dict(task="sgg", entity_names=[c["name"] for c in categories], predicate_names=predicate_names)
@@ -1464,15 +1355,13 @@ def load_vg_json(root, split, check_images=True, bad_images="stop"):
 # in pixels, "category_id" COCO-91}], "hoi_annotation": [{"subject_id", "object_id", "category_id" = the verb}]}.
 
 HOIA_FILES = {"hico": ("trainval_hico.json", "test_hico.json"), "vcoco": ("trainval_vcoco.json", "test_vcoco.json")}
-# image folders (train, test), number of verbs, the files' first verb id, whether an HOI may lack its object (V-COCO:
-# object_id -1 for an agent-only action or an absent object)
+# (train, test) image folders, number of verbs, the files' first verb id, whether an object may be -1 (V-COCO)
 HOIA_FORMS = {"hico": (("train2015", "test2015"), 117, 1, False), "vcoco": (("train2014", "val2014"), 29, 0, True)}
 
 
 def _hoia_annotations(where, entry, coco91_to_80, dataset, train, skips):
-    """One entry of a HOIA list, every field checked -> (boxes xyxy, labels COCO-80, hois [subject, object or -1,
-    verb 0-based]); None for a training image with a subject / object id out of range (QPIC skips those, the
-    released file has some; in a test file it is an error)."""
+    """One entry of a HOIA list, every field checked -> (boxes xyxy, labels COCO-80, hois [subject, object or -1, verb
+    0-based]); None for a training image with an out-of-range subject / object id (QPIC skips them; test: an error)."""
     _, num_verbs, verb_base, allow_no_object = HOIA_FORMS[dataset]
     for key in ("annotations", "hoi_annotation"):
         if key not in entry:
@@ -1506,10 +1395,9 @@ def _hoia_annotations(where, entry, coco91_to_80, dataset, train, skips):
     return boxes, labels, hois
 
 
-def _load_hoia(root, dataset, split, check_images, bad_images, vocab):
-    """Shared reader of the PPDM/QPIC "HOIA" JSON. COCO-91 category ids -> COCO-80 labels, verbs -> 0-based.
-    The sizes come from the image headers (the files have none)."""
-    train = split == "train"
+def _load_hoia(root, dataset, split, check_images, bad_images):
+    """The PPDM/QPIC "HOIA" JSON -> (records, meta): COCO-91 ids -> COCO-80 labels, 0-based verbs, headers' sizes."""
+    train, vocab = split == "train", load_vocab()
     ann_file, image_dir = HOIA_FILES[dataset][not train], HOIA_FORMS[dataset][0][not train]
     coco91_to_80 = {c["id"]: k for k, c in enumerate(vocab["coco80"])}
     path = os.path.join(root, "annotations", ann_file)
@@ -1531,24 +1419,26 @@ def _load_hoia(root, dataset, split, check_images, bad_images, vocab):
         image_id = entry.get("img_id", i)  # trainval has it; the test files do not (the record's number then)
         records.append(_make_record(file, image_id, *size, *annotations, "hois", "HOIs", skips))
     report_skips(ann_file, skips)
-    return records
+    objects = [c["name"] for c in vocab["coco80"]]
+    meta = dict(task="hoi", dataset=dataset, correct_mat=_correct_mat(root, dataset, vocab), person_label=0)
+    if dataset == "hico":
+        meta.update(object_names=objects, verb_names=vocab["hico_verbs"])
+    else:  # the 81st object class "no object"; the verbs' actions and roles serve eval.vcoco_role_ap
+        meta.update(object_names=objects + ["no object"], verb_names=[v["name"] for v in vocab["vcoco_verbs"]],
+                    verbs=vocab["vcoco_verbs"], actions=vocab["vcoco_actions"])
+    return records, meta
 
 
 def rare_triplets_from_training(records, threshold=10):
     """QPIC's rare set: (subject label, object label, verb) triplets with fewer than `threshold` training HOIs."""
-    counts = {}
-    for r in records:
-        for s, o, v in r["hois"].tolist():
-            if o >= 0:
-                trip = (int(r["labels"][s]), int(r["labels"][o]), int(v))
-                counts[trip] = counts.get(trip, 0) + 1
+    counts = Counter((int(r["labels"][s]), int(r["labels"][o]), v)  # (subject label, object label, verb) -> HOIs
+                     for r in records for s, o, v in r["hois"].tolist() if o >= 0)
     return sorted(t for t, c in counts.items() if c < threshold), counts
 
 
 def _correct_mat(root, dataset, vocab):
     """The [verb, object label] 0/1 matrix of the HOI classes: root/annotations/corre_{dataset}.npy, or vocab.json's
-    (the same matrix) when the file is absent or root is None. V-COCO's gets a column of ones for its 81st object
-    class, "no object" (QPIC)."""
+    if absent (or root is None); V-COCO's gets a column of ones for its 81st object class, "no object" (QPIC)."""
     m = _vocab_correct_mat(dataset, vocab)
     path = os.path.join(root, "annotations", f"corre_{dataset}.npy") if root is not None else None
     if path and os.path.exists(path):
@@ -1563,8 +1453,7 @@ def _correct_mat(root, dataset, vocab):
 
 
 def _vocab_correct_mat(dataset, vocab):
-    """vocab.json's [verb, COCO-80 object] 0/1 matrix, as corre_{dataset}.npy holds it: HICO-DET's 600 HOI classes
-    (hico_hois), or V-COCO's corre_vcoco."""
+    """vocab.json's [verb, COCO-80 object] 0/1 matrix as corre_{dataset}.npy holds it (HICO-DET: its 600 classes)."""
     if dataset == "vcoco":
         return np.array(vocab["corre_vcoco"], np.float32)
     m = np.zeros((117, 80), np.float32)
@@ -1575,28 +1464,16 @@ def _vocab_correct_mat(dataset, vocab):
 
 def load_hico(root, split, check_images=True, bad_images="stop"):
     """HICO-DET in the QPIC layout: root/annotations/{trainval,test}_hico.json, corre_hico.npy; root/images/."""
-    vocab = load_vocab()
-    records = _load_hoia(root, "hico", split, check_images, bad_images, vocab)
-    meta = dict(task="hoi", dataset="hico", object_names=[c["name"] for c in vocab["coco80"]],
-                verb_names=vocab["hico_verbs"], correct_mat=_correct_mat(root, "hico", vocab), person_label=0)
-    return records, meta
+    return _load_hoia(root, "hico", split, check_images, bad_images)
 
 
 def load_vcoco(root, split, check_images=True, bad_images="stop"):
-    """V-COCO in the QPIC layout (as load_hico): verbs are the 29 action_role classes (0-based); object_id -1 = no
-    role object (agent-only actions, or the object is absent): the model's 81st object class "no object" (QPIC)."""
-    vocab = load_vocab()
-    records = _load_hoia(root, "vcoco", split, check_images, bad_images, vocab)
-    meta = dict(task="hoi", dataset="vcoco", object_names=[c["name"] for c in vocab["coco80"]] + ["no object"],
-                verb_names=[v["name"] for v in vocab["vcoco_verbs"]], correct_mat=_correct_mat(root, "vcoco", vocab),
-                person_label=0,
-                verbs=vocab["vcoco_verbs"], actions=vocab["vcoco_actions"])
-    return records, meta
+    """V-COCO in the QPIC layout (as load_hico): the 29 action_role verbs, 0-based; object_id -1 = no role object."""
+    return _load_hoia(root, "vcoco", split, check_images, bad_images)
 
 
 def vcoco_ground_truth(record, verbs, actions):
     """A V-COCO record -> the input of eval.vcoco_role_ap: actions (N, A) and role_ids (N, A, 2).
-
     The QPIC JSON keeps only positive labels, so every person counts as annotated (0 = does not do the action);
     the official numbers need vsrl_eval's own files, which also mark unannotated persons (-1)."""
     N, A = len(record["labels"]), len(actions)
@@ -1612,10 +1489,9 @@ def vcoco_ground_truth(record, verbs, actions):
 
 
 # ---------------------------------------------------------------- Toy scenes, written in the three real formats
-# Small images with a person and eight other objects drawn as distinct shapes and colours. Each person takes part
-# in one "scenario": a few relations from which the HOIs follow, as in the paper's motivation (fly kite = kite above
-# person + person holding the kite). Class names are the real vocabularies', so the toy files are tiny instances of
-# the real formats and the default run goes through the real loaders.
+# Small images with a person and eight other objects drawn as distinct shapes and colours. Each person takes part in
+# one "scenario": a few relations from which the HOIs follow, as in the paper's motivation (fly kite = kite above
+# person + person holding the kite). With the real vocabularies' names, the files are tiny real-format datasets.
 
 TOY_COCO = {"bike": "bicycle", "table": "dining table"}  # VG150 name -> COCO name where they differ
 TOY_COLORS = {"person": (200, 40, 40), "kite": (240, 200, 0), "horse": (120, 70, 20), "chair": (40, 80, 200),
@@ -1624,9 +1500,9 @@ TOY_COLORS = {"person": (200, 40, 40), "kite": (240, 200, 0), "horse": (120, 70,
 TOY_SIZES = {"person": (14, 34), "kite": (16, 16), "horse": (40, 24), "chair": (16, 24), "bike": (32, 18),
              "umbrella": (30, 14), "dog": (20, 12), "cup": (8, 10), "table": (44, 20)}  # (w, h) in pixels
 
-# scenario: (weight in train, weight in test, object, relations, HICO verbs, V-COCO verbs). Relations are
-# (subject, predicate, object) with "P" = the person and "O" = the object. Weights set the long tail; the two
-# rare HOIs (walk bicycle, sit_at dining table) get a few training instances and more in the test split.
+# scenario: (weight in train, weight in test, object, relations, HICO verbs, V-COCO verbs); relations (subject,
+# predicate, object), "P" = the person, "O" = the object. Weights set the long tail: the two rare HOIs (walk bicycle,
+# sit_at dining table) get a few training instances and more in the test split.
 TOY_SCENARIOS = {
     "fly_kite": (3.0, 3.0, "kite", [("O", "above", "P"), ("P", "holding", "O")], ["fly"], ["hold_obj", "stand"]),
     "hold_kite": (1.0, 1.0, "kite", [("P", "holding", "O")], ["hold"], ["hold_obj", "stand"]),
@@ -1648,8 +1524,7 @@ TOY_SCENARIOS = {
     "at_table": (1.5, 1.5, "table", [("P", "in front of", "O")], ["no_interaction"], ["stand"]),
     "sit_at_table": (0.03, 0.4, "table", [("P", "in front of", "O")], ["sit_at"], ["sit_instr"]),
 }
-# object-object extras: (weight in train, weight in test, subject, predicate, object); the last two occur only in
-# the test split, so their triplets are zero-shot.
+# object-object extras: (weight in train, weight in test, subject, predicate, object); the last two: zero-shot
 TOY_EXTRAS = [(1.0, 1.0, "cup", "on", "table"), (0.3, 0.3, "dog", "under", "chair"),
               (0.3, 0.3, "dog", "behind", "chair"), (0.0, 0.3, "dog", "under", "table"),
               (0.0, 0.3, "cup", "on", "chair")]
@@ -1661,8 +1536,7 @@ TOY_SGG_TRAIN_WEIGHTS = {"walk_bike": 1.0, "sit_at_table": 1.0}  # scenario -> w
 def _draw(canvas, name, x, y, variant=0):
     """Paint entity `name` with its top-left corner at (x, y) on an (H, W, 3) uint8 canvas; returns its box."""
     w, h = TOY_SIZES[name]
-    if name == "person" and variant == 1:  # seated: shorter
-        h = 26
+    h = 26 if name == "person" and variant == 1 else h  # variant 1 of a person: seated, shorter
     H, W = canvas.shape[:2]
     x, y = int(np.clip(x, 0, W - w)), int(np.clip(y, 0, H - h))
     c = np.array(TOY_COLORS[name], np.uint8)
@@ -1721,8 +1595,7 @@ def _place_scenario(canvas, rng, name, x0, ground):
     elif name in ("ride_horse", "ride_bike"):
         draw = [(obj, px - (ow - pw) // 2, ground - oh, 0), ("person", px, ground - oh - ph + 12, 0)]
     elif name in ("near_horse", "near_dog", "walk_dog", "look_dog"):
-        side = rng.integers(14, 24)
-        draw = [("person", px, ground - ph, 0), (obj, px + pw + side, ground - oh, 0)]
+        draw = [("person", px, ground - ph, 0), (obj, px + pw + rng.integers(14, 24), ground - oh, 0)]
     elif name in ("sit_chair", "sit_at_table"):
         draw = [("chair", px, ground - TOY_SIZES["chair"][1], 0), ("person", px + 3, ground - 34, 1)]
         if name == "sit_at_table":
@@ -1743,19 +1616,16 @@ def _place_scenario(canvas, rng, name, x0, ground):
         _line(canvas, hand, (o[0] + 1, o[1] + 4))
     elif name == "look_dog":  # eyes on the dog's side
         canvas[int(p[1]) + 3, int(p[2]) - 5:int(p[2]) - 3] = 255
-    rels = [(s, r, o_) for s, r, o_ in TOY_SCENARIOS[name][3]]
-    if name == "sit_at_table":
-        rels = rels + [("P", "sitting on", "chair")]
-    return ents, rels
+    seated = [("P", "sitting on", "chair")] if name == "sit_at_table" else []
+    return ents, list(TOY_SCENARIOS[name][3]) + seated
 
 
 def toy_scene(rng, split, size=128, scene_graph=False):
-    """One image: a background, one or two person scenarios and maybe an object-object extra (scene_graph: for the
-    VG training set) -> (uint8 (H, W, 3) image, entities [(name, box)], relations [(s, o, predicate)], HOIs
-    [(person, object, HICO verb)], V-COCO actions [(person, object or -1, V-COCO verb)])."""
-    canvas = np.empty((size, size, 3), np.uint8)
-    canvas[:] = rng.integers(200, 246, size=3, dtype=np.uint8)
-    canvas[:] = np.clip(canvas.astype(np.int16) + rng.integers(-8, 9, size=(size, size, 1)), 0, 255).astype(np.uint8)
+    """One image with one or two person scenarios and maybe an object-object extra (scene_graph: VG's training set)
+    -> (uint8 (H, W, 3) image, [(name, box)], relations [(s, o, predicate)], HOIs [(person, object, HICO verb)],
+    V-COCO actions [(person, object or -1, V-COCO verb)])."""
+    tint = rng.integers(200, 246, size=3, dtype=np.uint8).astype(np.int16)  # a light background colour, then noise
+    canvas = np.clip(tint + rng.integers(-8, 9, size=(size, size, 1)), 0, 255).astype(np.uint8)  # (H, W, 3)
     col = 1 if split == "test" else 0
     names = list(TOY_SCENARIOS)
     weights = np.array([TOY_SCENARIOS[n][col] for n in names])
@@ -1774,8 +1644,7 @@ def toy_scene(rng, split, size=128, scene_graph=False):
         entities += list(ents.items())
         index = {("P" if n == "person" else "O" if n == TOY_SCENARIOS[scen][2] else n): base + i
                  for i, n in enumerate(ents)}
-        for s, r, o in scen_rels:
-            rels.append((index[s], index[o], r))
+        rels += [(index[s], index[o], r) for s, r, o in scen_rels]
         obj = index["O"]
         hois += [(index["P"], obj, v) for v in TOY_SCENARIOS[scen][4]]
         actions += [(index["P"], -1 if v in ("stand", "walk") else obj, v) for v in TOY_SCENARIOS[scen][5]]
@@ -1802,7 +1671,7 @@ def _save_png(canvas, path):
     torchvision.io.write_png(torch.from_numpy(canvas).permute(2, 0, 1).contiguous(), path, compression_level=1)
 
 
-def _write_toy_vg(vg, splits, size, rng, vocab, generated):
+def _write_toy_vg(vg, splits, size, rng, vocab):
     """The VG150 part of write_toy_datasets: RelTR's {split}.json and rel.json, images 1.png, 2.png, ..."""
     vg_index = {n: i + 1 for i, n in enumerate(vocab["vg150_objects"])}  # 1-based VG150 ids
     pred_index = {n: i + 1 for i, n in enumerate(vocab["vg150_predicates"])}
@@ -1815,8 +1684,7 @@ def _write_toy_vg(vg, splits, size, rng, vocab, generated):
         for _ in range(n):
             image_id += 1
             canvas, ents, rels, _, _ = toy_scene(rng, "test" if split != "train" else "train", size, scene_graph=True)
-            path = os.path.join(vg, "images", f"{image_id}.png")
-            _save_png(canvas, path)
+            _save_png(canvas, os.path.join(vg, "images", f"{image_id}.png"))
             coco["images"].append({"file_name": f"{image_id}.png", "height": size, "width": size, "id": image_id})
             for name, (x1, y1, x2, y2) in ents:
                 ann_id += 1
@@ -1824,25 +1692,20 @@ def _write_toy_vg(vg, splits, size, rng, vocab, generated):
                                             "image_id": image_id, "id": ann_id, "area": (x2 - x1) * (y2 - y1),
                                             "iscrowd": 0, "segmentation": None})
             rel_json[split][str(image_id)] = [[s, o, pred_index[r]] for s, o, r in rels]
-            generated.setdefault(("vg", split), {})[path] = (
-                np.array([b for _, b in ents], np.float32), np.array([vg_index[n] - 1 for n, _ in ents]),
-                np.array([[s, o, pred_index[r] - 1] for s, o, r in rels]).reshape(-1, 3))
         with open(os.path.join(vg, f"{split}.json"), "w") as f:
             json.dump(coco, f)
     with open(os.path.join(vg, "rel.json"), "w") as f:
         json.dump(rel_json, f)
 
 
-def _write_toy_hoia(ds_root, dataset, splits, size, rng, vocab, generated):
-    """The HICO-DET or V-COCO part of write_toy_datasets: QPIC's JSON lists and corre_{dataset}.npy. HICO-DET
-    gets each scene's HICO verbs (file ids 1..117), V-COCO its actions (file ids 0..28)."""
+def _write_toy_hoia(ds_root, dataset, splits, size, rng, vocab):
+    """write_toy_datasets' HICO-DET (verb ids 1..117) or V-COCO (action ids 0..28): QPIC's JSON, corre_{dataset}.npy."""
     coco_id = {c["name"]: c["id"] for c in vocab["coco80"]}
-    coco80 = {c["name"]: i for i, c in enumerate(vocab["coco80"])}
     if dataset == "hico":  # written independently of the readers' HOIA_FORMS, so the round trip tests them
-        folders, prefix, verb_base = ("train2015", "test2015"), "HICO_{}2015_{:08d}.png", 1
+        folders, prefix = ("train2015", "test2015"), "HICO_{}2015_{:08d}.png"
         verb_id = {n: i + 1 for i, n in enumerate(vocab["hico_verbs"])}
     else:
-        folders, prefix, verb_base = ("train2014", "val2014"), "COCO_{}2014_{:012d}.png", 0
+        folders, prefix = ("train2014", "val2014"), "COCO_{}2014_{:012d}.png"
         verb_id = {v["name"]: i for i, v in enumerate(vocab["vcoco_verbs"])}
     os.makedirs(os.path.join(ds_root, "annotations"), exist_ok=True)
     for split, n in splits:
@@ -1852,15 +1715,10 @@ def _write_toy_hoia(ds_root, dataset, splits, size, rng, vocab, generated):
             pairs = hois if dataset == "hico" else actions
             tag = "train" if split == "train" else ("test" if dataset == "hico" else "val")
             file_name = prefix.format(tag, k + 1)
-            path = os.path.join(ds_root, "images", folders[split != "train"], file_name)
-            _save_png(canvas, path)
+            _save_png(canvas, os.path.join(ds_root, "images", folders[split != "train"], file_name))
             anns = [{"bbox": box, "category_id": coco_id[TOY_COCO.get(name, name)]} for name, box in ents]
             hoi_ann = [{"subject_id": s, "object_id": o, "category_id": verb_id[v]} for s, o, v in pairs]
             images.append({"file_name": file_name, "annotations": anns, "hoi_annotation": hoi_ann})
-            generated.setdefault((dataset, split), {})[path] = (
-                np.array([b for _, b in ents], np.float32),
-                np.array([coco80[TOY_COCO.get(n, n)] for n, _ in ents]),
-                np.array([[s, o, verb_id[v] - verb_base] for s, o, v in pairs]).reshape(-1, 3))
         with open(os.path.join(ds_root, "annotations", HOIA_FILES[dataset][split != "train"]), "w") as f:
             json.dump(images, f)
     np.save(os.path.join(ds_root, "annotations", f"corre_{dataset}.npy"), _vocab_correct_mat(dataset, vocab))
@@ -1868,20 +1726,18 @@ def _write_toy_hoia(ds_root, dataset, splits, size, rng, vocab, generated):
 
 def write_toy_datasets(root, num_train=3000, num_test=500, size=128, seed=0, num_train_hoi=None):
     """Generate the toy scenes and write them as VG150 (RelTR JSON), HICO-DET and V-COCO (QPIC JSON) datasets:
-    num_train VG training images, num_train_hoi (default: num_train) for each HOI dataset, num_test test images each,
-    three disjoint image sets. Returns {(dataset, split): {file: (boxes, labels, rels or hois)}} for round trips."""
+    num_train VG training images, num_train_hoi (default: num_train) per HOI dataset, num_test test images each, all
+    from one random stream in this order: VG train, test, val; HICO-DET train, test; V-COCO train, test (replayable)."""
     vocab = load_vocab()
-    rng = np.random.default_rng(seed)  # one stream, in this order: the scenes depend on it
-    generated = {}
+    rng = np.random.default_rng(seed)
     vg_splits = [("train", num_train), ("test", num_test), ("val", num_test // 5)]
-    _write_toy_vg(os.path.join(root, "vg"), vg_splits, size, rng, vocab, generated)
+    _write_toy_vg(os.path.join(root, "vg"), vg_splits, size, rng, vocab)
     hoi_splits = [("train", num_train if num_train_hoi is None else num_train_hoi), ("test", num_test)]
     for dataset in ("hico", "vcoco"):
-        _write_toy_hoia(os.path.join(root, dataset), dataset, hoi_splits, size, rng, vocab, generated)
+        _write_toy_hoia(os.path.join(root, dataset), dataset, hoi_splits, size, rng, vocab)
     with open(os.path.join(root, "DONE"), "w") as f:
         f.write(json.dumps(dict(num_train=num_train, num_test=num_test, size=size, seed=seed,
                                 num_train_hoi=num_train_hoi)))
-    return generated
 
 
 def ensure_toy_datasets(root, **kwargs):
@@ -1898,15 +1754,10 @@ def ensure_toy_datasets(root, **kwargs):
 
 
 # ---------------------------------------------------------------- Transforms and batching
-
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
 def make_transforms(train, image_size=800, max_size=1333, multi_scale=True):
-    """The paper's augmentation (Sec. IV-D, as QPIC): flip with p = 0.5, brightness and contrast; for real data a
-    multi-scale resize of the shorter side (480..image_size, step 32, longer side <= max_size, as DETR); test:
-    shorter side = image_size. Boxes travel as tv_tensors.BoundingBoxes so every geometric step moves them. The
-    uint8 image is flipped and resized first (fast, and the colour steps then see the final pixels)."""
+    """The paper's augmentation (Sec. IV-D, as QPIC): flip p = 0.5, brightness, contrast; for real data a multi-scale
+    resize of the shorter side (480..image_size, step 32, longer <= max_size, DETR); test: shorter side = image_size;
+    ImageNet's mean / std. Boxes are tv_tensors.BoundingBoxes, moved by the geometric steps, which run first (uint8)."""
     steps = []
     if train:
         sizes = list(range(min(480, image_size), image_size + 1, 32)) if multi_scale else [image_size]
@@ -1914,7 +1765,7 @@ def make_transforms(train, image_size=800, max_size=1333, multi_scale=True):
                   v2.ColorJitter(brightness=0.4, contrast=0.4)]
     else:
         steps += [v2.Resize(image_size, max_size=max_size if max_size > image_size else None)]
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]
     return v2.Compose(steps)
 
 
@@ -1928,21 +1779,16 @@ def _decoder_message(e):
 
 
 class DetectionDataset(torch.utils.data.Dataset):
-    """Records -> (image (3, H, W) normalised, target). target = record's fields as tensors + size, orig_size,
-    image_id and, when a teacher is given, "clip": the CLIP image embedding of Eq. 5.
-
-    teacher: None, a dict {clip_image_key(file): (text_dim,) tensor} (tools/prepare_clip.py images), or a
-    (C, text_dim) table of class text embeddings: then the target is the normalised mean embedding of the image's
-    object classes, the stand-in teacher for the toy scenes.
-
-    bad_images, for an image that cannot be decoded: "stop" = DataError naming file and record; "skip" = the item
-    becomes None with a BadImageWarning (counted in self.skipped) and `collate` leaves it out: that batch is one
-    image smaller and the sampler's order stays exact. None = meta["bad_images"] or "stop"."""
+    """Records -> (image (3, H, W) normalised, target): the record's fields as tensors + size, orig_size, image_id
+    and, with a teacher, "clip", Eq. 5's target. teacher: None, {clip_image_key(file): (text_dim,) tensor} (CLIP
+    image embeddings), or a (C, text_dim) table of class text embeddings: the normalised mean of those of the image's
+    object classes (the toy scenes' stand-in). bad_images (None = meta["bad_images"] or "stop"), for an image that
+    cannot be decoded: "stop" = a DataError naming file and record; "skip" = None with a BadImageWarning (counted in
+    self.skipped), which `collate` leaves out: that batch is one image smaller, the sampler's order stays exact."""
 
     def __init__(self, records, meta, transforms, teacher=None, bad_images=None):
-        self.records, self.meta, self.transforms, self.teacher = records, meta, transforms, teacher
-        self.task = meta["task"]
-        self.key = "rels" if self.task == "sgg" else "hois"
+        self.records, self.transforms, self.teacher = records, transforms, teacher
+        self.key = "rels" if meta["task"] == "sgg" else "hois"
         self.bad_images = bad_images or meta.get("bad_images", "stop")
         if self.bad_images not in ("stop", "skip"):
             raise ValueError(f"bad_images must be 'stop' or 'skip', got {self.bad_images!r}")
@@ -1981,8 +1827,8 @@ class DetectionDataset(torch.utils.data.Dataset):
 
 
 def collate(batch):
-    """Pad images to the batch's largest height and width (bottom / right) with a padding mask (DETR).
-    Items that are None (unreadable images under bad_images="skip") are left out: the batch is that much smaller."""
+    """Pad images to the batch's largest height and width (bottom / right) with a padding mask (DETR); None items
+    (unreadable images under bad_images="skip") are left out: the batch is that much smaller."""
     kept = [item for item in batch if item is not None]
     if not kept:
         raise DataError(f"all {len(batch)} images of a batch are unreadable (see the BadImageWarning lines above); "
@@ -1999,8 +1845,7 @@ def collate(batch):
 
 
 def load_dataset(kind, root, split, check_images=True, bad_images="stop"):
-    """kind: vg | hico | vcoco -> (records, meta). VG150 in the SGB .h5 files: convert them once with
-    tools/vg_h5_to_json.py."""
+    """kind: vg | hico | vcoco -> (records, meta). SGB's VG150 .h5 files: convert them once, tools/vg_h5_to_json.py."""
     loaders = {"vg": load_vg_json, "hico": load_hico, "vcoco": load_vcoco}
     if kind not in loaders:
         raise ValueError(f"unknown dataset kind {kind!r}; choose one of {sorted(loaders)}")
@@ -2027,9 +1872,8 @@ DATA_ARGS = dict(toy_root="data/toy", toy_train=3000, toy_train_hoi=1000, toy_te
 
 
 def build_data(cfg: Config, data_args: dict, is_master=True, barrier=lambda: None):
-    """{"sgg": {"train": (records, meta), "test": ...}, "hoi": {...}} for the tasks of cfg; data_args: the keys of
-    DATA_ARGS. Without --vg and --hoi the toy scenes are generated once into toy_root (by the master process; the
-    others wait at `barrier`) and read back through the real loaders. Every process loads its splits itself."""
+    """{"sgg": {"train": (records, meta), "test": ...}, "hoi": {...}} for cfg's tasks, from DATA_ARGS's keys. Without
+    --vg and --hoi, the master process writes the toy scenes once (the others wait at `barrier`); all read them."""
     a = {**DATA_ARGS, **{k: v for k, v in data_args.items() if k in DATA_ARGS}}
     vg_root, hoi_root = a["vg"], a["hoi"]
     if not vg_root and not hoi_root:

@@ -206,7 +206,7 @@ def load_checkpoint(path):
     if missing:
         raise SystemExit(f"--resume {path}: not a train.py checkpoint (missing {missing}); a bare state dict can "
                          f"initialise a model but cannot resume a run")
-    try:  # unknown fields (another version of the code), bad values, a run that averaged its weights (EMA)
+    try:  # a field this code does not know, a retired field with another value (RETIRED), a value it refuses
         sg2hoi.config_from_saved(ckpt["config"])
     except (TypeError, ValueError) as e:
         raise SystemExit(f"--resume {path}: its config does not fit this version of the code ({e})") from None
