@@ -145,8 +145,7 @@ def sgdet_metrics(gts, preds, num_predicates, ks=(20, 50, 100), zeroshot_triplet
       * head/body/tail: the per-predicate recalls behind mR@K averaged inside each group (SGTR)."""
     _check_inputs("sgdet_metrics", gts, preds, ("boxes", "labels", "rels"), (SGDET_PRED_FIELDS, SGDET_COMPACT_FIELDS))
     cands = sgdet_candidates(preds, num_predicates)
-    zeroshot = set() if zeroshot_triplets is None else \
-        {tuple(row) for row in np.asarray(zeroshot_triplets, np.int64).reshape(-1, 3).tolist()}
+    zeroshot = set() if zeroshot_triplets is None else _triplet_set(zeroshot_triplets)
     recall, zrecall, per_predicate = {}, {}, {}  # (mode, K) -> per-image values; (mode, K, predicate) -> likewise
     for g, image_cands in zip(gts, cands):
         rels = np.asarray(g["rels"]).reshape(-1, 3)
@@ -501,26 +500,26 @@ def _forward(model, images, mask, device, amp=False):
         return model(images.to(device), mask.to(device))
 
 
-def predict(model, cfg, records, device, batch_size=8, rel_post=None, hoi_post=None, want=("rel", "hoi"), amp=False):
-    """Run the model on records -> (relation predictions, HOI predictions) per image, in original pixels;
-    rel_post / hoi_post are applied to each batch's predictions (collect keeps the compact form)."""
+def predict(model, cfg, records, device, batch_size=8, post=None, amp=False):
+    """Run the model on one task's records -> its predictions per image (relations for scene-graph records, HOIs for
+    HOI records), in original pixels; post is applied to each batch's predictions (collect keeps the compact form)."""
     if not records:  # a process whose shard of the test split is empty (fewer images than processes)
-        return [], []
+        return []
+    task = "sgg" if "rels" in records[0] else "hoi"
     transform = sg2hoi.make_transforms(False, cfg.image_size, cfg.max_size)  # the test resize
-    dataset = sg2hoi.DetectionDataset(records, {"task": "sgg" if "rels" in records[0] else "hoi"}, transform)
+    dataset = sg2hoi.DetectionDataset(records, {"task": task}, transform)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=sg2hoi.collate)
-    rel_preds, hoi_preds = [], []
+    preds = []
     model.eval()
     for images, mask, targets in loader:
         out = _forward(model, images, mask, device, amp)
         sizes = [t["orig_size"].tolist() for t in targets]
-        if "rel" in want:
+        if task == "sgg":
             batch = sg2hoi.relation_predictions(out["rel"], sizes)
-            rel_preds += rel_post(batch) if rel_post else batch
-        if "hoi" in want and "hoi" in out:
+        else:
             batch = sg2hoi.hoi_predictions(out["hoi"], sizes)
-            hoi_preds += hoi_post(batch) if hoi_post else batch
-    return rel_preds, hoi_preds
+        preds += post(batch) if post else batch
+    return preds
 
 
 def _rank_world():
@@ -545,7 +544,7 @@ def collect(model, cfg, data, device, limit=0, compact=True, amp=False):
         C = len(data["sgg"]["test"][1]["predicate_names"])
         post = (lambda batch: sgdet_candidates(batch, C)) if compact else None
         start = time.perf_counter()  # Table I's time per image: this pass on rank 0 (batch 8, loading included)
-        local["sgg"] = predict(model, cfg, tests["sgg"][rank::world], device, rel_post=post, want=("rel",), amp=amp)[0]
+        local["sgg"] = predict(model, cfg, tests["sgg"][rank::world], device, post=post, amp=amp)
         seconds = (time.perf_counter() - start) / max(len(local["sgg"]), 1)
     if "hoi" in data:
         meta = data["hoi"]["test"][1]
@@ -556,7 +555,7 @@ def collect(model, cfg, data, device, limit=0, compact=True, amp=False):
         else:
             post = lambda batch: [vcoco_detections(p, meta["verbs"], meta["actions"], meta["correct_mat"])  # noqa
                                   for p in batch]
-        local["hoi"] = predict(model, cfg, tests["hoi"][rank::world], device, hoi_post=post, want=("hoi",), amp=amp)[1]
+        local["hoi"] = predict(model, cfg, tests["hoi"][rank::world], device, post=post, amp=amp)
     shards = [local]
     if world > 1:
         shards = [None] * world if rank == 0 else None
@@ -612,8 +611,8 @@ def metrics_from_collected(c):
                          "known_object": hico_map(h["gts"], h["preds"], h["correct_mat"], known_object=True, **kw)}
             if "verb_names" in h:  # each class's AP under its name, e.g. "ride horse"
                 for setting in m["hico"].values():
-                    for c in setting["per_class"]:
-                        c["name"] = f"{h['verb_names'][c['triplet'][2]]} {h['object_names'][c['triplet'][1]]}"
+                    for cls in setting["per_class"]:
+                        cls["name"] = f"{h['verb_names'][cls['triplet'][2]]} {h['object_names'][cls['triplet'][1]]}"
         else:
             dets = [p if "person_boxes" in p else vcoco_detections(p, h["verbs"], h["actions"], h["correct_mat"])
                     for p in h["preds"]]
@@ -940,19 +939,16 @@ def image_predictions(out, cfg, size_hw, top=10, threshold=0.1, correct_mat=None
                 "score": round(score, 6)})
     if cfg.hoi:
         pred = sg2hoi.hoi_predictions(out["hoi"], [size_hw])[0]
-        # the entity scores hoi_predictions folds into the verb scores: P(human) and the object class probability
-        p_human = out["hoi"]["human_logits"][-1][0].float().softmax(-1)[:, 0].cpu().numpy()  # (Q,)
-        s_obj = out["hoi"]["obj_logits"][-1][0].float().softmax(-1)[:, :-1].max(-1).values.cpu().numpy()  # (Q,)
-        Q, names = len(p_human), cfg.hoi_object_names
+        names = cfg.hoi_object_names
         for q, v, score in zip(*_hico_top(pred, correct_mat, top)):  # invalid verb-object pairs score 0 (QPIC)
             h, o, v, score = pred["sub_ids"][q], pred["obj_ids"][q], int(v), float(score)
             if score < threshold or score <= 0:
                 break
             no_object = names[int(pred["labels"][o])] == "no object"
             result["hois"].append({
-                "human": _entity(pred["boxes"][h], pred["labels"][h], names, p_human[h], size_hw),
+                "human": _entity(pred["boxes"][h], pred["labels"][h], names, pred["scores"][h], size_hw),
                 "verb": {"index": v, "name": cfg.verb_names[v]},
-                "object": None if no_object else _entity(pred["boxes"][o], pred["labels"][o], names, s_obj[o - Q],
+                "object": None if no_object else _entity(pred["boxes"][o], pred["labels"][o], names, pred["scores"][o],
                                                          size_hw),
                 "score": round(score, 6)})
     return result

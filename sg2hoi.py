@@ -1003,9 +1003,9 @@ def relation_predictions(rel_out, sizes):
 
 @torch.no_grad()
 def hoi_predictions(hoi_out, sizes, person_label=0):
-    """Last decoder layer -> per image QPIC's PostProcessHOI output (the input of eval.hico_map):
-    boxes (2Q, 4) = human boxes then object boxes, labels (person_label for humans), sub_ids, obj_ids,
-    verb_scores (Q, V) = sigmoid(verb) x object score x human score."""
+    """Last decoder layer -> per image QPIC's PostProcessHOI output (the input of eval.hico_map): boxes (2Q, 4) =
+    human boxes then object boxes, labels (person_label for humans), scores (2Q,) = P(human) then the object class's
+    probability, sub_ids, obj_ids, verb_scores (Q, V) = sigmoid(verb) x object score x human score."""
     out = []
     p_human = hoi_out["human_logits"][-1].float().softmax(-1)[..., 0]  # (B, Q)
     s_obj, l_obj = hoi_out["obj_logits"][-1].float().softmax(-1)[..., :-1].max(-1)  # (B, Q)
@@ -1016,7 +1016,7 @@ def hoi_predictions(hoi_out, sizes, person_label=0):
                            boxes_to_pixels(hoi_out["obj_boxes"][-1][b].float(), size)])
         labels = torch.cat([torch.full_like(l_obj[b], person_label), l_obj[b]])
         out.append(dict(boxes=boxes.cpu().numpy(), labels=labels.cpu().numpy(), sub_ids=np.arange(Q),
-                        obj_ids=np.arange(Q, 2 * Q),
+                        obj_ids=np.arange(Q, 2 * Q), scores=torch.cat([p_human[b], s_obj[b]]).cpu().numpy(),
                         verb_scores=(verbs[b] * (s_obj[b] * p_human[b])[:, None]).cpu().numpy()))
     return out
 

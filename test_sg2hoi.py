@@ -508,7 +508,7 @@ def test_vcoco_loader_keeps_actions_without_object_and_two_role_actions(tmp_path
 def toy_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy")
     sg2hoi.write_toy_datasets(str(root), num_train=600, num_test=120, seed=5)
-    return str(root), _replay_toy_scenes(seed=5, num_train=600, num_test=120)
+    return str(root)
 
 
 def _replay_toy_scenes(seed, num_train, num_test, size=128):
@@ -544,7 +544,7 @@ def _replay_toy_scenes(seed, num_train, num_test, size=128):
 def test_toy_round_trip_through_the_real_loaders_is_exact(toy_root):
     """The toy writers and the real loaders together give back exactly the scenes drawn: each record's image file,
     0-based labels, predicates and verbs, xyxy pixel boxes, every relation and HOI in order."""
-    root, truth = toy_root
+    root, truth = toy_root, _replay_toy_scenes(seed=5, num_train=600, num_test=120)  # the fixture's settings
     for kind, split in [("vg", "train"), ("vg", "test"), ("vg", "val"), ("hico", "train"), ("hico", "test"),
                         ("vcoco", "train"), ("vcoco", "test")]:
         records, _ = sg2hoi.load_dataset(kind, os.path.join(root, kind), split)
@@ -558,7 +558,7 @@ def test_toy_round_trip_through_the_real_loaders_is_exact(toy_root):
 
 
 def test_toy_data_has_long_tail_rare_hois_and_zero_shot_triplets(toy_root):
-    root, _ = toy_root
+    root = toy_root
     train, meta = sg2hoi.load_dataset("vg", os.path.join(root, "vg"), "train")
     test, _ = sg2hoi.load_dataset("vg", os.path.join(root, "vg"), "test")
     groups = ev.longtail_groups(train, len(meta["predicate_names"]))
@@ -1311,7 +1311,6 @@ def test_learning_rate_drops_tenfold_at_two_thirds_of_each_phase_and_sgg_slows_i
     """The schedule (Sec. IV-D + README): phase 1 = sgg_epochs of SGG steps, phase 2 = SGG and HOI alternating over
     2 x joint_epochs x HOI steps; lr x 0.1 from 2/3 of each phase on; in phase 2 the SGG part trains at
     lr_sgg_phase2 = 1e-5 (the HOI part at lr = 1e-4, the backbone at 1e-5 throughout)."""
-    import train
     cfg = sg2hoi.make_config("paper", sgg_epochs=10, joint_epochs=5)
     sched = train.make_schedule(cfg, {"sgg": SimpleNamespace(steps_per_epoch=3),
                                       "hoi": SimpleNamespace(steps_per_epoch=6)})
@@ -1453,7 +1452,6 @@ def test_micro_batches_with_global_counts_give_the_gradient_of_the_whole_batch()
 
 
 def test_split_batch_divides_the_global_batch_over_processes_and_micro_batches():
-    import train
     assert train.split_batch(16, 1, 0) == (16, 1)
     assert train.split_batch(16, 2, 0) == (8, 1)
     assert train.split_batch(16, 2, 4) == (4, 2)
@@ -1500,8 +1498,7 @@ def test_two_processes_resume_restores_every_ranks_rng(tiny_toy, tmp_path):
 def test_two_gloo_processes_evaluate_during_training_and_slow_final_metrics_do_not_time_out(tiny_toy, tmp_path):
     """2 gloo processes: the schedule, an evaluation at the end of phase 1 (log event, best.pt), and a final
     evaluation whose metrics rank 0 computes alone for longer than the collective timeout: the run still ends
-    cleanly with metrics.json. With weight averaging the final evaluation gathers both weights' predictions
-    before rank 0 computes (the slow one is the averaged weights', then the trained weights' follow)."""
+    cleanly with metrics.json."""
     wrapper = tmp_path / "slow_train.py"
     wrapper.write_text(f"""import os, sys, time
 sys.path.insert(0, {HERE!r})
@@ -1543,7 +1540,6 @@ def test_resume_refuses_flags_that_change_the_experiment_and_bad_checkpoints(tin
     assert r.returncode != 0
     assert "--joint_epochs 5 (the checkpoint has 1)" in r.stderr and "--preset paper" in r.stderr
     assert "batch_size" not in r.stderr, "a flag equal to the checkpoint's value is no conflict"
-    import train
     bad = {"truncated.pt": open(ckpt_path, "rb").read()[:1000], "text.pt": b"not a checkpoint"}
     for name, content in bad.items():
         (tmp_path / name).write_bytes(content)
@@ -1582,15 +1578,12 @@ def test_zero_training_steps_and_bad_flags_are_errors(tmp_path):
     assert r.returncode != 0
     assert "8 usable images, fewer than the global batch of 16" in r.stderr
     assert not os.path.exists(tmp_path / "o" / "metrics.json")
-    import train
     for flag, value in (("--ckpt_every", "0"), ("--log_every", "0"), ("--max_steps", "-1"), ("--dist_timeout", "0")):
         with pytest.raises(SystemExit, match=flag):
             train.parse_args([flag, value])
 
 
 def test_failed_checkpoint_write_removes_its_temporary_file_and_names_the_path(tmp_path, monkeypatch):
-    import train
-
     def disk_full(obj, f):
         f.write(b"partial")
         raise OSError(28, "No space left on device")
@@ -1606,7 +1599,6 @@ def test_failed_checkpoint_write_removes_its_temporary_file_and_names_the_path(t
 
 def test_every_study_row_sets_the_config_of_its_paper_row():
     import study  # tools/
-    import train
     expected = {"FULL": {}, "SGG": dict(tasks="sgg"), "HOI": dict(hoi_on_frozen_sgg=True),
                 "-HSS": dict(use_bbseg=False), "HSSD": dict(semantic_embedding="discrete"),
                 "HSSG": dict(semantic_embedding="glove"), "-VLpool": dict(use_vl_distill=False),
@@ -2136,8 +2128,6 @@ def test_seg_loss_is_computed_in_float32_under_bf16_autocast():
 
 
 def test_only_the_text_initialised_class_weights_get_the_text_classifier_learning_rate():
-    import train
-
     cfg = toy_cfg(classifier_init="text", lr=3e-4, lr_backbone=2e-4, lr_text_classifier=1e-5)
     model = sg2hoi.build_model(cfg)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -2162,8 +2152,6 @@ def test_a_train_step_moves_no_parameter_the_task_loss_does_not_reach(name, tmp_
     """train.py's step under DDP (loss + zero_touch, backward, idle grads -> None, AdamW with weight decay) on an SGG then an
     HOI batch: a parameter that the task's own loss gives no gradient must not move (AdamW's weight decay would move
     it by itself, its momentum on later steps), and no parameter with a nonzero gradient may be idle."""
-    import train
-
     kw = dict({**ABLATIONS, **COMBINED_VARIANTS}[name])
     if kw.get("semantic_embedding") == "glove":
         kw["word_vectors"] = _glove_file(tmp_path / "glove.txt", [f"entity {i}" for i in range(9)]
@@ -2665,7 +2653,7 @@ def test_two_processes_evaluate_a_test_split_of_one_image(tiny_ckpt, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     p = bootstrap.load_predictions(str(tmp_path / "p.pt"))
     assert len(p["sgg"]["preds"]) == len(p["hoi"]["preds"]) == 1
-    assert ev.predict(None, toy_cfg(), [], torch.device("cpu")) == ([], [])  # no model call, no records[0]
+    assert ev.predict(None, toy_cfg(), [], torch.device("cpu")) == []  # no model call, no records[0]
 
 
 def test_box_branches_compute_in_float32_under_bf16_autocast():
@@ -2688,8 +2676,6 @@ def test_box_branches_compute_in_float32_under_bf16_autocast():
 
 
 def test_deterministic_sets_the_cublas_workspace_and_every_cross_entropy_is_two_dimensional(monkeypatch):
-    import train
-
     calls = []
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda mode: calls.append(mode))
@@ -2708,8 +2694,6 @@ def test_deterministic_sets_the_cublas_workspace_and_every_cross_entropy_is_two_
 
 
 def test_batch_norm_is_synchronised_across_gpus_and_left_per_process_on_cpu(monkeypatch, capsys):
-    import train
-
     model = sg2hoi.build_model(toy_cfg(seg_norm="batch"))
     names, params = list(model.state_dict()), list(model.parameters())
     assert train.synchronise_batch_norm(model, torch.device("cuda")) is model  # one process: nothing to do
@@ -2731,8 +2715,6 @@ def test_gradient_accumulation_skips_the_all_reduce_also_under_torch_compile(tmp
     import contextlib
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
-    import train
-
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         ddp = DDP(torch.nn.Linear(3, 2))
@@ -2747,8 +2729,6 @@ def test_gradient_accumulation_skips_the_all_reduce_also_under_torch_compile(tmp
 
 
 def test_rng_states_hold_the_process_own_gpu_and_restore_on_a_node_with_fewer_gpus(monkeypatch):
-    import train
-
     torch.manual_seed(123)
     cpu_state = torch.get_rng_state()
     expected = torch.rand(3)
@@ -2788,8 +2768,6 @@ def test_eval_process_group_gets_the_collective_timeout(monkeypatch):
 
 
 def test_text_tables_and_the_clip_cache_load_onto_the_cpu(monkeypatch, tmp_path):
-    import train
-
     table = {"cat": torch.ones(4), "dog": -torch.ones(4)}
     seen, load = [], torch.load
     monkeypatch.setattr(torch, "load", lambda path, **kw: seen.append(kw.get("map_location")) or load(path, **kw))
@@ -2805,8 +2783,6 @@ def test_text_tables_and_the_clip_cache_load_onto_the_cpu(monkeypatch, tmp_path)
 
 
 def test_real_data_without_a_clip_image_cache_is_refused_unless_a_teacher_is_chosen():
-    import train
-
     cfg = toy_cfg(entity_names=[f"e{i}" for i in range(9)])
     data = {"sgg": {"train": ([], {})}}
     real = dict(clip_cache="", vg="data/vg", hoi="")
@@ -2891,8 +2867,6 @@ def test_checkpoints_of_earlier_versions_load_when_their_retired_fields_hold_wha
     """Earlier versions saved ema_decay, query_transform_memory, relq_queries and unmatched_loss. With the value this
     code computes they are dropped and the checkpoint loads; another value, a field no version had, or a value this
     code refuses stops eval.py and train.py --resume with the file and the field, never a traceback in setup."""
-    import train
-
     ckpt = torch.load(tiny_ckpt, weights_only=True)
     old = dict(ckpt, config=dict(ckpt["config"], ema_decay=0.0, query_transform_memory="decoded",
                                  relq_queries="decoded", unmatched_loss=True))

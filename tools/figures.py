@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import draw_segmentation_masks
@@ -52,7 +53,8 @@ def figures(model, cfg, data, device, out_dir, num_images=8, top=5):
             continue
         test, meta = data[task]["test"]
         for i, record in enumerate(test[:num_images]):
-            image = ev.read_image(record["file"])
+            # the frame of the record's boxes and of the evaluated predictions: no EXIF rotation (DetectionDataset's)
+            image = torchvision.io.decode_image(record["file"], mode=torchvision.io.ImageReadMode.RGB)
             out, _ = ev._forward_one(model, cfg, image, device)
             result = ev.image_predictions(out, cfg, tuple(image.shape[-2:]), top, 0.0, meta.get("correct_mat"))
             result[other] = []  # the picture of one task's test image shows that task's predictions

@@ -90,7 +90,8 @@ def _vg_frequencies(vocab):
     return obj_p / obj_p.sum(), pred_p / pred_p.sum()
 
 
-def _write_vg_split(vg, split, n, first_id, first_ann_id, rng, pool, probabilities, boxes_per_image, rels_per_image):
+def _write_vg_split(vg, split, n, first_id, first_ann_id, rng, pool, probabilities, boxes_per_image, rels_per_image,
+                    categories):
     """One VG150 split as a COCO detection JSON (images first_id..first_id + n - 1) with its image links. Returns
     (its rel.json table, the next annotation id)."""
     obj_p, pred_p = probabilities
@@ -121,8 +122,6 @@ def _write_vg_split(vg, split, n, first_id, first_ann_id, rng, pool, probabiliti
     triples = np.stack([s, o, preds], 1).tolist()
     ends = np.cumsum(nr).tolist()
     table = {str(i): triples[e - k:e] for i, k, e in zip(ids.tolist(), nr.tolist(), ends)}
-    names = sg2hoi.load_vocab()["vg150_objects"]
-    categories = [{"supercategory": n, "id": i + 1, "name": n} for i, n in enumerate(names)]
     _write_json(os.path.join(vg, f"{split}.json"), {"images": images, "annotations": annotations,
                                                     "categories": categories})
     _link_images(pool, which, os.path.join(vg, "images"), [f"{i}.jpg" for i in ids.tolist()])
@@ -209,11 +208,13 @@ def write_fullsize_annotations(root, scale=1.0, pool_size=32, seed=0, boxes_per_
     # VG150: train.json / val.json / test.json (COCO detection JSON) + rel.json
     probabilities = _vg_frequencies(vocab)
     rel_json = {"rel_categories": ["__background__"] + vocab["vg150_predicates"]}
+    categories = [{"supercategory": n, "id": i + 1, "name": n} for i, n in enumerate(vocab["vg150_objects"])]
     next_image_id, next_ann_id = 1, 1
     for split in ("train", "val", "test"):
         n = sizes["vg"][split]
         rel_json[split], next_ann_id = _write_vg_split(os.path.join(root, "vg"), split, n, next_image_id, next_ann_id,
-                                                       rng, pool, probabilities, boxes_per_image, rels_per_image)
+                                                       rng, pool, probabilities, boxes_per_image, rels_per_image,
+                                                       categories)
         next_image_id += n
     _write_json(os.path.join(root, "vg", "rel.json"), rel_json)
     del rel_json
@@ -222,7 +223,7 @@ def write_fullsize_annotations(root, scale=1.0, pool_size=32, seed=0, boxes_per_
     hico_verbs_of_object = {}
     for h, (v, o) in enumerate(vocab["hico_hois"]):  # (verb 0-based, COCO-80 object) -> HOI id h + 1
         hico_verbs_of_object.setdefault(o, []).append((v, h))
-    corre_vcoco = np.array(vocab["corre_vcoco"], np.float32)  # (29, 80) [verb, COCO-80 object]
+    corre_vcoco = sg2hoi._vocab_correct_mat("vcoco", vocab)  # (29, 80) [verb, COCO-80 object]
     vocab_tables = ([c["id"] for c in vocab["coco80"]], hico_verbs_of_object, sorted(hico_verbs_of_object),
                     corre_vcoco, [v["role"] is None for v in vocab["vcoco_verbs"]])
     for dataset in ("hico", "vcoco"):

@@ -67,7 +67,8 @@ def parse_args(argv=None):
                    help="train.py flags shared by every run (default: 5 SGG + 9 joint epochs of the toy model)")
     p.add_argument("--run_args", default="", help="more train.py flags for every run (e.g. --toy_root)")
     a = p.parse_args(argv)
-    unknown = [r for r in a.rows.split(",") if r and r not in STUDY_ROWS]
+    a.rows = [r for r in a.rows.split(",") if r]
+    unknown = [r for r in a.rows if r not in STUDY_ROWS]
     if unknown:
         p.error(f"unknown row(s) {unknown}; rows are {list(STUDY_ROWS)}")
     return a
@@ -163,7 +164,7 @@ def markdown(table):
 def main(argv=None):
     """Train every (row, seed) not finished yet, then write study.json and study.md."""
     a = parse_args(argv)
-    rows = [r for r in a.rows.split(",") if r]
+    rows = a.rows
     seeds = range(a.first_seed, a.first_seed + a.seeds)
     jobs = a.jobs or os.cpu_count() or 1
     threads = max(1, (os.cpu_count() or 1) // jobs)

@@ -61,7 +61,7 @@ def test_bootstrap_command_reports_each_run_and_the_difference_and_refuses_a_fil
     evaluated = ev.metrics_from_collected(bootstrap.load_predictions(preds))  # each run's number: the same as evaluated
     assert boot["runs"][preds]["SGDet R@50"][0] == pytest.approx(100 * evaluated["sgg"]["R@50"])
     assert boot["differences"][f"{same} - {preds}"]["HICO mAP Full"] == [0.0, 0.0, 0.0, 0.0]
-    with pytest.raises(SystemExit, match="training checkpoint|not a predictions file"):
+    with pytest.raises(SystemExit, match="boot.json: not a predictions file"):  # a bootstrap report is not one
         bootstrap.main([preds, str(tmp_path / "boot.json")])
 
 
@@ -70,8 +70,8 @@ def test_bootstrap_command_reports_each_run_and_the_difference_and_refuses_a_fil
 
 def test_metrics_benchmark_times_every_evaluator_at_a_small_size():
     out = bench.benchmark_metrics(sgdet_images=20, hico_images=10)
-    for name in ("sgdet", "hico_sparse_mask", "hico_dense_mask", "hico_sparse_mask_full_sort"):
-        assert out[f"{name}_s"] >= 0 and out[f"{name}_cpu_s"] >= 0, name
+    names = ("sgdet", "hico_sparse_mask", "hico_dense_mask", "hico_sparse_mask_full_sort", "hico_dense_mask_full_sort")
+    assert {k for k in out if k.endswith("_s")} == {f"{n}{s}" for n in names for s in ("_s", "_cpu_s")}
     assert bench.evaluation._stable_top is ev._stable_top  # the shortcut is put back after its comparison
 
 
@@ -105,7 +105,6 @@ def fullsize_tiny(tmp_path_factory):
 
 def test_fullsize_generator_writes_real_formats_that_the_loaders_read_back(fullsize_tiny):
     import fullsize
-    import sg2hoi
     import torchvision
     from PIL import Image
 
@@ -136,7 +135,7 @@ def test_fullsize_generator_writes_real_formats_that_the_loaders_read_back(fulls
             assert len(meta["entity_names"]) == 150 and len(meta["predicate_names"]) == 50
     assert 9 <= np.mean(n_boxes) <= 13 and 5 <= np.mean(n_rels) <= 7  # about 11 boxes and 6 relations per image
     first = sorted(pool)[0]
-    assert torchvision.io.decode_image(first).shape[1:] == size[first][::-1]  # a real JPEG of that size
+    assert torchvision.io.decode_image(first).shape == (3, *size[first][::-1])  # a real RGB JPEG of that size
     # the second call finds the files made with the same settings and writes nothing
     stamp = os.path.getmtime(os.path.join(root, "vg", "train.json"))
     assert fullsize.write_fullsize_annotations(root, scale=0.002, pool_size=3, seed=1) == expected
